@@ -1,0 +1,1 @@
+"""The ``dx`` command line (typer): one module per command group."""

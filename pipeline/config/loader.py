@@ -1,0 +1,138 @@
+"""Load ``dx.yaml`` into :class:`DxConfig`, keeping file and line for every error.
+
+PyYAML's composed node tree carries line marks; we build the plain data ourselves from it so each
+key path remembers the line it came from, then map pydantic's error locations back to those lines.
+``${VAR}`` and ``${VAR:-default}`` are interpolated from the environment in scalar values only,
+so secrets live in the environment and never in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config.model import DxConfig
+from pipeline.errors import ConfigError
+
+Path_ = tuple[str | int, ...]
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(text: str, *, file: str, line: int, env: dict[str, str]) -> str:
+    def sub(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"environment variable {name} is not set (use ${{{name}:-default}} for a default)",
+            file=file,
+            line=line,
+        )
+
+    return _VAR.sub(sub, text)
+
+
+class _Builder:
+    def __init__(self, file: str, env: dict[str, str]) -> None:
+        self.file = file
+        self.env = env
+        self.lines: dict[Path_, int] = {}
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        line = node.start_mark.line + 1
+        self.lines[path] = line
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise ConfigError("mapping keys must be plain strings", file=self.file,
+                                      line=key_node.start_mark.line + 1)
+                key = str(key_node.value)
+                if key in out:
+                    raise ConfigError(f"duplicate key {key!r}", file=self.file,
+                                      line=key_node.start_mark.line + 1)
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, (*path, key))
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
+        value = self._constructor.construct_object(node)
+        if isinstance(value, str):
+            value = _interpolate(value, file=self.file, line=line, env=self.env)
+        return value
+
+    def line_for(self, loc: Path_) -> int | None:
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.lines:
+                return self.lines[loc[:n]]
+        return None
+
+
+def _loc_text(loc: Path_) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def parse_config(text: str, *, file: str = "dx.yaml",
+                 env: dict[str, str] | None = None) -> DxConfig:
+    """Parse configuration text; raise :class:`ConfigError` naming file, line and key."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise ConfigError(f"not valid YAML: {err.problem}", file=file,
+                          line=mark.line + 1 if mark else None) from None
+    if root is None:
+        raise ConfigError("the file is empty", file=file, line=1)
+    builder = _Builder(file, dict(os.environ) if env is None else env)
+    data = builder.build(root, ())
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping", file=file, line=1)
+    try:
+        config = DxConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(p for p in first["loc"] if isinstance(p, str | int))
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1], data)
+            msg = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" if allowed
+                                                   else "")
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(f"{_loc_text(loc)}: {msg}{more}", file=file,
+                          line=builder.line_for(loc)) from None
+    config.attach_source(file, builder.lines)
+    return config
+
+
+def _allowed_keys(loc: Path_, data: Any) -> list[str]:
+    """Field names of the model at ``loc``, to tell the user what they could have written."""
+    from pipeline.config.model import model_at
+
+    model = model_at(loc, data)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> DxConfig:
+    """Read and validate a dx.yaml file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read configuration: {err.strerror}", file=str(p)) from None
+    return parse_config(text, file=str(p), env=env)

@@ -1,0 +1,193 @@
+"""The typed model of ``dx.yaml``.
+
+Every model forbids unknown keys (a typo must not silently become a default) and is frozen, so a
+running worker cannot drift from the file it loaded. Secrets are :class:`SecretStr` and only ever
+come from ``${VAR}`` interpolation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+
+from pipeline.config.sinks import SinkRoute
+from pipeline.config.sources import SourceRoute
+
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(Base):
+    """The shop's PostgreSQL database (dx keeps its own tables in schema ``dx`` there)."""
+
+    url: SecretStr = Field(description="PostgreSQL URL, e.g. ${DX_DATABASE_URL}")
+    connect_timeout_s: float = Field(5.0, gt=0, description="seconds to wait for a connection")
+
+
+class KafkaConfig(Base):
+    """The Kafka cluster the exchange runs on."""
+
+    bootstrap_servers: str = Field(description="host:port list, e.g. ${DX_KAFKA_BOOTSTRAP}")
+    topic_prefix: str = Field("dx", description="prefix of default topic names")
+    client: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="extra librdkafka properties (security.protocol, sasl.*); unknown ones fail",
+    )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _TOPIC.match(v):
+            raise ValueError("only letters, digits, '.', '_' and '-' are allowed")
+        return v
+
+
+class SchemaRegistryConfig(Base):
+    """A Confluent-compatible schema registry (Apicurio: ``.../apis/ccompat/v7``)."""
+
+    url: str = Field(description="registry URL, e.g. ${DX_SCHEMA_REGISTRY_URL}")
+    basic_auth_user_info: SecretStr | None = Field(None, description="user:password, from ${VAR}")
+
+
+class RelayConfig(Base):
+    """How the relay moves the outbox to Kafka."""
+
+    name: str = Field("default", description="relay identity: lease, state key, transactional.id")
+    mode: Literal["exactly-once", "at-least-once"] = Field(
+        "exactly-once",
+        description="exactly-once commits the cursor inside the Kafka transaction",
+    )
+    batch_size: int = Field(2000, ge=1, le=100_000, description="outbox rows per batch")
+    poll_interval_s: float = Field(0.05, gt=0, le=60, description="poll period; NOTIFY wakes early")
+    state_topic: str | None = Field(None, description="compacted cursor topic (exactly-once)")
+    auto_register_schemas: bool = Field(
+        True, description="register compatible schema changes without stopping"
+    )
+    standby_poll_s: float = Field(1.0, gt=0, description="how often a standby tries the lease")
+
+
+class TableConfig(Base):
+    """One exchanged table. Only ``columns`` ever leave the database."""
+
+    name: str = Field(description="table, optionally schema-qualified (default schema public)")
+    columns: list[str] = Field(min_length=1, description="exposed columns (allow-list)")
+    key: list[str] | None = Field(None, description="key columns; default the primary key")
+    topic: str | None = Field(None, description="default <topic_prefix>.<schema>.<table>")
+    capture: Literal["row", "statement"] | None = Field(
+        None, description="trigger kind; default capture.mode"
+    )
+
+    @property
+    def schema_name(self) -> str:
+        return self.name.split(".", 1)[0] if "." in self.name else "public"
+
+    @property
+    def table_name(self) -> str:
+        return self.name.split(".", 1)[1] if "." in self.name else self.name
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema_name}.{self.table_name}"
+
+    @field_validator("columns", "key")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("column names must be unique")
+        return v
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str | None) -> str | None:
+        if v is not None and not _TOPIC.match(v):
+            raise ValueError("not a valid Kafka topic name")
+        return v
+
+
+class CaptureConfig(Base):
+    """Defaults for change capture."""
+
+    mode: Literal["row", "statement"] = Field(
+        "row", description="row: per-row triggers; statement: transition tables (bulk)"
+    )
+    notify: bool = Field(True, description="NOTIFY the relay on commit (a wake-up hint only)")
+
+
+class OutboxConfig(Base):
+    """Application-written events (Debezium outbox shape)."""
+
+    topic_template: str = Field(
+        "{prefix}.outbox.{aggregatetype}", description="topic per aggregatetype"
+    )
+
+
+class DxConfig(Base):
+    """The whole ``dx.yaml``."""
+
+    database: DatabaseConfig
+    kafka: KafkaConfig
+    schema_registry: SchemaRegistryConfig
+    relay: RelayConfig = Field(default_factory=RelayConfig)  # type: ignore[arg-type]
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)  # type: ignore[arg-type]
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
+    tables: list[TableConfig] = Field(default_factory=list)
+    sinks: list[SinkRoute] = Field(default_factory=list)
+    sources: list[SourceRoute] = Field(default_factory=list)
+
+    _file: str = PrivateAttr("dx.yaml")
+    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+
+    def attach_source(self, file: str, lines: dict[tuple[str | int, ...], int]) -> None:
+        self._file = file
+        self._lines = lines
+
+    def where(self, *loc: str | int) -> tuple[str, int | None]:
+        """File and line of a key path, for errors found after parsing (catalog checks)."""
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self._lines:
+                return self._file, self._lines[loc[:n]]
+        return self._file, None
+
+    def topic_for(self, table: TableConfig) -> str:
+        return table.topic or f"{self.kafka.topic_prefix}.{table.schema_name}.{table.table_name}"
+
+    def table(self, name: str) -> TableConfig:
+        wanted = name if "." in name else f"public.{name}"
+        for t in self.tables:
+            if t.qualified == wanted:
+                return t
+        known = ", ".join(t.qualified for t in self.tables) or "none"
+        raise KeyError(f"table {name!r} is not configured (configured: {known})")
+
+    @property
+    def state_topic(self) -> str:
+        return self.relay.state_topic or f"{self.kafka.topic_prefix}.dx-relay-state"
+
+
+def model_at(loc: tuple[str | int, ...], data: Any) -> type[BaseModel] | None:
+    """The model class that validates the mapping at ``loc`` (for 'allowed keys' hints)."""
+    model: type[BaseModel] = DxConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+                   None)
+        if nxt is None:
+            for c in candidates:
+                for a in getattr(c, "__args__", ()):
+                    if isinstance(a, type) and issubclass(a, BaseModel):
+                        nxt = a
+        if nxt is None:
+            return None
+        model = nxt
+    return model
