@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from functools import partial
-import json
 from typing import Any
 from urllib.parse import urlsplit
 

@@ -1,0 +1,105 @@
+"""Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro binary body.
+
+We register a schema once per (subject, schema) and encode with fastavro's schemaless writer
+directly; confluent_kafka's ``AvroDeserializer`` (or any Confluent-compatible consumer) reads the
+result. Keeping the id in hand avoids a registry look-up per serializer instance when the relay
+switches schema versions live.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import fastavro
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from pipeline.errors import SchemaError, ServiceUnavailable
+
+MAGIC = 0
+
+
+@dataclass
+class RegisteredSchema:
+    subject: str
+    schema_id: int
+    parsed: Any
+    header: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.header = struct.pack(">bI", MAGIC, self.schema_id)
+
+    def encode(self, value: Any) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self.header)
+        fastavro.schemaless_writer(buf, self.parsed, value)
+        return buf.getvalue()
+
+
+def decode_header(data: bytes) -> int:
+    """Schema id of a Confluent-framed message; raises ValueError when the frame is wrong."""
+    if len(data) < 5 or data[0] != MAGIC:
+        raise ValueError("not Confluent wire format (magic byte 0 + 4-byte schema id)")
+    return int(struct.unpack(">I", data[1:5])[0])
+
+
+def registry_client(url: str, basic_auth_user_info: str | None = None) -> SchemaRegistryClient:
+    conf: dict[str, Any] = {"url": url}
+    if basic_auth_user_info:
+        conf["basic.auth.user.info"] = basic_auth_user_info
+    return SchemaRegistryClient(conf)
+
+
+class SchemaRegistrar:
+    """Registers schemas after a compatibility check and caches their ids."""
+
+    def __init__(self, client: SchemaRegistryClient, url: str, *, auto_register: bool = True):
+        self.client = client
+        self.url = url
+        self.auto_register = auto_register
+        self._cache: dict[tuple[str, str], RegisteredSchema] = {}
+
+    def get(self, subject: str, schema: dict[str, Any] | str) -> RegisteredSchema:
+        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        hit = self._cache.get((subject, text))
+        if hit is not None:
+            return hit
+        parsed = fastavro.parse_schema(json.loads(text))
+        sch = Schema(text, "AVRO")
+        try:
+            if self.auto_register:
+                self.check_compatible(subject, sch)
+                schema_id = self.client.register_schema(subject, sch)
+            else:
+                schema_id = self.client.lookup_schema(subject, sch).schema_id
+        except SchemaRegistryError as err:
+            if err.http_status_code in (None, 500, 502, 503, 504):
+                raise ServiceUnavailable("schema registry", self.url, str(err)) from None
+            raise SchemaError(f"registry refused schema for subject {subject}: "
+                              f"{err.error_message} (HTTP {err.http_status_code})") from None
+        except SchemaError:
+            raise
+        except Exception as err:  # requests/httpx connection errors
+            raise ServiceUnavailable("schema registry", self.url,
+                                     f"{type(err).__name__}: {err}") from None
+        reg = RegisteredSchema(subject, int(schema_id), parsed)
+        self._cache[(subject, text)] = reg
+        return reg
+
+    def check_compatible(self, subject: str, schema: Schema) -> None:
+        """Refuse a schema the subject's latest version cannot evolve into."""
+        try:
+            ok = self.client.test_compatibility(subject, schema)
+        except SchemaRegistryError as err:
+            if err.http_status_code == 404:  # no such subject yet: anything goes
+                return
+            raise
+        if not ok:
+            raise SchemaError(
+                f"schema for subject {subject} is not compatible with the registered one; "
+                "run 'dx schemas check' to see the difference"
+            )
