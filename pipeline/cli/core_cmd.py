@@ -2,19 +2,212 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from pipeline.capture import install as capture_install
+from pipeline.capture.catalog import read_all
+from pipeline.capture.snapshot import snapshot_table
 from pipeline.cli.common import ConfigOption, config_from
+from pipeline.config import DxConfig
+from pipeline.db import connection
+from pipeline.errors import ConfigError
+
+console = Console(stderr=False)
+capture_app = typer.Typer(help="Install, remove and inspect capture triggers.",
+                          no_args_is_help=True)
 
 
-def validate(config: Path = ConfigOption) -> None:
-    """Check dx.yaml (and, with a reachable database, its tables against the catalog)."""
+def _db(cfg: DxConfig) -> Any:
+    return connection(cfg.database.url.get_secret_value(),
+                      connect_timeout_s=cfg.database.connect_timeout_s)
+
+
+def _index(cfg: DxConfig, table: str) -> int:
+    try:
+        return cfg.tables.index(cfg.table(table))
+    except KeyError as err:
+        raise ConfigError(str(err.args[0]), file=cfg.where()[0]) from None
+
+
+def init(config: Path = ConfigOption) -> None:
+    """Create dx's own tables (schema dx) in the database. Safe to run again."""
     cfg = config_from(config)
+    with _db(cfg) as conn:
+        capture_install.ensure_schema(conn, cfg)
+        for ensure in _extra_schemas():
+            ensure(conn)
+        conn.commit()
+    typer.echo("dx: schema dx is ready")
+
+
+def _extra_schemas() -> list[Any]:
+    """ensure_schema() of the other areas (task store, inbound offsets), when present."""
+    found = []
+    for module in ("pipeline.tasks.store", "pipeline.source.offsets"):
+        try:
+            mod = __import__(module, fromlist=["ensure_schema"])
+        except ImportError:
+            continue
+        if hasattr(mod, "ensure_schema"):
+            found.append(mod.ensure_schema)
+    return found
+
+
+def validate(config: Path = ConfigOption,
+             offline: bool = typer.Option(False, help="skip the check against the database")
+             ) -> None:
+    """Check dx.yaml; with a reachable database also every table and column in the catalog."""
+    cfg = config_from(config)
+    if not offline:
+        with _db(cfg) as conn:
+            read_all(conn, cfg)
     typer.echo(f"{config}: ok ({len(cfg.tables)} tables, {len(cfg.sinks)} sinks, "
                f"{len(cfg.sources)} sources)")
 
 
+@capture_app.command("install")
+def capture_install_cmd(config: Path = ConfigOption,
+                        table: list[str] = typer.Option([], "--table", "-t",
+                                                        help="only these tables")) -> None:
+    """Install (or update) capture triggers on the configured tables."""
+    cfg = config_from(config)
+    with _db(cfg) as conn:
+        capture_install.ensure_schema(conn, cfg)
+        indexes = [_index(cfg, t) for t in table] if table else range(len(cfg.tables))
+        for i in indexes:
+            spec, version, mode = capture_install.install_table(conn, cfg, i)
+            typer.echo(f"captured {spec.entity} -> {spec.topic} ({mode} trigger, "
+                       f"schema v{version}, {len(spec.columns)} columns)")
+
+
+@capture_app.command("uninstall")
+def capture_uninstall_cmd(config: Path = ConfigOption,
+                          table: list[str] = typer.Option([], "--table", "-t")) -> None:
+    """Remove capture triggers (pending outbox rows stay and are still relayed)."""
+    cfg = config_from(config)
+    with _db(cfg) as conn:
+        indexes = [_index(cfg, t) for t in table] if table else range(len(cfg.tables))
+        for i in indexes:
+            spec = capture_install.uninstall_table(conn, cfg, i)
+            typer.echo(f"removed capture from {spec.entity}")
+
+
+@capture_app.command("status")
+def capture_status_cmd(config: Path = ConfigOption) -> None:
+    """Which tables are captured, how, and whether the triggers match dx.yaml and the catalog."""
+    cfg = config_from(config)
+    table = Table("table", "installed", "mode", "schema", "up to date", "pending")
+    drift = False
+    with _db(cfg) as conn:
+        for i in range(len(cfg.tables)):
+            st = capture_install.table_state(conn, cfg, i)
+            drift |= not (st.installed and st.current)
+            table.add_row(st.entity, "yes" if st.installed else "NO", st.mode or "-",
+                          f"v{st.version}" if st.version else "-",
+                          "yes" if st.current else "NO (run dx capture install)",
+                          str(st.pending))
+    console.print(table)
+    if drift:
+        raise typer.Exit(1)
+
+
+def snapshot(table: str = typer.Argument(..., help="configured table, e.g. public.products"),
+             config: Path = ConfigOption,
+             chunk: int = typer.Option(5000, min=1, help="rows per transaction"),
+             restart: bool = typer.Option(False, help="start over instead of resuming")) -> None:
+    """Initial load / backfill: emit every row as an op=r event, resumable, with progress."""
+    cfg = config_from(config)
+    with _db(cfg) as conn, Progress(
+        TextColumn("[bold]snapshot {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+    ) as bar:
+        task = bar.add_task(table, total=None)
+        done = snapshot_table(conn, cfg, _index(cfg, table), chunk=chunk, restart=restart,
+                              progress=lambda d, t: bar.update(task, completed=d, total=t))
+        bar.update(task, completed=done, total=done)
+    typer.echo(f"snapshot of {table}: {done} rows queued for the relay")
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: finish the batch in hand and stop. Second: exit at once."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            print("dx: second signal, exiting without cleanup", file=sys.stderr)
+            raise SystemExit(130)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def relay(config: Path = ConfigOption) -> None:
+    """Move committed changes from the outbox to Kafka (standby if another relay is active)."""
+    from pipeline.relay.runner import Relay
+
+    cfg = config_from(config)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    last = {"state": ""}
+
+    def on_state(state: str) -> None:
+        if state != last["state"]:
+            print(f"dx relay {cfg.relay.name}: {state}", file=sys.stderr, flush=True)
+            last["state"] = state
+
+    Relay(cfg, stop=stop, on_state=on_state).run()
+
+
+def status(config: Path = ConfigOption,
+           as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+           long_txn_s: float = typer.Option(60.0, help="report transactions older than this"),
+           ) -> None:
+    """Outbox backlog, relay, long transactions; exit 1 when something needs attention."""
+    from pipeline.status import age_text, relay_status
+
+    cfg = config_from(config)
+    with _db(cfg) as conn:
+        st = relay_status(conn, cfg.relay.name, long_txn_s=long_txn_s)
+    if as_json:
+        typer.echo(json.dumps({"relay": st.to_json(), "healthy": not st.problems}, indent=2))
+    else:
+        t = Table("outbox", "value", title="dx status")
+        t.add_row("backlog (rows)", str(st.backlog))
+        t.add_row("committed, not yet relayed", str(st.committed_not_relayed))
+        t.add_row("oldest pending", age_text(st.oldest_pending_age_s))
+        t.add_row("relay active", st.relay_active or "none")
+        t.add_row("relay standbys", str(max(0, st.relay_standbys)))
+        t.add_row("last delivery", age_text(st.last_delivery_age_s) + " ago"
+                  if st.last_delivery_age_s is not None else "-")
+        console.print(t)
+        if st.open_transactions:
+            lt = Table("pid", "age", "state", "captured changes", "query",
+                       title="long transactions")
+            for o in st.open_transactions:
+                lt.add_row(str(o.pid), age_text(o.age_s), o.state,
+                           "yes" if o.holds_captured_changes else "no", o.query[:60])
+            console.print(lt)
+        for p in st.problems:
+            console.print(f"[red]problem:[/red] {p}")
+    if st.problems:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(init)
     app.command()(validate)
+    app.add_typer(capture_app, name="capture")
+    app.command()(snapshot)
+    app.command()(relay)
+    app.command()(status)

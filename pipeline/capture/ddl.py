@@ -1,0 +1,334 @@
+"""SQL that dx installs: its own tables in schema ``dx`` and the per-table capture triggers.
+
+Ordering: every capturing transaction inserts one marker row whose *deferred* constraint trigger
+runs at commit time, takes a shared advisory lock and draws ``dx.commit_seq``. Two transactions
+that touch the same row are serialised by the row lock, so the later one always draws the higher
+number: ordering by that number keeps per-key order, which ordering by xid does not (a
+transaction can hold an older xid yet overwrite a row after a younger one committed). The relay's
+``dx.commit_frontier()`` reads the sequence and then takes the same advisory lock exclusively,
+waiting only for transactions that are inside their commit at that instant. Afterwards every
+number at or below the frontier belongs to a finished transaction: nothing committed is skipped,
+and no heuristic wait is involved. A long-open transaction delays only its own changes.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from psycopg import sql
+
+from pipeline.capture.spec import ColumnSpec, TableSpec
+
+#: advisory lock key (two-int4 form) shared by committers and taken exclusively by the relay.
+COMMIT_LOCK = (0x6478, 1)
+#: advisory lock class for relay leases: (class, hashtext(relay name)).
+LEASE_LOCK_CLASS = 0x6478 + 1
+NOTIFY_CHANNEL = "dx_outbox"
+MARK_GUC = "dx.txn_marked"
+SEQ_GUC = "dx.txn_sequenced"
+ORIGIN_GUC = "dx.origin"
+
+# Types without a btree equality: compared through their text form.
+_NO_EQUALITY = {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
+
+BASE_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS dx;
+CREATE SEQUENCE IF NOT EXISTS dx.commit_seq AS bigint CACHE 1;
+CREATE TABLE IF NOT EXISTS dx.outbox (
+    id bigint GENERATED ALWAYS AS IDENTITY (CACHE 100),
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    entity text NOT NULL,
+    version integer NOT NULL DEFAULT 0,
+    op "char" NOT NULL,
+    key jsonb,
+    before jsonb,
+    after jsonb,
+    origin text,
+    event_id uuid,
+    event_type text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (xid, id)
+);
+CREATE TABLE IF NOT EXISTS dx.txn_marker (
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE TABLE IF NOT EXISTS dx.txn (
+    seq bigint PRIMARY KEY,
+    xid xid8 NOT NULL,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS dx.capture_spec (
+    entity text NOT NULL,
+    version integer NOT NULL,
+    spec jsonb NOT NULL,
+    fingerprint text NOT NULL,
+    installed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (entity, version)
+);
+CREATE TABLE IF NOT EXISTS dx.relay_state (
+    name text PRIMARY KEY,
+    seq bigint NOT NULL,
+    id bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS dx.snapshot_progress (
+    entity text PRIMARY KEY,
+    last_key jsonb,
+    rows bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+CREATE OR REPLACE FUNCTION dx.commit_frontier() RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE frontier bigint;
+BEGIN
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO frontier FROM dx.commit_seq;
+    PERFORM pg_advisory_xact_lock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
+    RETURN frontier;
+END $$;
+CREATE OR REPLACE FUNCTION dx.mark_txn() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('{MARK_GUC}', true) IS DISTINCT FROM '1' THEN
+        INSERT INTO dx.txn_marker DEFAULT VALUES;
+        PERFORM set_config('{MARK_GUC}', '1', true);
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION dx.publish(aggregatetype text, aggregateid text, type text,
+                                      payload jsonb, event_id uuid DEFAULT gen_random_uuid())
+RETURNS uuid LANGUAGE plpgsql AS $$
+BEGIN
+    IF aggregatetype !~ '^[A-Za-z0-9._-]{{1,200}}$' THEN
+        RAISE EXCEPTION 'dx: aggregatetype % cannot name a Kafka topic', quote_literal(aggregatetype)
+            USING HINT = 'use letters, digits, ".", "_" and "-"';
+    END IF;
+    PERFORM dx.mark_txn();
+    INSERT INTO dx.outbox (entity, op, key, after, origin, event_id, event_type)
+    VALUES (aggregatetype, 'e', to_jsonb(aggregateid), payload,
+            NULLIF(current_setting('{ORIGIN_GUC}', true), ''), event_id, type);
+    RETURN event_id;
+END $$;
+CREATE OR REPLACE FUNCTION dx.refuse_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'dx: TRUNCATE of captured table %.% would not reach Kafka',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING HINT = 'use DELETE, or run "dx capture uninstall" first';
+END $$;
+"""
+
+
+def on_commit_ddl(notify: bool) -> str:
+    """The commit-time trigger; NOTIFY is optional because it serialises committers."""
+    note = f"PERFORM pg_notify('{NOTIFY_CHANNEL}', '');" if notify else ""
+    return f"""
+CREATE OR REPLACE FUNCTION dx.on_commit() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('{SEQ_GUC}', true) IS DISTINCT FROM '1' THEN
+        PERFORM pg_advisory_xact_lock_shared({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
+        INSERT INTO dx.txn (seq, xid) VALUES (nextval('dx.commit_seq'), pg_current_xact_id());
+        PERFORM set_config('{SEQ_GUC}', '1', true);
+        {note}
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS dx_on_commit ON dx.txn_marker;
+CREATE CONSTRAINT TRIGGER dx_on_commit AFTER INSERT ON dx.txn_marker
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION dx.on_commit();
+"""
+
+
+# --- per-table capture ----------------------------------------------------------------------
+
+TRIGGER_NAMES = ("dx_capture", "dx_capture_update", "dx_capture_insert_stmt",
+                 "dx_capture_update_stmt", "dx_capture_delete_stmt", "dx_refuse_truncate")
+
+
+def function_name(spec: TableSpec) -> sql.Composable:
+    name = f"capture {spec.schema}.{spec.table}"
+    if len(name.encode()) > 60:
+        name = "capture " + spec.fingerprint()[:24]
+    return sql.Identifier("dx", name)
+
+
+def _json_object(cols: tuple[ColumnSpec, ...], alias: str) -> sql.Composable:
+    """jsonb_build_object over the columns, in chunks of 50 (the function's 100-argument cap)."""
+    parts: list[sql.Composable] = []
+    for i in range(0, len(cols), 50):
+        args = sql.SQL(", ").join(
+            sql.SQL("{}, {}.{}").format(sql.Literal(c.name), sql.SQL(alias),
+                                        sql.Identifier(c.name))
+            for c in cols[i:i + 50]
+        )
+        parts.append(sql.SQL("jsonb_build_object({})").format(args))
+    return sql.SQL(" || ").join(parts)
+
+
+def _comparable(cols: tuple[ColumnSpec, ...], alias: str) -> sql.Composable:
+    items = []
+    for c in cols:
+        ref = sql.SQL("{}.{}").format(sql.SQL(alias), sql.Identifier(c.name))
+        items.append(sql.SQL("{}::text").format(ref) if c.type in _NO_EQUALITY else ref)
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join(items))
+
+
+def _origin() -> sql.Composable:
+    return sql.SQL("NULLIF(current_setting({}, true), '')").format(sql.Literal(ORIGIN_GUC))
+
+
+def _dollar(body: str) -> str:
+    tag = "$dx" + secrets.token_hex(4) + "$"
+    assert tag not in body
+    return f"{tag}{body}{tag}"
+
+
+def row_function(spec: TableSpec, version: int) -> sql.Composable:
+    k, cols = spec.key_columns, spec.columns
+    ent, ver = sql.Literal(spec.entity), sql.Literal(version)
+    ins = sql.SQL("INSERT INTO dx.outbox (entity, version, op, key, before, after, origin) VALUES ")
+    body = sql.SQL("""
+BEGIN
+    IF current_setting({guc}, true) IS DISTINCT FROM '1' THEN
+        INSERT INTO dx.txn_marker DEFAULT VALUES;
+        PERFORM set_config({guc}, '1', true);
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        {ins}({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin});
+    ELSIF TG_OP = 'DELETE' THEN
+        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin});
+    ELSIF {cmp_key_old} IS DISTINCT FROM {cmp_key_new} THEN
+        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}),
+             ({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin});
+    ELSE
+        {ins}({ent}, {ver}, 'u', {key_new}, {row_old}, {row_new}, {origin});
+    END IF;
+    RETURN NULL;
+END
+""").format(
+        guc=sql.Literal(MARK_GUC), ins=ins, ent=ent, ver=ver, origin=_origin(),
+        key_new=_json_object(k, "NEW"), key_old=_json_object(k, "OLD"),
+        row_new=_json_object(cols, "NEW"), row_old=_json_object(cols, "OLD"),
+        cmp_key_old=_comparable(k, "OLD"), cmp_key_new=_comparable(k, "NEW"),
+    )
+    return body
+
+
+def statement_function(spec: TableSpec, version: int) -> sql.Composable:
+    k, cols = spec.key_columns, spec.columns
+    ent, ver = sql.Literal(spec.entity), sql.Literal(version)
+    col_list = sql.SQL(", ").join(sql.Identifier(c.name) for c in cols)
+    join_on = sql.SQL(" AND ").join(
+        sql.SQL("o.{c} = n.{c}").format(c=sql.Identifier(c.name)) for c in k)
+    here = sql.Identifier("?dx")
+    body = sql.SQL("""
+DECLARE n_rows bigint;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO dx.outbox (entity, version, op, key, after, origin)
+        SELECT {ent}, {ver}, 'c', {key_n}, {row_n}, {origin} FROM new_rows n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO dx.outbox (entity, version, op, key, before, origin)
+        SELECT {ent}, {ver}, 'd', {key_o}, {row_o}, {origin} FROM old_rows o;
+    ELSE
+        INSERT INTO dx.outbox (entity, version, op, key, before, after, origin)
+        SELECT {ent}, {ver},
+               CASE WHEN o.{here} IS NULL THEN 'c' WHEN n.{here} IS NULL THEN 'd' ELSE 'u' END,
+               CASE WHEN n.{here} IS NULL THEN {key_o} ELSE {key_n} END,
+               CASE WHEN o.{here} IS NULL THEN NULL ELSE {row_o} END,
+               CASE WHEN n.{here} IS NULL THEN NULL ELSE {row_n} END,
+               {origin}
+        FROM (SELECT 1 AS {here}, {cols} FROM old_rows) o
+        FULL JOIN (SELECT 1 AS {here}, {cols} FROM new_rows) n ON {join_on}
+        WHERE o.{here} IS NULL OR n.{here} IS NULL OR {cmp_o} IS DISTINCT FROM {cmp_n};
+    END IF;
+    GET DIAGNOSTICS n_rows = ROW_COUNT;
+    IF n_rows > 0 THEN
+        PERFORM dx.mark_txn();
+    END IF;
+    RETURN NULL;
+END
+""").format(
+        ent=ent, ver=ver, origin=_origin(), here=here, cols=col_list, join_on=join_on,
+        key_n=_json_object(k, "n"), key_o=_json_object(k, "o"),
+        row_n=_json_object(cols, "n"), row_o=_json_object(cols, "o"),
+        cmp_o=_comparable(cols, "o"), cmp_n=_comparable(cols, "n"),
+    )
+    return body
+
+
+def install_statements(spec: TableSpec, version: int, mode: str,
+                       body_text: str) -> list[sql.Composable]:
+    """DDL that (re)installs capture on one table; run it in one transaction."""
+    table = sql.Identifier(spec.schema, spec.table)
+    fn = function_name(spec)
+    stmts: list[sql.Composable] = [
+        sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
+            fn, sql.SQL(_dollar(body_text))),
+    ]
+    stmts += drop_triggers(spec)
+    if mode == "row":
+        changed = sql.SQL("{} IS DISTINCT FROM {}").format(
+            _comparable(spec.columns, "OLD"), _comparable(spec.columns, "NEW"))
+        stmts += [
+            sql.SQL("CREATE TRIGGER dx_capture AFTER INSERT OR DELETE ON {} "
+                    "FOR EACH ROW EXECUTE FUNCTION {}()").format(table, fn),
+            sql.SQL("CREATE TRIGGER dx_capture_update AFTER UPDATE ON {} FOR EACH ROW "
+                    "WHEN ({}) EXECUTE FUNCTION {}()").format(table, changed, fn),
+        ]
+    else:
+        stmts += [
+            sql.SQL("CREATE TRIGGER dx_capture_insert_stmt AFTER INSERT ON {} "
+                    "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT "
+                    "EXECUTE FUNCTION {}()").format(table, fn),
+            sql.SQL("CREATE TRIGGER dx_capture_update_stmt AFTER UPDATE ON {} "
+                    "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+                    "FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(table, fn),
+            sql.SQL("CREATE TRIGGER dx_capture_delete_stmt AFTER DELETE ON {} "
+                    "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT "
+                    "EXECUTE FUNCTION {}()").format(table, fn),
+        ]
+    stmts.append(sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
+                         "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()")
+                 .format(table))
+    return stmts
+
+
+def drop_triggers(spec: TableSpec) -> list[sql.Composable]:
+    table = sql.Identifier(spec.schema, spec.table)
+    return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), table)
+            for name in TRIGGER_NAMES]
+
+
+def snapshot_chunk(spec: TableSpec, version: int, chunk: int,
+                   after_key: bool) -> sql.Composable:
+    """Copy one chunk of rows (ordered by key, after the last key) into the outbox as op='r'.
+
+    ``FOR SHARE`` makes the chunk wait for in-flight writers of those rows and blocks new ones
+    until it commits, so the snapshot row and the concurrent change are ordered by commit."""
+    table = sql.Identifier(spec.schema, spec.table)
+    k = spec.key_columns
+    keys = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c.name)) for c in k)
+    cond = sql.SQL("")
+    if after_key:
+        params = sql.SQL(", ").join(
+            sql.SQL("({} ->> {})::{}").format(sql.Placeholder("last"), sql.Literal(c.name),
+                                              sql.Identifier(c.type)) for c in k)
+        cond = sql.SQL("WHERE ROW({}) > ROW({})").format(keys, params)
+    return sql.SQL("""
+WITH chunk AS (
+    SELECT {key_t} AS key, {row_t} AS after FROM {table} t {cond}
+    ORDER BY {keys} LIMIT {n} FOR SHARE
+), ins AS (
+    INSERT INTO dx.outbox (entity, version, op, key, after, origin)
+    SELECT {ent}, {ver}, 'r', key, after, NULL FROM chunk
+)
+SELECT count(*), (array_agg(key ORDER BY {order}))[count(*)] FROM chunk
+""").format(
+        key_t=_json_object(k, "t"), row_t=_json_object(spec.columns, "t"), table=table,
+        cond=cond, keys=keys, n=sql.Literal(chunk), ent=sql.Literal(spec.entity),
+        ver=sql.Literal(version),
+        order=sql.SQL(", ").join(
+            sql.SQL("(key ->> {})::{}").format(sql.Literal(c.name), sql.Identifier(c.type))
+            for c in k),
+    )

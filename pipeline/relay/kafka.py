@@ -1,0 +1,104 @@
+"""Kafka plumbing for the relay: producer settings, topic creation, the cursor state topic."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.config import DxConfig
+from pipeline.errors import ServiceUnavailable
+from pipeline.relay.reader import Cursor
+
+
+def base_config(config: DxConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
+    conf.update(config.kafka.client)
+    return conf
+
+
+def producer_config(config: DxConfig) -> dict[str, Any]:
+    conf = base_config(config)
+    conf.update({
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        # Java clients' default partitioner, so keys land where Kafka Connect/Streams expect.
+        "partitioner": "murmur2_random",
+        "message.timeout.ms": 120_000,
+    })
+    if config.relay.mode == "exactly-once":
+        conf["transactional.id"] = f"dx-relay-{config.relay.name}"
+        conf["transaction.timeout.ms"] = 60_000
+    return conf
+
+
+def check_reachable(config: DxConfig, timeout_s: float = 10.0) -> AdminClient:
+    admin = AdminClient(base_config(config))
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as err:
+        raise ServiceUnavailable("kafka", config.kafka.bootstrap_servers,
+                                 f"no broker answered within {timeout_s:.0f}s ({err.args[0]})"
+                                 ) from None
+    return admin
+
+
+def ensure_topics(admin: AdminClient, topics: dict[str, dict[str, str]],
+                  timeout_s: float = 30.0) -> None:
+    """Create missing topics (1 partition unless the broker says otherwise); keep existing."""
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [NewTopic(t, num_partitions=1, replication_factor=-1, config=cfg)
+           for t, cfg in topics.items() if t not in existing]
+    if not new:
+        return
+    for topic, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            fut.result()
+        except KafkaException as err:
+            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise ServiceUnavailable("kafka", topic, str(err.args[0])) from None
+
+
+def make_producer(config: DxConfig) -> Producer:
+    return Producer(producer_config(config))
+
+
+def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> Cursor:
+    """Last cursor committed to the state topic (read_committed, so aborted writes are unseen)."""
+    conf = base_config(config)
+    conf.update({"group.id": f"dx-relay-state-{config.relay.name}",
+                 "isolation.level": "read_committed", "enable.auto.commit": False,
+                 "enable.partition.eof": True})
+    consumer = Consumer(conf)
+    key = config.relay.name.encode()
+    cursor = Cursor()
+    try:
+        md = consumer.list_topics(config.state_topic, timeout=timeout_s)
+        partitions = md.topics[config.state_topic].partitions
+        consumer.assign([TopicPartition(config.state_topic, p, 0) for p in partitions])
+        remaining = set(partitions)
+        while remaining:
+            msg = consumer.poll(timeout_s)
+            if msg is None:
+                raise ServiceUnavailable("kafka", config.state_topic,
+                                         "timed out reading the relay state topic")
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    remaining.discard(msg.partition())
+                    continue
+                raise ServiceUnavailable("kafka", config.state_topic, str(msg.error()))
+            if msg.key() == key and msg.value():
+                data = json.loads(msg.value())
+                cursor = max(cursor, Cursor(int(data["seq"]), int(data["id"])))
+    finally:
+        consumer.close()
+    return cursor
+
+
+def state_record(config: DxConfig, cursor: Cursor) -> tuple[str, bytes, bytes]:
+    return (config.state_topic, config.relay.name.encode(),
+            json.dumps({"seq": cursor.seq, "id": cursor.id}).encode())

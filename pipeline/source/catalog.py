@@ -1,0 +1,172 @@
+"""The target table of an inbound route, read from the live catalog and checked against the route.
+
+A route is checked once when a worker (or importer) starts: the table exists, every configured
+column exists and is writable, the key has a unique index (``ON CONFLICT`` needs one). Config
+names only ever travel as bind parameters here; the :class:`Target` keeps the catalog's spelling,
+which the apply SQL quotes with ``psycopg.sql.Identifier``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from pipeline.config.model import DxConfig
+from pipeline.config.sources import SourceRoute
+from pipeline.errors import CatalogError
+
+_COLUMNS = """
+SELECT a.attname,
+       COALESCE(et.typname, t.typname),
+       a.attnotnull,
+       et.oid IS NOT NULL,
+       a.atttypmod,
+       COALESCE(et.typcategory, t.typcategory),
+       a.atthasdef OR a.attidentity <> '',
+       a.attgenerated <> '' OR a.attidentity = 'a',
+       COALESCE(et.oid, t.oid)
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+_UNIQUE = """
+SELECT i.indisprimary, array_agg(a.attname ORDER BY k.ord)
+FROM pg_index i
+JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+GROUP BY i.indexrelid, i.indisprimary
+"""
+
+_ENUM = "SELECT enumlabel FROM pg_enum WHERE enumtypid = %s ORDER BY enumsortorder"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One target column as PostgreSQL sees it."""
+
+    name: str
+    type: str  # pg_type.typname (element type for arrays)
+    not_null: bool
+    is_array: bool = False
+    precision: int | None = None  # numeric precision, or varchar/bpchar length
+    scale: int | None = None
+    category: str = "U"
+    has_default: bool = False
+    generated: bool = False  # GENERATED ALWAYS (identity or stored expression): never written
+    enum_labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """The checked target of one route: table, writable columns, key, version column."""
+
+    schema: str
+    table: str
+    key: tuple[str, ...]
+    columns: dict[str, Column] = field(default_factory=dict)  # writable, in table order
+    version: str | None = None
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+def _typmod(typname: str, typmod: int) -> tuple[int | None, int | None]:
+    if typmod < 0:
+        return None, None
+    if typname == "numeric":
+        mod = typmod - 4
+        return (mod >> 16) & 0xFFFF, mod & 0xFFFF
+    if typname in ("varchar", "bpchar"):
+        return typmod - 4, None
+    return None, None
+
+
+def find_route(config: DxConfig, name: str) -> tuple[int, SourceRoute]:
+    """The route called ``name`` and its index (for dx.yaml line numbers)."""
+    for i, route in enumerate(config.sources):
+        if route.name == name:
+            return i, route
+    known = ", ".join(r.name for r in config.sources) or "none"
+    raise CatalogError(f"source route {name!r} is not configured (configured: {known})")
+
+
+def read_target(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> Target:
+    """Check ``config.sources[index]`` against the catalog; CatalogError names the dx.yaml line."""
+    route = config.sources[index]
+
+    def fail(msg: str, *loc: str | int) -> CatalogError:
+        file, line = config.where("sources", index, *loc)
+        return CatalogError(f"{file}:{line}: {msg}" if line else f"{file}: {msg}")
+
+    row = conn.execute(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (route.schema_name, route.table_name),
+    ).fetchone()
+    if row is None:
+        raise fail(f"table {route.qualified} does not exist in the database", "table")
+    oid = int(row[0])
+    every: dict[str, Column] = {}
+    for (name, typ, not_null, is_array, typmod, category, has_default, generated,
+         type_oid) in conn.execute(_COLUMNS, (oid,)).fetchall():
+        precision, scale = _typmod(typ, typmod)
+        labels: tuple[str, ...] = ()
+        if category == "E":
+            labels = tuple(r[0] for r in conn.execute(_ENUM, (type_oid,)))
+        every[name] = Column(name=name, type=typ, not_null=not_null, is_array=is_array,
+                             precision=precision, scale=scale, category=category,
+                             has_default=has_default, generated=generated, enum_labels=labels)
+    wanted = route.columns or [c for c, col in every.items() if not col.generated]
+    writable: dict[str, Column] = {}
+    for i, c in enumerate(wanted):
+        if c not in every:
+            raise fail(f"column {c!r} does not exist in {route.qualified} "
+                       f"(columns: {', '.join(every)})", "columns", i)
+        if every[c].generated:
+            raise fail(f"column {c!r} of {route.qualified} is generated and cannot be written",
+                       "columns", i)
+        writable[c] = every[c]
+    for src, dst in route.fields.items():
+        if dst not in every:
+            raise fail(f"field {src!r} maps to column {dst!r}, which does not exist in "
+                       f"{route.qualified}", "fields", src)
+        if dst not in writable:
+            raise fail(f"field {src!r} maps to column {dst!r}, which is not writable",
+                       "fields", src)
+    uniques = conn.execute(_UNIQUE, (oid,)).fetchall()
+    if route.key:
+        key = tuple(route.key)
+        for i, k in enumerate(key):
+            if k not in writable:
+                raise fail(f"key column {k!r} is not a writable column of {route.qualified}",
+                           "key", i)
+        if not any(set(cols) == set(key) for _, cols in uniques):
+            raise fail(f"key ({', '.join(key)}) of {route.qualified} needs a unique index or "
+                       "primary key on exactly these columns (ON CONFLICT uses it)", "key")
+    else:
+        pk = next((tuple(cols) for primary, cols in uniques if primary), None)
+        if pk is None:
+            raise fail(f"table {route.qualified} has no primary key; set 'key:' to columns "
+                       "with a unique index", "table")
+        for k in pk:
+            if k not in writable:
+                raise fail(f"primary key column {k!r} must be writable (add it to 'columns')",
+                           "columns")
+        key = pk
+    version = None
+    if route.conflict is not None:
+        version = route.conflict.column
+        if version not in writable:
+            raise fail(f"conflict column {version!r} is not a writable column of "
+                       f"{route.qualified}", "conflict", "column")
+        if version in key:
+            raise fail("conflict column cannot be part of the key", "conflict", "column")
+    return Target(schema=route.schema_name, table=route.table_name, key=key, columns=writable,
+                  version=version)
