@@ -31,6 +31,7 @@ ORIGIN_GUC = "dx.origin"
 # Types without a btree equality: compared through their text form.
 _NO_EQUALITY = {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
 
+# Only module constants are interpolated into these two texts, never configuration.
 BASE_DDL = f"""
 CREATE SCHEMA IF NOT EXISTS dx;
 CREATE SEQUENCE IF NOT EXISTS dx.commit_seq AS bigint CACHE 1;
@@ -99,7 +100,8 @@ CREATE OR REPLACE FUNCTION dx.publish(aggregatetype text, aggregateid text, type
 RETURNS uuid LANGUAGE plpgsql AS $$
 BEGIN
     IF aggregatetype !~ '^[A-Za-z0-9._-]{{1,200}}$' THEN
-        RAISE EXCEPTION 'dx: aggregatetype % cannot name a Kafka topic', quote_literal(aggregatetype)
+        RAISE EXCEPTION 'dx: aggregatetype % cannot name a Kafka topic',
+            quote_literal(aggregatetype)
             USING HINT = 'use letters, digits, ".", "_" and "-"';
     END IF;
     PERFORM dx.mark_txn();
@@ -115,7 +117,7 @@ BEGIN
         TG_TABLE_SCHEMA, TG_TABLE_NAME
         USING HINT = 'use DELETE, or run "dx capture uninstall" first';
 END $$;
-"""
+"""  # noqa: S608
 
 
 def on_commit_ddl(notify: bool) -> str:
@@ -136,7 +138,7 @@ END $$;
 DROP TRIGGER IF EXISTS dx_on_commit ON dx.txn_marker;
 CREATE CONSTRAINT TRIGGER dx_on_commit AFTER INSERT ON dx.txn_marker
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION dx.on_commit();
-"""
+"""  # noqa: S608
 
 
 # --- per-table capture ----------------------------------------------------------------------

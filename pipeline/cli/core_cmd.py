@@ -204,6 +204,70 @@ def status(config: Path = ConfigOption,
         raise typer.Exit(1)
 
 
+schemas_app = typer.Typer(help="Generate, check and register the Avro contracts.",
+                          no_args_is_help=True)
+SchemaDir = typer.Option(Path("avro_schemas"), "--dir", envvar="DX_SCHEMA_DIR",
+                         help="where the reviewed .avsc files live")
+
+
+def _registrar(cfg: DxConfig) -> Any:
+    from pipeline.events.wire import SchemaRegistrar, registry_client
+
+    sr = cfg.schema_registry
+    auth = sr.basic_auth_user_info.get_secret_value() if sr.basic_auth_user_info else None
+    return SchemaRegistrar(registry_client(sr.url, auth), sr.url)
+
+
+@schemas_app.command("generate")
+def schemas_generate(config: Path = ConfigOption, directory: Path = SchemaDir) -> None:
+    """Write .avsc files for every configured table from the live catalog."""
+    from pipeline.events import contracts
+
+    cfg = config_from(config)
+    with _db(cfg) as conn:
+        specs = read_all(conn, cfg)
+    written = contracts.generate(specs, cfg.kafka.topic_prefix, directory)
+    for p in written:
+        typer.echo(f"wrote {p}")
+    typer.echo(f"{len(written)} file(s) changed in {directory}")
+
+
+@schemas_app.command("check")
+def schemas_check(config: Path = ConfigOption, directory: Path = SchemaDir,
+                  offline: bool = typer.Option(False, help="skip the registry check")) -> None:
+    """Diff the files against the catalog and test them against the registry; exit 1 if off."""
+    from pipeline.events import contracts
+
+    cfg = config_from(config)
+    with _db(cfg) as conn:
+        specs = read_all(conn, cfg)
+    bad = False
+    for r in contracts.check(specs, cfg.kafka.topic_prefix, directory,
+                             None if offline else _registrar(cfg)):
+        if r.diff:
+            bad = True
+            typer.echo(r.diff)
+        if r.compatible is False:
+            bad = True
+            typer.echo(f"{r.subject}: NOT compatible with the registered schema", err=True)
+        else:
+            state = "new subject" if r.compatible is None else "compatible"
+            typer.echo(f"{r.subject}: {'differs from catalog' if r.diff else 'up to date'}, "
+                       f"{state}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@schemas_app.command("register")
+def schemas_register(config: Path = ConfigOption, directory: Path = SchemaDir) -> None:
+    """Register the reviewed files (compatibility is checked first)."""
+    from pipeline.events import contracts
+
+    cfg = config_from(config)
+    for subject, schema_id in contracts.register(directory, _registrar(cfg)):
+        typer.echo(f"{subject}: schema id {schema_id}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(init)
     app.command()(validate)
@@ -211,3 +275,4 @@ def register(app: typer.Typer) -> None:
     app.command()(snapshot)
     app.command()(relay)
     app.command()(status)
+    app.add_typer(schemas_app, name="schemas")

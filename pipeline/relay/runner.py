@@ -10,6 +10,7 @@ Per batch: read rows up to the commit frontier, encode, produce; then
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -220,10 +221,8 @@ class Relay:
         except KafkaException as exc:
             err = exc.args[0]
             if err.txn_requires_abort():
-                try:
+                with contextlib.suppress(KafkaException):
                     producer.abort_transaction(30)
-                except KafkaException:
-                    pass
                 raise TransientError(f"kafka transaction aborted: {err}") from None
             if err.retriable():
                 raise TransientError(f"kafka transaction failed: {err}") from None
