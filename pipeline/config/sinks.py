@@ -19,6 +19,7 @@ Source paths: ``name`` reads the current row (``after``; ``before`` for deletes)
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any, Literal
 
@@ -31,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from connectors.base import ConnectorSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -206,7 +209,7 @@ class MappingConfig(_Base):
             if not _TARGET.match(target):
                 raise ValueError(f"{target!r} is not a target path (names joined by dots)")
         names = sorted(v)
-        for a, b in zip(names, names[1:], strict=False):
+        for a, b in itertools.pairwise(names):
             if b.startswith(a + "."):
                 raise ValueError(f"target {a!r} is both a value and the object holding {b!r}")
         return v
@@ -278,14 +281,14 @@ class SinkRoute(_Base):
         None, description="system name of the target; events whose origin equals it are skipped"
     )
     group_id: str | None = Field(None, description="consumer group; default dx-sink-<name>")
-    filter: FilterConfig = Field(default_factory=FilterConfig)  # type: ignore[arg-type]
-    mapping: MappingConfig = Field(default_factory=MappingConfig)  # type: ignore[arg-type]
-    connector: Any = Field(description="connector settings; 'type' picks the connector")
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    mapping: MappingConfig = Field(default_factory=MappingConfig)
+    connector: ConnectorSettings = Field(description="connector settings; 'type' picks it")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
     concurrency: int = Field(4, ge=1, le=256, description="worker lanes; a key stays in one")
     batch_size: int = Field(100, ge=1, le=10_000, description="max events per delivery call")
-    dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)  # type: ignore[arg-type]
-    log: TaskLogConfig = Field(default_factory=TaskLogConfig)  # type: ignore[arg-type]
+    dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    log: TaskLogConfig = Field(default_factory=TaskLogConfig)
 
     @field_validator("name")
     @classmethod
@@ -341,10 +344,10 @@ def _with_allowed_keys(err: ValidationError, model: type[BaseModel]) -> Validati
             allowed = ", ".join(sorted(model.model_fields))
             details.append(InitErrorDetails(
                 type=PydanticCustomError("connector_unknown_key",
-                                         "unknown key {key!r}; allowed: {allowed}",
+                                         "unknown key '{key}'; allowed: {allowed}",
                                          {"key": str(e["loc"][0]), "allowed": allowed}),
                 loc=e["loc"], input=e["input"]))
         else:
             details.append(InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"],
-                                            ctx=e.get("ctx", {})))  # type: ignore[typeddict-item]
+                                            ctx=e.get("ctx", {})))
     return ValidationError.from_exception_data(err.title, details)

@@ -1,0 +1,187 @@
+"""The one contract every sink connector implements.
+
+A worker hands a connector batches of :class:`Record` (already filtered and mapped) and gets back
+one :class:`Outcome` per record, in the same order. The worker owns everything around delivery:
+retries with backoff, per-key order, dead letters, the task log. A connector only talks to its
+target and classifies failures:
+
+* raise or return :class:`~pipeline.errors.TransientError` when trying again later may work
+  (timeouts, connection errors, 5xx); :class:`Backpressure` when the target asks to slow down
+  (429 + ``Retry-After``) — it does not use up an attempt;
+* :class:`~pipeline.errors.TerminalError` when the same input will always fail (a 400 validation
+  error, a constraint violation): the task goes dead and its key is parked.
+
+Most connectors subclass :class:`RecordConnector` and write one method, ``send(record)``. Bulk
+targets subclass :class:`Connector` and implement ``deliver(batch)`` directly.
+
+Delivery guarantee: at-least-once. A record may be sent again after a crash or a retry; every
+record carries ``event_id``, which connectors pass to the target as an idempotency key.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import DxError, TerminalError, TransientError
+
+
+class ConnectorSettings(BaseModel):
+    """Base of every connector's settings model: unknown keys are errors, values are frozen.
+
+    Subclasses declare ``type: Literal["name"]`` and their fields with descriptions; secrets are
+    ``SecretStr`` filled from ``${VAR}`` in dx.yaml.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(description="connector name in the registry")
+
+
+class Backpressure(TransientError):
+    """The target asks us to slow down (HTTP 429, a 503 with ``Retry-After``).
+
+    Waiting does not count as a failed attempt: throttling must not dead-letter healthy events.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One event on its way out. ``payload`` is the mapped JSON-ready object (``None`` only for
+    a delete whose ``before`` image was not captured)."""
+
+    event_id: str
+    op: str
+    key: dict[str, Any]
+    payload: dict[str, Any] | None
+    topic: str
+    partition: int
+    offset: int
+    table: str = ""
+    origin: str | None = None
+    ts_ms: int | None = None
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == "d"
+
+
+@dataclass
+class Outcome:
+    """What happened to one record. ``error`` is None on success. ``request``/``status``/
+    ``response`` go to the task's export log (the worker truncates them)."""
+
+    error: DxError | None = None
+    request: str | None = None
+    status: int | None = None
+    response: str | None = None
+    elapsed_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def failed(cls, error: DxError, **kwargs: Any) -> Outcome:
+        return cls(error=error, **kwargs)
+
+
+#: An outcome for a record the connector did not try (an earlier record failed transiently);
+#: the worker re-offers it without counting an attempt.
+NOT_ATTEMPTED = TransientError("not attempted: an earlier record in the batch failed")
+
+S = TypeVar("S", bound=ConnectorSettings)
+
+
+class Connector(abc.ABC, Generic[S]):
+    """A target system. One instance per route per worker; ``deliver`` may be called from
+    several worker lanes at once, so implementations must be thread-safe (share a client,
+    not per-call state)."""
+
+    #: the settings model validated from dx.yaml (``connector:`` block)
+    settings_model: ClassVar[type[ConnectorSettings]]
+
+    def __init__(self, settings: S, *, route: str) -> None:
+        self.settings = settings
+        self.route = route
+
+    def open(self) -> None:
+        """Called once before the first delivery: connect, validate the target (e.g. that a
+        table and its columns exist). Raise TerminalError for a misconfigured target (the worker
+        stops with one clear line) or TransientError when it is unreachable."""
+
+    def close(self) -> None:
+        """Release clients and files; called once, also after a failure."""
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch ``deliver`` accepts; the route's ``batch_size`` is capped by it."""
+        return 1_000
+
+    @abc.abstractmethod
+    def deliver(self, batch: Sequence[Record]) -> list[Outcome]:
+        """Send ``batch`` and return one outcome per record, in order.
+
+        Contract: a record must not be sent after an earlier record *of the same key* in the
+        batch failed (return ``Outcome.failed(NOT_ATTEMPTED)`` for it) — the worker relies on
+        this for per-key order. Raising instead of returning fails the whole batch with that
+        error.
+        """
+
+
+class RecordConnector(Connector[S]):
+    """Plumbing for targets that take one record per call: write ``send`` only.
+
+    Records go one at a time, in order. After a transient failure the rest of the batch is not
+    attempted (the target is probably down; the worker backs off). After a terminal failure the
+    remaining records of *other* keys still go.
+    """
+
+    @abc.abstractmethod
+    def send(self, record: Record) -> Outcome:
+        """Deliver one record; raise TransientError/TerminalError (or return a failed Outcome)."""
+
+    def deliver(self, batch: Sequence[Record]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        failed_keys: set[str] = set()
+        stop = False
+        for record in batch:
+            rkey = key_text(record.key)
+            if stop or rkey in failed_keys:
+                outcomes.append(Outcome.failed(NOT_ATTEMPTED))
+                continue
+            started = time.perf_counter()
+            try:
+                outcome = self.send(record)
+            except DxError as err:
+                outcome = Outcome.failed(err)
+            except Exception as err:  # a bug or an unwrapped driver error: do not lose the task
+                outcome = Outcome.failed(TransientError(f"{type(err).__name__}: {err}"))
+            if outcome.elapsed_ms is None:
+                outcome.elapsed_ms = (time.perf_counter() - started) * 1000
+            outcomes.append(outcome)
+            if outcome.error is not None:
+                failed_keys.add(rkey)
+                if outcome.error.transient:
+                    stop = True
+        return outcomes
+
+
+def key_text(key: dict[str, Any]) -> str:
+    """Canonical text of a key: the same key always gives the same text (task store, lanes)."""
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+
+
+__all__ = ["NOT_ATTEMPTED", "Backpressure", "Connector", "ConnectorSettings", "Outcome",
+           "Record", "RecordConnector", "TerminalError", "TransientError", "key_text"]

@@ -1,0 +1,1 @@
+"""HTTP connector: REST APIs and webhooks (see configuration.py for every setting)."""

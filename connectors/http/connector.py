@@ -1,0 +1,275 @@
+"""HTTP delivery with httpx: one shared, thread-safe client per route.
+
+Failure classes (the worker retries transient ones, dead-letters terminal ones):
+
+============================================  ==========================================
+2xx, or a status listed in ``ok_statuses``    delivered
+429; 503 with ``Retry-After``                 :class:`Backpressure` (waits, no attempt used)
+408, 5xx, timeouts, connection errors         transient
+401 with OAuth2 auth                          transient, after dropping the cached token
+other 3xx/4xx                                 terminal (the response body is the reason)
+============================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email.utils
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from connectors.base import Backpressure, Outcome, Record, RecordConnector
+from connectors.http.configuration import HmacAuth, HttpSettings, OAuth2ClientCredentials
+from connectors.templating import Part, parse, record_resolver, render
+from pipeline.errors import DxError, TerminalError, TransientError
+
+_CE_VERB = {"c": "created", "u": "updated", "d": "deleted", "r": "read"}
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds: either delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class RateLimiter:
+    """A token bucket shared by all lanes of a route (capacity = one second of requests)."""
+
+    def __init__(self, per_second: float) -> None:
+        self.rate = per_second
+        self.capacity = max(1.0, per_second)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+        self.lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                wait = (1 - self.tokens) / self.rate
+            time.sleep(wait)
+
+
+class _TokenCache:
+    """OAuth2 client-credentials token, fetched lazily, shared by lanes, renewed before expiry."""
+
+    def __init__(self, auth: OAuth2ClientCredentials, client: httpx.Client) -> None:
+        self.auth = auth
+        self.client = client
+        self.lock = threading.Lock()
+        self.token: str | None = None
+        self.expires_at = 0.0
+
+    def get(self) -> str:
+        with self.lock:
+            if self.token is not None and time.monotonic() < self.expires_at:
+                return self.token
+            data = {"grant_type": "client_credentials"}
+            if self.auth.scope:
+                data["scope"] = self.auth.scope
+            if self.auth.audience:
+                data["audience"] = self.auth.audience
+            try:
+                resp = self.client.post(
+                    self.auth.token_url, data=data,
+                    auth=(self.auth.client_id, self.auth.client_secret.get_secret_value()))
+            except httpx.HTTPError as err:
+                raise TransientError(f"OAuth2 token endpoint unreachable: "
+                                     f"{type(err).__name__}") from None
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise TransientError(f"OAuth2 token endpoint answered {resp.status_code}")
+            if resp.status_code != 200:
+                raise TerminalError(f"OAuth2 token request refused ({resp.status_code}): "
+                                    f"{resp.text[:200]}")
+            body = resp.json()
+            self.token = str(body["access_token"])
+            lifetime = float(body.get("expires_in", 3600))
+            self.expires_at = time.monotonic() + max(0.0, lifetime - self.auth.refresh_margin_s)
+            return self.token
+
+    def invalidate(self) -> None:
+        with self.lock:
+            self.token = None
+
+
+class HttpConnector(RecordConnector[HttpSettings]):
+    """REST/webhook target. Thread-safe: lanes share the client, limiter and token cache."""
+
+    settings_model = HttpSettings
+
+    def __init__(self, settings: HttpSettings, *, route: str) -> None:
+        super().__init__(settings, route=route)
+        s = settings
+        self.url: list[Part] = parse(s.url)
+        self.urls = {op: parse(u) for op, u in s.urls.items()}
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(s.timeout_s, connect=s.connect_timeout_s),
+            limits=httpx.Limits(max_connections=s.max_connections,
+                                max_keepalive_connections=s.max_connections),
+            verify=s.verify_tls, follow_redirects=False,
+            headers={"User-Agent": "dx-sink/0.1", **s.headers})
+        self.limiter = RateLimiter(s.rate_limit_per_s) if s.rate_limit_per_s else None
+        self.tokens = (_TokenCache(s.auth, self.client)
+                       if isinstance(s.auth, OAuth2ClientCredentials) else None)
+
+    @property
+    def max_batch(self) -> int:
+        return self.settings.bulk.max_batch if self.settings.bulk else 1_000
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- building requests -------------------------------------------------------------------
+
+    def _body_obj(self, record: Record) -> Any:
+        if self.settings.body == "envelope":
+            return {"event_id": record.event_id, "op": record.op, "key": record.key,
+                    "data": record.payload, "table": record.table, "origin": record.origin,
+                    "ts_ms": record.ts_ms}
+        return record.payload
+
+    def _auth_headers(self, body: bytes) -> dict[str, str]:
+        auth = self.settings.auth
+        if auth is None:
+            return {}
+        if auth.kind == "bearer":
+            return {"Authorization": f"Bearer {auth.token.get_secret_value()}"}
+        if auth.kind == "basic":
+            raw = f"{auth.username}:{auth.password.get_secret_value()}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+        if isinstance(auth, HmacAuth):
+            ts = str(int(time.time()))
+            mac = hmac.new(auth.secret.get_secret_value().encode(), ts.encode() + b"." + body,
+                           getattr(hashlib, auth.algorithm)).hexdigest()
+            return {auth.header: f"t={ts},v1={mac}"}
+        assert self.tokens is not None
+        return {"Authorization": f"Bearer {self.tokens.get()}"}
+
+    def _ce_headers(self, record: Record) -> dict[str, str]:
+        ts = (dt.datetime.fromtimestamp(record.ts_ms / 1000, dt.UTC)
+              if record.ts_ms else dt.datetime.now(dt.UTC))
+        return {
+            "ce-specversion": "1.0",
+            "ce-id": record.event_id,
+            "ce-source": self.settings.ce_source,
+            "ce-type": f"{self.settings.ce_type_prefix}.{record.table or record.topic}."
+                       f"{_CE_VERB.get(record.op, record.op)}",
+            "ce-subject": json.dumps(record.key, sort_keys=True, separators=(",", ":"),
+                                     default=str),
+            "ce-time": ts.isoformat().replace("+00:00", "Z"),
+        }
+
+    def request_for(self, record: Record) -> httpx.Request:
+        s = self.settings
+        method = s.methods.get(record.op, s.method)  # type: ignore[call-overload]
+        parts = self.urls.get(record.op, self.url)  # type: ignore[call-overload]
+        url = render(parts, record_resolver(record), quote=lambda v: quote(v, safe=""))
+        body = b"" if method == "DELETE" else json.dumps(
+            self._body_obj(record), separators=(",", ":"), default=str).encode()
+        headers = {"Content-Type": "application/json"} if body else {}
+        if s.idempotency_header:
+            headers[s.idempotency_header] = record.event_id
+        if s.cloudevents:
+            headers.update(self._ce_headers(record))
+        headers.update(self._auth_headers(body))
+        return self.client.build_request(method, url, content=body, headers=headers)
+
+    def bulk_request(self, batch: Sequence[Record]) -> httpx.Request:
+        bulk = self.settings.bulk
+        assert bulk is not None
+        items = [self._body_obj(r) for r in batch]
+        obj: Any = {bulk.wrap: items} if bulk.wrap else items
+        body = json.dumps(obj, separators=(",", ":"), default=str).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.settings.idempotency_header:
+            # one key for the request; stable for the same batch of events
+            digest = hashlib.sha256("|".join(r.event_id for r in batch).encode()).hexdigest()
+            headers[self.settings.idempotency_header] = digest[:32]
+        headers.update(self._auth_headers(body))
+        return self.client.build_request(bulk.method, bulk.url, content=body, headers=headers)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _send(self, request: httpx.Request) -> Outcome:
+        if self.limiter is not None:
+            self.limiter.acquire()
+        started = time.perf_counter()
+        logged = _describe(request)
+        try:
+            resp = self.client.send(request)
+        except httpx.TimeoutException as err:
+            return Outcome.failed(TransientError(f"timeout: {type(err).__name__}"),
+                                  request=logged)
+        except httpx.HTTPError as err:
+            return Outcome.failed(TransientError(f"connection error: {type(err).__name__}: "
+                                                 f"{err}"), request=logged)
+        elapsed = (time.perf_counter() - started) * 1000
+        text = resp.text
+        error = self.classify(resp.status_code, resp.headers, text)
+        return Outcome(error=error, request=logged, status=resp.status_code, response=text,
+                       elapsed_ms=elapsed)
+
+    def classify(self, status: int, headers: httpx.Headers, text: str) -> DxError | None:
+        if 200 <= status < 300 or status in self.settings.ok_statuses:
+            return None
+        snippet = " ".join(text.split())[:300]
+        retry_after = retry_after_seconds(headers.get("retry-after"))
+        if status == 429 or (status == 503 and retry_after is not None):
+            return Backpressure(f"HTTP {status} (throttled, retry after {retry_after}s)",
+                                retry_after=retry_after)
+        if status == 401 and self.tokens is not None:
+            self.tokens.invalidate()
+            return TransientError("HTTP 401 (OAuth2 token refused; fetching a new one)")
+        if status == 408 or status >= 500:
+            return TransientError(f"HTTP {status}: {snippet}")
+        return TerminalError(f"HTTP {status}: {snippet}")
+
+    def deliver(self, batch: Sequence[Record]) -> list[Outcome]:
+        if self.settings.bulk is not None and len(batch) > 1:
+            try:
+                outcome = self._send(self.bulk_request(batch))
+            except DxError as err:
+                outcome = Outcome.failed(err)
+            return [outcome] * len(batch)
+        return super().deliver(batch)
+
+    def send(self, record: Record) -> Outcome:
+        return self._send(self.request_for(record))
+
+
+def _describe(request: httpx.Request) -> str:
+    """The request for the export log, with credentials masked."""
+    lines = [f"{request.method} {request.url}"]
+    for name, value in request.headers.items():
+        low = name.lower()
+        shown = "***" if low in _SECRET_HEADERS or "signature" in low or "token" in low else value
+        lines.append(f"{name}: {shown}")
+    body = request.content.decode("utf-8", "replace") if request.content else ""
+    return "\n".join(lines) + ("\n\n" + body if body else "")

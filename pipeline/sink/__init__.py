@@ -1,0 +1,1 @@
+"""Sink workers: consume change events, filter, map, deliver through a connector, record tasks."""
