@@ -90,6 +90,17 @@ class SchemaRegistrar:
         self._cache[(subject, text)] = reg
         return reg
 
+    def check_reachable(self) -> None:
+        """Fail fast with one line when the registry does not answer at start-up."""
+        try:
+            self.client.get_subjects()
+        except SchemaRegistryError as err:
+            if err.http_status_code in (None, 500, 502, 503, 504):
+                raise ServiceUnavailable("schema registry", self.url, str(err)) from None
+        except Exception as err:
+            raise ServiceUnavailable("schema registry", self.url,
+                                     f"{type(err).__name__}: {err}") from None
+
     def check_compatible(self, subject: str, schema: Schema) -> None:
         """Refuse a schema the subject's latest version cannot evolve into."""
         try:

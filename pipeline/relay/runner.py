@@ -99,6 +99,7 @@ class Relay:
                 registry_client(sr.url, sr.basic_auth_user_info.get_secret_value()
                                 if sr.basic_auth_user_info else None),
                 sr.url, auto_register=self.config.relay.auto_register_schemas)
+            registrar.check_reachable()
             db, system_id = reader.database_info()
             spec_conn = connect(url, autocommit=True, application_name=app_name + ":spec")
             encoder = Encoder(
@@ -128,21 +129,19 @@ class Relay:
         last_peek = -1
         known_topics: set[str] = set()
         last_purge = time.monotonic()
+        more = True  # a full batch means more rows may be waiting at the same frontier
         while not self.stop.is_set():
             lease.check()
             peek = reader.peek()
             if peek != last_peek or frontier < peek:
                 frontier = reader.frontier()
                 last_peek = peek
-            rows = reader.fetch(cursor, frontier, batch_size) if frontier > cursor.seq else []
+            rows = reader.fetch(cursor, frontier, batch_size) \
+                if more or frontier > cursor.seq else []
+            more = len(rows) == batch_size
             if rows:
-                records = [r for row in rows for r in encoder.encode(row)]
-                new_topics = {r.topic for r in records} - known_topics
-                if new_topics:
-                    kafka.ensure_topics(admin, {t: {} for t in new_topics})
-                    known_topics |= new_topics
-                cursor = self._deliver(producer, records, rows, cursor, reader)
-                if len(rows) == batch_size:
+                cursor = self._deliver(producer, encoder, admin, known_topics, rows, reader)
+                if more:
                     continue
             if time.monotonic() - last_purge > 5:
                 reader.purge_markers()
@@ -155,12 +154,19 @@ class Relay:
         for _ in listen.notifies(timeout=self.config.relay.poll_interval_s, stop_after=1):
             break
 
-    def _deliver(self, producer: Producer, records: list[Record], rows: list[OutboxRow],
-                 cursor: Cursor, reader: OutboxReader) -> Cursor:
+    def _deliver(self, producer: Producer, encoder: Encoder, admin: Any, known_topics: set[str],
+                 rows: list[OutboxRow], reader: OutboxReader) -> Cursor:
+        """Encode and deliver one batch, retrying transient failures (registry, broker) with
+        backoff; the outbox rows stay until Kafka has them, so a retry loses nothing."""
         new_cursor = rows[-1].cursor
         attempt = 0
         while True:
             try:
+                records = [r for row in rows for r in encoder.encode(row)]
+                new_topics = {r.topic for r in records} - known_topics
+                if new_topics:
+                    kafka.ensure_topics(admin, {t: {} for t in new_topics})
+                    known_topics |= new_topics
                 if self.eos:
                     self._produce_transaction(producer, records, new_cursor)
                     reader.delete_upto(new_cursor)
