@@ -61,7 +61,7 @@ class AvroDecoder:
             raise ServiceUnavailable("schema registry", self.url,
                                      f"{type(err).__name__}: {err}") from None
         try:
-            parsed = fastavro.parse_schema(json.loads(sch.schema_str))
+            parsed = fastavro.parse_schema(json.loads(sch.schema_str or ""))
         except Exception as err:
             raise FieldError(None, f"schema id {schema_id} is not an Avro schema: {err}") from None
         self._schemas[schema_id] = parsed

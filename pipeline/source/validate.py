@@ -140,8 +140,8 @@ def _text(col: Column) -> Coercer:
             raise ValueError(f"expected a string, got {_kind(v)} {v!r}")
         if "\x00" in s:
             raise ValueError("contains a NUL character, which PostgreSQL text cannot store")
-        if limit is not None and len(s) > limit and (col.type != "bpchar" or s.rstrip(" ")
-                                                     and len(s.rstrip(" ")) > limit):
+        if limit is not None and len(s) > limit and (col.type != "bpchar" or (s.rstrip(" ")
+                                                     and len(s.rstrip(" ")) > limit)):
             raise ValueError(f"is {len(s)} characters long; the column allows {limit}")
         return s
 
@@ -355,8 +355,9 @@ class RowValidator:
             if column is None:
                 if field in self.ignore:
                     continue
-                if field in self.route.fields or self.route.column_for(field) in self.target.columns:
-                    raise FieldError(field, "is not writable by this route")
+                if field in self.route.fields or field in self.target.columns:
+                    raise FieldError(field, "is not a field of this route (the column is "
+                                            "written from another, renamed field)")
                 raise FieldError(field, f"unknown field (not a writable column of "
                                         f"{self.target.qualified})")
             out[column] = self._value(column, field, v)

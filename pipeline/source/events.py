@@ -1,0 +1,56 @@
+"""The shapes inbound events take between decoding, validation, apply and task recording."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Op = Literal["upsert", "delete"]
+TaskStatus = Literal["succeeded", "failed", "dead", "skipped"]
+
+
+@dataclass(slots=True, frozen=True)
+class RawMessage:
+    """What Kafka delivered, kept untouched for the task's import log and the dead letter."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    timestamp_ms: int | None = None
+
+
+@dataclass(slots=True)
+class Event:
+    """A validated inbound change, ready to apply. ``row`` maps target columns to values."""
+
+    message: RawMessage
+    op: Op
+    key: tuple[Any, ...]
+    row: dict[str, Any] | None
+    event_id: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Failure:
+    """An event that was not applied, and why (never silent: it becomes a task).
+
+    ``status`` is ``dead`` for events someone must look at (also dead-lettered), ``skipped`` for
+    events the route's policy deliberately does not apply (an older version under
+    last-writer-wins, a delete on a route without deletes).
+    """
+
+    message: RawMessage
+    status: TaskStatus
+    reason: str
+    field: str | None = None
+    key: tuple[Any, ...] | None = None
+    event_id: str | None = None
+
+    def describe(self) -> str:
+        m = self.message
+        where = f"{m.topic}[{m.partition}]@{m.offset}"
+        field = f" field {self.field!r}:" if self.field else ""
+        return f"{where}:{field} {self.reason}"

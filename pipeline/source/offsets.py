@@ -1,0 +1,93 @@
+"""``dx.source_offsets``: where each route is in each partition, stored in the same PostgreSQL
+transaction as the rows applied from it. This is the source of truth for exactly-once inbound
+apply; offsets committed to Kafka (if any) only feed lag tools.
+
+Every batch first locks the offset rows of the partitions it covers and checks they still hold
+the positions this worker started from (compare-and-set). A worker that lost a partition in a
+rebalance but is still finishing a batch (a "zombie") finds the row moved on, rolls back, and
+re-seeks, so a range is never applied twice even when two workers briefly overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import psycopg
+
+from pipeline.errors import TransientError
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS dx;
+CREATE TABLE IF NOT EXISTS dx.source_offsets (
+    route       text        NOT NULL,
+    topic       text        NOT NULL,
+    partition   integer     NOT NULL,
+    next_offset bigint      NOT NULL CHECK (next_offset >= 0),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (route, topic, partition)
+);
+COMMENT ON TABLE dx.source_offsets IS
+  'dx source workers: next Kafka offset to apply per route/partition (exactly-once apply)';
+"""
+
+
+class Fenced(TransientError):
+    """Another worker moved this route's offsets on: the batch is abandoned and re-read."""
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the offsets table (idempotent; ``dx init`` calls it). Commits."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dx.source_offsets'))")
+        for stmt in DDL.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+
+
+def load(conn: psycopg.Connection[Any], route: str, topic: str,
+         partitions: Iterable[int]) -> dict[int, int]:
+    """Stored next offsets of ``partitions`` (missing: never applied)."""
+    rows = conn.execute(
+        "SELECT partition, next_offset FROM dx.source_offsets "
+        "WHERE route = %s AND topic = %s AND partition = ANY(%s)",
+        (route, topic, list(partitions)),
+    ).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+def lock_and_check(conn: psycopg.Connection[Any], route: str, topic: str,
+                   expected: Mapping[int, int | None]) -> None:
+    """Lock the offset rows of a batch and check they hold ``expected`` (None: no row yet).
+
+    Raises :class:`Fenced` when another worker has moved on. Two workers racing on a partition
+    with no row yet both pass here; the second one's insert in :func:`store` then fails on the
+    primary key, which the worker treats the same way.
+    """
+    rows = conn.execute(
+        "SELECT partition, next_offset FROM dx.source_offsets "
+        "WHERE route = %s AND topic = %s AND partition = ANY(%s) ORDER BY partition FOR UPDATE",
+        (route, topic, sorted(expected)),
+    ).fetchall()
+    stored = {int(p): int(o) for p, o in rows}
+    for partition, want in expected.items():
+        have = stored.get(partition)
+        if have != want:
+            raise Fenced(f"route {route}: {topic}[{partition}] is at offset {have} in "
+                         f"dx.source_offsets, this worker expected {want}; re-reading")
+
+
+def store(conn: psycopg.Connection[Any], route: str, topic: str,
+          next_offsets: Mapping[int, int], expected: Mapping[int, int | None]) -> None:
+    """Write the new positions (inside the batch's transaction)."""
+    with conn.cursor() as cur:
+        for partition, nxt in sorted(next_offsets.items()):
+            if expected.get(partition) is None:
+                cur.execute(
+                    "INSERT INTO dx.source_offsets (route, topic, partition, next_offset) "
+                    "VALUES (%s, %s, %s, %s)", (route, topic, partition, nxt))
+            else:
+                cur.execute(
+                    "UPDATE dx.source_offsets SET next_offset = %s, updated_at = now() "
+                    "WHERE route = %s AND topic = %s AND partition = %s",
+                    (nxt, route, topic, partition))

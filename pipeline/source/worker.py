@@ -1,0 +1,349 @@
+"""``dx source run ROUTE``: consume an inbound topic and apply it exactly once.
+
+The contract, in the order things happen for each batch:
+
+1. Collect up to ``batch_size`` messages or wait ``batch_timeout_ms``. Nothing is auto-committed.
+2. Decode and validate every message outside any transaction (a bad one becomes a failure).
+3. In ONE PostgreSQL transaction: set ``dx.origin`` (transaction-local, so capture tags the
+   changes and sinks never send them back to this system), lock and check this route's rows in
+   ``dx.source_offsets`` (compare-and-set against the positions we started from), apply the
+   good events, record failed/skipped events as tasks, produce dead letters (flushed *before*
+   the commit: a dead letter may be repeated after a crash, never lost), store the new offsets,
+   commit.
+4. Only then, optionally, commit the same offsets to Kafka so lag tools see progress.
+
+On start and on every partition assignment the worker reads ``dx.source_offsets`` and starts each
+partition there (``on_assign``), so a crash at any point replays exactly the uncommitted batch.
+SIGTERM/SIGINT: stop collecting, apply (or abandon, if the database fails) the batch in hand,
+close. A second signal aborts at once; the open transaction is rolled back by PostgreSQL, so a
+batch is never half-applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import psycopg
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from pipeline import db
+from pipeline.config.model import DxConfig
+from pipeline.errors import ServiceUnavailable, TransientError
+from pipeline.events.wire import registry_client
+from pipeline.source import offsets, tasks
+from pipeline.source.apply import Applier
+from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.source.decode import AvroDecoder
+from pipeline.source.events import Event, Failure, RawMessage
+from pipeline.source.inbound import Converter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    applied: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+    def add(self, n_events: int, failures: list[Failure]) -> None:
+        self.batches += 1
+        dead = sum(1 for f in failures if f.status == "dead")
+        self.failed += dead
+        self.skipped += len(failures) - dead
+        self.applied += n_events - len(failures)
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """dx's tables for inbound routes (``dx init`` calls this)."""
+    offsets.ensure_schema(conn)
+    tasks.ensure_schema(conn)
+
+
+def kafka_conf(config: DxConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
+    conf.update(config.kafka.client)
+    return conf
+
+
+def _bytes(v: str | bytes | None) -> bytes | None:
+    return v.encode() if isinstance(v, str) else v
+
+
+def to_raw(msg: Message) -> RawMessage:
+    ts_type, ts = msg.timestamp()
+    hdrs = msg.headers() or []
+    items = hdrs.items() if isinstance(hdrs, dict) else hdrs
+    return RawMessage(
+        topic=str(msg.topic()), partition=_part(msg), offset=_off(msg), key=_bytes(msg.key()),
+        value=_bytes(msg.value()), headers=tuple((k, _bytes(v)) for k, v in items),
+        timestamp_ms=ts if ts_type != 0 else None,
+    )
+
+
+def _part(msg: Message) -> int:
+    p = msg.partition()
+    assert p is not None
+    return p
+
+
+def _off(msg: Message) -> int:
+    o = msg.offset()
+    assert o is not None
+    return o
+
+
+class SourceWorker:
+    """Runs one inbound route until stopped (or, for tests and benchmarks, until idle)."""
+
+    def __init__(self, config: DxConfig, route_name: str, *,
+                 stop_when_idle_s: float | None = None,
+                 on_batch: Callable[[int, list[Failure]], None] | None = None) -> None:
+        self.config = config
+        self.index, self.route = find_route(config, route_name)
+        self.stop_when_idle_s = stop_when_idle_s
+        self.on_batch = on_batch
+        self.stats = Stats()
+        self.stopping = False
+        self.recorder = tasks.recorder()
+        # Per-partition state, owned by the rebalance callbacks:
+        self.expected: dict[int, int | None] = {}  # stored next_offset (None: no row yet)
+        self.position: dict[int, int] = {}  # next offset the batch accepts (dedupe on replay)
+        self.batch: list[Message] = []
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            raise KeyboardInterrupt
+        log.warning("route %s: stopping after the current batch (signal %d again to abort)",
+                    self.route.name, signum)
+        self.stopping = True
+
+    def run(self) -> Stats:
+        """Consume and apply until stopped; transient failures reconnect with backoff."""
+        previous = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        backoff = 0.5
+        try:
+            while not self.stopping:
+                try:
+                    if self._run_connected():
+                        break
+                    backoff = 0.5
+                except TransientError as err:
+                    if self.stop_when_idle_s is not None and not isinstance(err, offsets.Fenced):
+                        raise
+                    log.warning("route %s: %s; retrying in %.1fs", self.route.name, err, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return self.stats
+
+    def _run_connected(self) -> bool:
+        """One connected session; returns True when done (idle or stopped)."""
+        url = self.config.database.url.get_secret_value()
+        conn = db.connect(url, application_name=f"dx-source-{self.route.name}",
+                          connect_timeout_s=self.config.database.connect_timeout_s)
+        consumer: Consumer | None = None
+        producer: Producer | None = None
+        try:
+            ensure_schema(conn)
+            target = read_target(conn, self.config, self.index)
+            conn.commit()
+            applier = Applier(conn, self.route, target)
+            convert = Converter(self.route, target, self._decoder())
+            producer = Producer({**kafka_conf(self.config), "enable.idempotence": True,
+                                 "linger.ms": 5})
+            consumer = self._consumer(conn)
+            return self._loop(conn, consumer, producer, applier, convert, target)
+        except psycopg.OperationalError as err:
+            raise ServiceUnavailable("postgresql", db.redact(url), str(err).strip()) from None
+        except KafkaException as err:
+            raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
+                                     str(err)) from None
+        finally:
+            self.batch = []
+            if consumer is not None:
+                consumer.close()
+            if producer is not None:
+                producer.flush(5)
+            conn.close()
+
+    def _decoder(self) -> Callable[[bytes], Any] | None:
+        if self.route.format != "avro":
+            return None
+        reg = self.config.schema_registry
+        auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info else None
+        return AvroDecoder(registry_client(reg.url, auth), reg.url)
+
+    # ---- Kafka ------------------------------------------------------------------------------
+
+    def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
+        route = self.route
+        conf = {
+            **kafka_conf(self.config),
+            "group.id": route.group,
+            "client.id": f"dx-source-{route.name}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": route.start,
+            "isolation.level": "read_committed",
+            "partition.assignment.strategy": "range",
+        }
+        consumer = Consumer(conf)
+
+        def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
+            stored = offsets.load(conn, route.name, route.topic, [p.partition for p in parts])
+            conn.rollback()
+            start = OFFSET_BEGINNING if route.start == "earliest" else OFFSET_END
+            for p in parts:
+                s = stored.get(p.partition)
+                p.offset = s if s is not None else start
+                self.expected[p.partition] = s
+                self.position[p.partition] = s if s is not None else -1
+            log.info("route %s: assigned %s", route.name,
+                     {p.partition: stored.get(p.partition) for p in parts})
+            c.assign(parts)
+
+        def on_revoke(c: Consumer, parts: list[TopicPartition]) -> None:
+            gone = {p.partition for p in parts}
+            self.batch = [m for m in self.batch if m.partition() not in gone]
+            for p in gone:
+                self.expected.pop(p, None)
+                self.position.pop(p, None)
+            log.info("route %s: revoked %s", route.name, sorted(gone))
+
+        consumer.subscribe([route.topic], on_assign=on_assign, on_revoke=on_revoke,
+                           on_lost=on_revoke)
+        return consumer
+
+    def _collect(self, consumer: Consumer) -> None:
+        """Fill ``self.batch`` up to batch_size or until the batch timeout."""
+        size = self.route.batch_size
+        deadline = time.monotonic() + self.route.batch_timeout_ms / 1000
+        while len(self.batch) < size and not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for msg in consumer.consume(num_messages=size - len(self.batch), timeout=left):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    if err.fatal():
+                        raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
+                                                 err.str())
+                    log.warning("route %s: kafka: %s", self.route.name, err.str())
+                    continue
+                p, o = _part(msg), _off(msg)
+                pos = self.position.get(p)
+                if pos is None or o < pos:
+                    continue  # not ours any more, or a replay of what the batch already holds
+                self.position[p] = o + 1
+                self.batch.append(msg)
+
+    def _loop(self, conn: psycopg.Connection[Any], consumer: Consumer, producer: Producer,
+              applier: Applier, convert: Converter, target: Target) -> bool:
+        idle_since = time.monotonic()
+        while True:
+            self._collect(consumer)
+            if self.batch:
+                batch, self.batch = self.batch, []
+                self._apply(conn, consumer, producer, applier, convert, batch)
+                idle_since = time.monotonic()
+            elif self.stop_when_idle_s is not None and \
+                    time.monotonic() - idle_since >= self.stop_when_idle_s and self.expected:
+                return True
+            if self.stopping:
+                return True
+
+    # ---- apply ------------------------------------------------------------------------------
+
+    def _apply(self, conn: psycopg.Connection[Any], consumer: Consumer, producer: Producer,
+               applier: Applier, convert: Converter, batch: list[Message]) -> None:
+        route = self.route
+        events: list[Event] = []
+        failures: list[Failure] = []
+        next_offsets: dict[int, int] = {}
+        for msg in batch:
+            raw = to_raw(msg)
+            next_offsets[raw.partition] = raw.offset + 1
+            out = convert(raw)
+            if isinstance(out, Event):
+                events.append(out)
+            else:
+                failures.append(out)
+        expected = {p: self.expected.get(p) for p in next_offsets}
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
+                offsets.lock_and_check(conn, route.name, route.topic, expected)
+                failures.extend(applier.apply(events))
+                self.recorder.record(conn, route.name, failures)
+                offsets.store(conn, route.name, route.topic, next_offsets, expected)
+                self._dead_letter(producer, failures)
+        except psycopg.errors.UniqueViolation as err:
+            raise offsets.Fenced(f"route {route.name}: another worker stored offsets first "
+                                 f"({err.diag.message_primary})") from None
+        conn.commit()
+        for p, nxt in next_offsets.items():
+            if p in self.expected:
+                self.expected[p] = nxt
+        self.stats.add(len(batch), failures)
+        for f in failures:
+            log.log(logging.ERROR if f.status == "dead" else logging.INFO,
+                    "route %s: %s %s", route.name, f.status, f.describe())
+        if self.on_batch is not None:
+            self.on_batch(len(batch), failures)
+        if route.commit_to_kafka:
+            try:
+                consumer.commit(offsets=[TopicPartition(route.topic, p, o)
+                                         for p, o in next_offsets.items()], asynchronous=True)
+            except KafkaException as err:  # lag visibility only; the truth is in PostgreSQL
+                log.debug("route %s: kafka commit: %s", route.name, err)
+
+    def _dead_letter(self, producer: Producer, failures: list[Failure]) -> None:
+        dead = [f for f in failures if f.status == "dead"]
+        if not dead:
+            return
+        errors: list[str] = []
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors.append(err.str())
+
+        for f in dead:
+            m = f.message
+            headers: list[tuple[str, str | bytes | None]] = [*m.headers,
+                       ("dx.route", self.route.name.encode()),
+                       ("dx.error.reason", f.reason.encode()),
+                       ("dx.source.topic", m.topic.encode()),
+                       ("dx.source.partition", str(m.partition).encode()),
+                       ("dx.source.offset", str(m.offset).encode())]
+            if f.field:
+                headers.append(("dx.error.field", f.field.encode()))
+            producer.produce(self.route.dlq_topic, key=m.key, value=m.value, headers=headers,
+                             on_delivery=delivered)
+        left = producer.flush(30)
+        if left or errors:
+            raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
+                                     f"dead letters to {self.route.dlq_topic} not delivered: "
+                                     f"{errors[0] if errors else f'{left} pending'}")
