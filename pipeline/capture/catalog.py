@@ -13,6 +13,7 @@ import psycopg
 from pipeline.capture.spec import ColumnSpec, TableSpec
 from pipeline.config import DxConfig, TableConfig
 from pipeline.errors import CatalogError
+from pipeline.events.avro import avro_name
 
 _COLUMNS = """
 SELECT a.attname, COALESCE(et.typname, t.typname), NOT a.attnotnull,
@@ -83,6 +84,12 @@ def read_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> T
         if k not in t.columns:
             raise fail(f"key column {k!r} must also be listed in 'columns' (it leaves the "
                        "database as the Kafka key)", "columns")
+    seen: dict[str, str] = {}
+    for i, c in enumerate(t.columns):
+        other = seen.setdefault(avro_name(c), c)
+        if other != c:
+            raise fail(f"columns {other!r} and {c!r} both become Avro field {avro_name(c)!r}",
+                       "columns", i)
     return TableSpec(
         entity=t.qualified,
         schema=t.schema_name,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -123,27 +124,36 @@ def column_converter(col: ColumnSpec) -> Converter | None:
 
 def row_converter(columns: tuple[ColumnSpec, ...]) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Build a function that turns a captured JSON row into an Avro-ready dict."""
-    convs = [(c.name, column_converter(c)) for c in columns]
+    convs = [(c.name, avro_name(c.name), column_converter(c)) for c in columns]
 
     def convert(row: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, conv in convs:
+        for name, field, conv in convs:
             v = row.get(name)
-            out[name] = v if v is None or conv is None else conv(v)
+            out[field] = v if v is None or conv is None else conv(v)
         return out
 
     return convert
 
 
+_INVALID = re.compile(r"[^A-Za-z0-9_]")
+
+
+def avro_name(name: str) -> str:
+    """A column or schema name made valid for Avro (Debezium's 'avro' adjustment mode)."""
+    fixed = _INVALID.sub("_", name)
+    return "_" + fixed if not fixed or fixed[0].isdigit() else fixed
+
+
 def namespace(prefix: str, spec: TableSpec) -> str:
-    return f"{prefix}.{spec.schema}.{spec.table}"
+    return ".".join(avro_name(p) for p in (*prefix.split("."), spec.schema, spec.table))
 
 
 def key_schema(spec: TableSpec, prefix: str) -> dict[str, Any]:
     fields = []
     for c in spec.key_columns:
         t = avro_type(c)
-        fields.append({"name": c.name, "type": ["null", t] if c.nullable else t})
+        fields.append({"name": avro_name(c.name), "type": ["null", t] if c.nullable else t})
     return {"type": "record", "name": "Key", "namespace": namespace(prefix, spec),
             "fields": fields}
 
@@ -174,7 +184,7 @@ def value_schema(spec: TableSpec, prefix: str) -> dict[str, Any]:
         "type": "record",
         "name": "Value",
         "namespace": ns,
-        "fields": [{"name": c.name, "type": ["null", avro_type(c)], "default": None}
+        "fields": [{"name": avro_name(c.name), "type": ["null", avro_type(c)], "default": None}
                    for c in spec.columns],
     }
     return {
