@@ -1,0 +1,396 @@
+"""Tasks in PostgreSQL (schema ``dx``, table ``dx.task``).
+
+One row per (route, topic, partition, offset): a redelivered message (after a crash, before its
+offset was committed) updates its task instead of creating a second one. Statuses:
+
+``pending``    recorded, not delivered yet: parked behind a dead task of the same key, or queued
+               for redelivery after ``dx tasks retry``
+``retrying``   the last attempt failed transiently; the worker is backing off
+``failed``     an attempt failed and the worker stopped before retrying (it will be redelivered
+               from Kafka, its offset was not committed)
+``succeeded``  delivered
+``dead``       a terminal error, or retries exhausted; dead-lettered; its key is parked
+``skipped``    filtered out, echo-suppressed, or skipped by an operator
+
+Rows that are not resolved yet keep the original Kafka message (``raw_*``), so a retry re-decodes
+and re-maps it with the route's *current* configuration (fix the mapping, restart, retry).
+
+Writes go through :class:`TaskWriter`, which batches rows from all lanes into one transaction
+(``executemany`` in pipeline mode) and only then acknowledges them: the worker commits a Kafka
+offset only after the task's outcome is durable here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pipeline.db import connect
+from pipeline.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("pending", "retrying", "failed", "succeeded", "dead", "skipped")
+UNRESOLVED = ("pending", "retrying", "failed", "dead")
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS dx;
+CREATE TABLE IF NOT EXISTS dx.task (
+    id          bigserial PRIMARY KEY,
+    route       text        NOT NULL,
+    topic       text        NOT NULL,
+    partition   integer     NOT NULL,
+    "offset"    bigint      NOT NULL,
+    key         text,
+    event_id    text,
+    op          text,
+    status      text        NOT NULL CHECK (status IN
+                    ('pending', 'retrying', 'failed', 'succeeded', 'dead', 'skipped')),
+    attempts    integer     NOT NULL DEFAULT 0,
+    error       text,
+    import_log  jsonb,
+    export_log  jsonb,
+    raw_key     bytea,
+    raw_value   bytea,
+    raw_headers jsonb,
+    dlq         jsonb,
+    redrive     boolean     NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (route, topic, partition, "offset")
+);
+CREATE INDEX IF NOT EXISTS task_route_status_idx ON dx.task (route, status, updated_at);
+CREATE INDEX IF NOT EXISTS task_unresolved_key_idx ON dx.task (route, key, id)
+    WHERE status IN ('pending', 'retrying', 'failed', 'dead');
+CREATE INDEX IF NOT EXISTS task_updated_idx ON dx.task (updated_at);
+"""
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the task table and its indexes if missing (idempotent, safe to run concurrently
+    with workers: only ``IF NOT EXISTS`` statements)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dx.task ensure_schema'))")
+        conn.execute(DDL)
+
+
+@dataclass
+class TaskRow:
+    """A task as a worker records it (one write per state change)."""
+
+    route: str
+    topic: str
+    partition: int
+    offset: int
+    status: str
+    key: str | None = None
+    event_id: str | None = None
+    op: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    import_log: dict[str, Any] | None = None
+    export_log: dict[str, Any] | None = None
+    raw_key: bytes | None = None
+    raw_value: bytes | None = None
+    raw_headers: list[list[str]] | None = None
+    dlq: dict[str, Any] | None = None
+    redrive: bool = False
+
+    def params(self) -> tuple[Any, ...]:
+        return (self.route, self.topic, self.partition, self.offset, self.key, self.event_id,
+                self.op, self.status, self.attempts, self.error,
+                None if self.import_log is None else Jsonb(self.import_log),
+                None if self.export_log is None else Jsonb(self.export_log),
+                self.raw_key, self.raw_value,
+                None if self.raw_headers is None else Jsonb(self.raw_headers),
+                None if self.dlq is None else Jsonb(self.dlq), self.redrive)
+
+
+# A parked row (pending) must never overwrite a task that already reached a verdict: that happens
+# when a message is redelivered after a crash whose outcome was recorded but not committed.
+UPSERT = """
+INSERT INTO dx.task (route, topic, partition, "offset", key, event_id, op, status, attempts,
+                     error, import_log, export_log, raw_key, raw_value, raw_headers, dlq, redrive)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (route, topic, partition, "offset") DO UPDATE SET
+    key = EXCLUDED.key, event_id = EXCLUDED.event_id, op = EXCLUDED.op,
+    status = EXCLUDED.status, attempts = GREATEST(dx.task.attempts, EXCLUDED.attempts),
+    error = EXCLUDED.error,
+    import_log = COALESCE(EXCLUDED.import_log, dx.task.import_log),
+    export_log = COALESCE(EXCLUDED.export_log, dx.task.export_log),
+    raw_key = EXCLUDED.raw_key, raw_value = EXCLUDED.raw_value,
+    raw_headers = EXCLUDED.raw_headers, dlq = COALESCE(EXCLUDED.dlq, dx.task.dlq),
+    redrive = EXCLUDED.redrive, updated_at = now()
+WHERE NOT (EXCLUDED.status = 'pending' AND dx.task.status IN ('dead', 'succeeded', 'skipped'))
+"""
+
+Ack = Callable[[], None]
+
+
+class TaskWriter:
+    """Batches task rows from all lanes; acknowledges each row once its transaction commits.
+
+    A failing database stalls the writer (it retries with backoff) rather than dropping rows:
+    unacknowledged rows keep their offsets uncommitted, so nothing is lost if the worker dies.
+    """
+
+    def __init__(self, url: str, *, max_rows: int = 2000, max_wait_s: float = 0.05) -> None:
+        self.url = url
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+        self.queue: queue.Queue[tuple[TaskRow, Ack | None] | threading.Event] = queue.Queue()
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.conn = connect(url, autocommit=False, application_name="dx-task-writer")
+        self.thread = threading.Thread(target=self._run, name="task-writer", daemon=True)
+        self.rows_written = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, row: TaskRow, ack: Ack | None = None) -> None:
+        self.queue.put((row, ack))
+
+    def flush(self, timeout: float | None = 30) -> None:
+        """Block until everything put so far is committed."""
+        done = threading.Event()
+        self.queue.put(done)
+        if not done.wait(timeout):
+            raise ServiceUnavailable("postgresql", "task store", "task writer did not flush")
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.queue.put(threading.Event())
+        self.thread.join(timeout=30)
+        self.conn.close()
+
+    def _run(self) -> None:
+        while True:
+            batch: list[tuple[TaskRow, Ack | None]] = []
+            events: list[threading.Event] = []
+            item = self.queue.get()
+            deadline = time.monotonic() + self.max_wait_s
+            while True:
+                if isinstance(item, threading.Event):
+                    events.append(item)
+                    if batch or events:
+                        # a flush request: write now rather than wait for more rows
+                        break
+                else:
+                    batch.append(item)
+                    if len(batch) >= self.max_rows:
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self.queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if batch:
+                self._write(batch)
+            for e in events:
+                e.set()
+            if self.stopping.is_set() and self.queue.empty():
+                return
+
+    def _write(self, batch: list[tuple[TaskRow, Ack | None]]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                with self.conn.cursor() as cur:
+                    cur.executemany(UPSERT, [row.params() for row, _ in batch])
+                self.conn.commit()
+                break
+            except psycopg.OperationalError as err:
+                log.warning("task store write failed, retrying in %.1fs: %s", delay, err)
+                self.error = err
+                time.sleep(delay)
+                delay = min(10.0, delay * 2)
+                try:
+                    self.conn.close()
+                    self.conn = connect(self.url, autocommit=False,
+                                        application_name="dx-task-writer")
+                except ServiceUnavailable:
+                    continue
+        self.error = None
+        self.rows_written += len(batch)
+        for _, ack in batch:
+            if ack is not None:
+                ack()
+
+
+@dataclass
+class TaskFilter:
+    """Filters of ``dx tasks`` commands; all given ones must hold."""
+
+    ids: Sequence[int] = ()
+    status: Sequence[str] = ()
+    route: str | None = None
+    key: str | None = None
+    since: str | None = None  # '2h', '30 minutes', or an ISO 8601 time
+    until: str | None = None
+    limit: int | None = None
+
+    def where(self, *extra: str) -> tuple[sql.Composable, list[Any]]:
+        """The WHERE clause (empty when nothing is filtered) and its parameters. ``extra`` are
+        fixed SQL conditions from this module, never user input."""
+        clauses: list[sql.Composable] = []
+        params: list[Any] = []
+        if self.ids:
+            clauses.append(sql.SQL("id = ANY(%s)"))
+            params.append(list(self.ids))
+        if self.status:
+            clauses.append(sql.SQL("status = ANY(%s)"))
+            params.append(list(self.status))
+        if self.route:
+            clauses.append(sql.SQL("route = %s"))
+            params.append(self.route)
+        if self.key:
+            clauses.append(sql.SQL("key = %s"))
+            params.append(self.key)
+        if self.since:
+            clauses.append(sql.SQL("updated_at >= %s"))
+            params.append(parse_time(self.since))
+        if self.until:
+            clauses.append(sql.SQL("updated_at < %s"))
+            params.append(parse_time(self.until))
+        clauses.extend(sql.SQL(e) for e in extra)
+        if not clauses:
+            return sql.SQL(""), params
+        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(clauses), params
+
+
+class TaskStore:
+    """Reads and operator actions on tasks (the CLI and the worker's redrive path)."""
+
+    COLUMNS: LiteralString = ('id, route, topic, partition, "offset", key, event_id, op, '
+                              'status, attempts, error, created_at, updated_at')
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def find(self, f: TaskFilter) -> list[dict[str, Any]]:
+        where, params = f.where()
+        limit = sql.SQL(" LIMIT {}").format(int(f.limit)) if f.limit else sql.SQL("")
+        query = sql.SQL("SELECT {} FROM dx.task{} ORDER BY id{}").format(
+            sql.SQL(self.COLUMNS), where, limit)
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            return list(cur.fetchall())
+
+    def iter_full(self, f: TaskFilter) -> Iterator[dict[str, Any]]:
+        where, params = f.where()
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql.SQL("SELECT * FROM dx.task{} ORDER BY id").format(where), params)
+            yield from cur
+
+    def get(self, task_id: int) -> dict[str, Any] | None:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute("SELECT * FROM dx.task WHERE id = %s", (task_id,))
+            return cur.fetchone()
+
+    def counts(self, route: str | None = None) -> dict[str, int]:
+        sql = "SELECT status, count(*) FROM dx.task"
+        params: list[Any] = []
+        if route:
+            sql += " WHERE route = %s"
+            params.append(route)
+        rows = self.conn.execute(sql + " GROUP BY status", params).fetchall()
+        return {str(s): int(n) for s, n in rows}
+
+    def retry(self, f: TaskFilter) -> list[int]:
+        """Queue dead/failed tasks for redelivery by the route's worker (in key order: the
+        worker redrives each key's tasks by id). Returns the ids queued."""
+        where, params = f.where("status IN ('dead', 'failed')")
+        rows = self.conn.execute(
+            sql.SQL("UPDATE dx.task SET status = 'pending', redrive = true, updated_at = now()"
+                    "{} RETURNING id").format(where), params).fetchall()
+        self.conn.commit()
+        return sorted(int(r[0]) for r in rows)
+
+    def skip(self, f: TaskFilter, reason: str = "skipped by operator") -> list[int]:
+        """Mark dead/failed/pending tasks skipped; a worker then releases the tasks parked
+        behind them. Returns the ids skipped."""
+        where, params = f.where("status IN ('dead', 'failed', 'pending')")
+        rows = self.conn.execute(
+            sql.SQL("UPDATE dx.task SET status = 'skipped', redrive = false, raw_key = NULL, "
+                    "raw_value = NULL, raw_headers = NULL, updated_at = now(), "
+                    "error = %s || coalesce(': ' || error, ''){} RETURNING id").format(where),
+            [reason, *params]).fetchall()
+        self.conn.commit()
+        return sorted(int(r[0]) for r in rows)
+
+    def purge(self, *, older_than_days: float, route: str | None = None,
+              statuses: Sequence[str] = ("succeeded", "skipped")) -> int:
+        sql = ("DELETE FROM dx.task WHERE status = ANY(%s) "
+               "AND updated_at < now() - make_interval(secs => %s)")
+        params: list[Any] = [list(statuses), older_than_days * 86400]
+        if route:
+            sql += " AND route = %s"
+            params.append(route)
+        n = self.conn.execute(sql, params).rowcount
+        self.conn.commit()
+        return n
+
+    # -- the worker's side --------------------------------------------------------------------
+
+    def blocked_keys(self, route: str) -> set[str]:
+        """Keys of ``route`` that have unresolved tasks: new events of these keys must park."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT key FROM dx.task WHERE route = %s "
+            "AND status IN ('dead', 'pending') AND key IS NOT NULL", (route,)).fetchall()
+        self.conn.commit()
+        return {str(r[0]) for r in rows}
+
+    def redrive_candidates(self, route: str) -> list[str]:
+        """Keys whose pending tasks can go now: no dead task holds them back."""
+        rows = self.conn.execute(
+            "SELECT key FROM dx.task t WHERE route = %s AND status = 'pending' "
+            "AND key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM dx.task d WHERE d.route = t.route "
+            "AND d.key = t.key AND d.status = 'dead') GROUP BY key ORDER BY min(id)",
+            (route,)).fetchall()
+        self.conn.commit()
+        return [str(r[0]) for r in rows]
+
+    def pending_of_key(self, route: str, key: str) -> list[dict[str, Any]]:
+        """The pending tasks of one key in arrival order, with their original messages."""
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
+                "raw_headers, redrive FROM dx.task WHERE route = %s AND key = %s "
+                "AND status = 'pending' ORDER BY id", (route, key))
+            rows = list(cur.fetchall())
+        blocked = self.conn.execute(
+            "SELECT 1 FROM dx.task WHERE route = %s AND key = %s AND status = 'dead' LIMIT 1",
+            (route, key)).fetchone()
+        self.conn.commit()
+        return [] if blocked else rows
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?|"
+                  r"d|days?|w|weeks?)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str) -> dt.datetime:
+    """A time bound: an age (``30m``, ``2 hours``, ``1d`` = that long ago) or an ISO 8601 time
+    (UTC when no offset is given). ValueError otherwise."""
+    m = _AGE.match(text)
+    if m:
+        unit = m.group(2)[0]
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=float(m.group(1)) * _UNIT_S[unit])
+    when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
