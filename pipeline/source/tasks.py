@@ -4,8 +4,7 @@ Failed and skipped events are recorded *inside the batch's transaction*, so a ta
 exactly once for exactly the events that were not applied (a crash before commit records
 neither the rows nor the tasks; the replay records both).
 
-Until the shared task store (``pipeline.tasks``) lands, :class:`SourceTaskTable` keeps them in
-``dx.source_tasks``; switching is this module only (:func:`recorder`). Successful events are
+They go to the shared task store (``pipeline.tasks``, table ``dx.task``). Successful events are
 counted per batch rather than written one row each: at 20k events/s a task row per success
 would double the write load of the shop's database.
 """
@@ -18,32 +17,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from pipeline.source.events import Failure
-
-DDL = """
-CREATE SCHEMA IF NOT EXISTS dx;
-CREATE TABLE IF NOT EXISTS dx.source_tasks (
-    id          bigserial   PRIMARY KEY,
-    route       text        NOT NULL,
-    status      text        NOT NULL CHECK (status IN
-                  ('pending', 'succeeded', 'failed', 'retrying', 'dead', 'skipped')),
-    attempts    integer     NOT NULL DEFAULT 1,
-    topic       text        NOT NULL,
-    partition   integer     NOT NULL,
-    "offset"    bigint      NOT NULL,
-    entity_key  jsonb,
-    field       text,
-    reason      text        NOT NULL,
-    event_id    text,
-    import_log  jsonb       NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (route, topic, partition, "offset")
-);
-CREATE INDEX IF NOT EXISTS source_tasks_status ON dx.source_tasks (route, status, created_at);
-"""
+from pipeline.tasks.store import UPSERT, TaskRow
+from pipeline.tasks.store import ensure_schema as store_ensure_schema
 
 
 class TaskRecorder(Protocol):
@@ -75,41 +52,51 @@ def import_log(f: Failure) -> dict[str, Any]:
     }
 
 
-def key_json(key: tuple[Any, ...] | None) -> Jsonb | None:
+def key_text(key: tuple[Any, ...] | None) -> str | None:
+    """The entity key as operators filter it (``dx tasks list --key``): the JSON list of the
+    key's values (``[42]``, ``["EU", "sku-1"]``)."""
     if key is None:
         return None
-    return Jsonb(json.loads(json.dumps(list(key), default=str)))
+    return json.dumps(list(key), default=str, separators=(",", ":"))
 
 
-class SourceTaskTable:
-    """Interim store: ``dx.source_tasks`` (same statuses and fields as the shared store)."""
+class StoreRecorder:
+    """Writes to the shared task store (``dx.task``) with its upsert, in the batch's transaction
+    (not through ``TaskWriter``'s own connection: the task must commit or roll back together
+    with the rows and offsets of its batch).
+
+    Dead tasks keep the raw message so ``dx tasks retry`` can redrive them through the route's
+    current configuration. Unlike sink routes, a dead inbound event does not park later events
+    of its key: applying a newer row is right whether or not an older one failed.
+    """
 
     def record(self, conn: psycopg.Connection[Any], route: str,
                failures: Sequence[Failure]) -> None:
         if not failures:
             return
+        rows = [task_row(route, f).params() for f in failures]
         with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO dx.source_tasks (route, status, topic, partition, \"offset\", "
-                "entity_key, field, reason, event_id, import_log) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (route, topic, partition, \"offset\") DO UPDATE SET "
-                "status = excluded.status, reason = excluded.reason, field = excluded.field, "
-                "attempts = dx.source_tasks.attempts + 1, updated_at = now()",
-                [(route, f.status, f.message.topic, f.message.partition, f.message.offset,
-                  key_json(f.key), f.field, f.reason, f.event_id, Jsonb(import_log(f)))
-                 for f in failures],
-            )
+            cur.executemany(UPSERT, rows)
+
+
+def task_row(route: str, f: Failure) -> TaskRow:
+    m = f.message
+    error = f"field {f.field!r}: {f.reason}" if f.field else f.reason
+    keep = f.status == "dead"
+    return TaskRow(
+        route=route, topic=m.topic, partition=m.partition, offset=m.offset,
+        status=f.status, key=key_text(f.key), event_id=f.event_id, op="apply",
+        attempts=1, error=error, import_log=import_log(f),
+        raw_key=m.key if keep else None, raw_value=m.value if keep else None,
+        raw_headers=[[k, _text(v) or ""] for k, v in m.headers] if keep else None,
+        dlq=None,
+    )
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dx.source_tasks'))")
-        for stmt in DDL.split(";"):
-            if stmt.strip():
-                conn.execute(stmt)
+    store_ensure_schema(conn)
 
 
 def recorder() -> TaskRecorder:
-    """The task store source workers use (one place to switch to ``pipeline.tasks``)."""
-    return SourceTaskTable()
+    """The task store source workers use (one place to switch stores)."""
+    return StoreRecorder()

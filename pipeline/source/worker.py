@@ -297,6 +297,7 @@ class SourceWorker:
                 conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
                 offsets.lock_and_check(conn, route.name, route.topic, expected)
                 failures.extend(applier.apply(events))
+                failures.sort(key=lambda f: (f.message.partition, f.message.offset))
                 self.recorder.record(conn, route.name, failures)
                 offsets.store(conn, route.name, route.topic, next_offsets, expected)
                 self._dead_letter(producer, failures)

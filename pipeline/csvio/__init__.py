@@ -1,0 +1,1 @@
+"""CSV through the pipeline: imports become inbound events, exports are consistent snapshots."""
