@@ -11,8 +11,13 @@ Why three endpoints and not one:
 * ``/readyz`` — *readiness*: the worker is doing its job. It starts at 503 and turns 200 only when
   the worker says so with :meth:`WorkerServer.set_ready` — a consumer once it has its partition
   assignment, the relay once it holds the lease. A hot-standby relay is live but not ready, which
-  is exactly what ``kubectl get pods`` should show. A worker going down on SIGTERM calls
-  ``set_ready(False, "stopping")`` first.
+  is what ``/readyz`` reports. A worker going down on SIGTERM calls ``set_ready(False,
+  "stopping")`` first.
+* ``/readyz?standby=ok`` — the same, but a worker that declared itself a *healthy standby* with
+  :meth:`WorkerServer.set_standby` (a relay waiting for the lease, a consumer-group member left
+  without partitions because replicas exceed partitions) counts as ready. Kubernetes probes use
+  this form: a Deployment whose standby pod is never Ready would never finish a rolling update.
+  The strict form stays for people and alerts; ``dx_relay_active`` tells who is active.
 
 The server runs in a daemon thread (stdlib :mod:`http.server`, no extra dependency) so it can never
 keep a stopping worker alive. Port 0 means *disabled* (the CLI default, ``--metrics-port`` /
@@ -74,6 +79,7 @@ class WorkerServer:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._lock = threading.Lock()
         self._ready = False
+        self._standby = False
         self._reason = "starting"
         self._beat = time.monotonic()
         self._httpd: ThreadingHTTPServer | None = None
@@ -121,12 +127,19 @@ class WorkerServer:
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         """Declare the worker ready (assignment received, lease held) or not, with why."""
+        self._set(ready, False, reason or ("ready" if ready else "not ready"))
+
+    def set_standby(self, reason: str = "standby") -> None:
+        """Declare a healthy standby: not doing the work, but able to take it over at once."""
+        self._set(False, True, reason)
+
+    def _set(self, ready: bool, standby: bool, reason: str) -> None:
         with self._lock:
-            changed = ready != self._ready or reason != self._reason
-            self._ready = ready
-            self._reason = reason or ("ready" if ready else "not ready")
+            changed = (ready, standby, reason) != (self._ready, self._standby, self._reason)
+            self._ready, self._standby, self._reason = ready, standby, reason
         if changed:
-            log.info("readiness: %s (%s)", "ready" if ready else "not ready", self._reason)
+            state = "ready" if ready else "standby" if standby else "not ready"
+            log.info("readiness: %s (%s)", state, reason)
 
     def heartbeat(self) -> None:
         """Record that the main loop turned; call it every iteration and while waiting."""
@@ -142,14 +155,19 @@ class WorkerServer:
                        "heartbeat_age_s": round(age, 3),
                        "heartbeat_timeout_s": self.heartbeat_timeout_s}
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness and its reason (what ``/readyz`` answers); a stalled loop is never ready."""
+    def readiness(self, standby_ok: bool = False) -> tuple[bool, dict[str, Any]]:
+        """Readiness and its reason (what ``/readyz`` answers); a stalled loop is never ready.
+
+        With ``standby_ok`` a declared standby counts as ready (``/readyz?standby=ok``).
+        """
         alive, _ = self.health()
         with self._lock:
-            ready, reason = self._ready and alive, self._reason
-        if self._ready and not alive:
-            reason = "main loop stalled"
-        return ready, {"status": "ready" if ready else "not ready", "reason": reason}
+            declared, standby, reason = self._ready, self._standby, self._reason
+        status = "ready" if declared else "standby" if standby else "not ready"
+        if not alive:
+            status, reason = "not ready", "main loop stalled"
+        ready = alive and (declared or (standby and standby_ok))
+        return ready, {"status": status, "reason": reason}
 
     def close(self) -> None:
         """Stop serving and release the port; safe to call twice."""
@@ -176,7 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        path, _, query = self.path.partition("?")
+        path = path.rstrip("/") or "/"
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._send(200, encoder(self.owner.registry), content_type)
@@ -184,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             ok, body = self.owner.health()
             self._json(200 if ok else 503, body)
         elif path == "/readyz":
-            ok, body = self.owner.readiness()
+            ok, body = self.owner.readiness(standby_ok="standby=ok" in query.split("&"))
             self._json(200 if ok else 503, body)
         elif path == "/":
             self._send(200, b"dx worker: /metrics /healthz /readyz\n", "text/plain; charset=utf-8")

@@ -113,6 +113,14 @@ def test_server_endpoints(metrics: DxMetrics) -> None:
             server.set_ready(False, "stopping")
             assert client.get("/readyz").json() == {"status": "not ready", "reason": "stopping"}
             assert client.get("/nope").status_code == 404
+
+            server.set_standby("lease held by relay-7f9")
+            strict = client.get("/readyz")
+            assert strict.status_code == 503
+            assert strict.json() == {"status": "standby", "reason": "lease held by relay-7f9"}
+            assert client.get("/readyz?standby=ok").status_code == 200
+            server.set_ready(False, "stopping")
+            assert client.get("/readyz?standby=ok").status_code == 503
     assert not server.enabled
     server.close()  # twice is fine
 
@@ -129,6 +137,9 @@ def test_stalled_main_loop_is_unhealthy_and_unready(metrics: DxMetrics) -> None:
             server.heartbeat()
             assert client.get("/healthz").status_code == 200
             assert client.get("/readyz").status_code == 200
+            server.set_standby()
+            time.sleep(0.1)
+            assert client.get("/readyz?standby=ok").status_code == 503
 
 
 def test_port_zero_disables_but_keeps_the_api() -> None:
