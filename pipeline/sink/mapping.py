@@ -201,7 +201,7 @@ def _holds(cond: Condition, event: Event) -> bool:
             return bool(cond.changed)
         name = cond.field.split(".", 1)[1] if cond.field.startswith("$") else cond.field
         differs = dig(event.before, name) != dig(event.after, name)
-        return differs == bool(cond.changed)
+        return bool(differs) == bool(cond.changed)
     value = event.resolve(cond.field)
     if op == "exists":
         return (value is not None) == bool(cond.exists)
