@@ -34,9 +34,12 @@ def _text(b: bytes | None) -> str | None:
     if b is None:
         return None
     try:
-        return b.decode("utf-8")
+        text = b.decode("utf-8")
+        if "\x00" not in text:  # jsonb cannot hold NUL
+            return text
     except UnicodeDecodeError:
-        return "base64:" + base64.b64encode(b).decode()
+        pass
+    return "base64:" + base64.b64encode(b).decode()
 
 
 def import_log(f: Failure) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""Source workers against the real stack: bad events fail alone with reasons while good ones
+land, conflicting updates resolve by policy whatever the arrival order, deletes and envelopes,
+the origin tag capture relies on."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.integration.test_source_support import (
+    create_topic,
+    produce,
+    read_raw,
+    run_worker,
+    tasks,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = """
+CREATE TABLE cats (id int PRIMARY KEY);
+INSERT INTO cats VALUES (1), (2);
+CREATE TABLE items (
+    id int PRIMARY KEY, name varchar(12) NOT NULL, price numeric(8,2), cat int REFERENCES cats,
+    version bigint, seen_origin text
+);
+-- what capture will see: the transaction-local origin of every write
+CREATE FUNCTION note_origin() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.seen_origin := current_setting('dx.origin', true); RETURN NEW; END $$;
+CREATE TRIGGER note_origin BEFORE INSERT OR UPDATE ON items
+    FOR EACH ROW EXECUTE FUNCTION note_origin();
+"""
+
+
+def setup_db(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute(SCHEMA)  # type: ignore[arg-type]
+
+
+def rows(url: str, q: str = "SELECT id, name, price, cat, version FROM items ORDER BY id"
+         ) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(q).fetchall()  # type: ignore[arg-type]
+
+
+def route_yaml(name: str, topic: str, extra: str = "", batch: int = 50) -> str:
+    return f"""  - name: {name}
+    topic: {topic}
+    format: json
+    origin: erp
+    table: items
+    columns: [id, name, price, cat, version]
+    fields: {{title: name}}
+    batch_size: {batch}
+{extra}"""
+
+
+def test_bad_events_fail_alone_and_good_ones_land(tmp_path: Path, stack: Any, pg_db: str,
+                                                   topic_prefix: str) -> None:
+    setup_db(pg_db)
+    topic = f"{topic_prefix}.erp.items"
+    create_topic(stack, topic)
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, route_yaml("erp-items", topic))
+    good = [({"id": i}, {"id": i, "title": f"item {i}", "price": "9.99", "cat": 1})
+            for i in range(1, 41)]
+    bad: list[tuple[Any, Any]] = [
+        ({"id": 100}, {"id": 100, "title": "x", "price": "cheap", "cat": 1}),   # wrong type
+        ({"id": 101}, {"id": 101, "title": None, "cat": 1}),                    # null, NOT NULL
+        ({"id": 102}, {"id": 102, "title": "x", "colour": "red"}),              # unknown field
+        ({"id": 103}, {"id": 103, "title": "x", "cat": 99}),                    # missing FK
+        ({"id": 104}, b"\x00\x01 not json"),                                    # undecodable
+        ({"id": 105}, {"id": 105, "title": "far too long a name"}),             # length
+    ]
+    msgs = good[:15] + bad[:3] + good[15:30] + bad[3:] + good[30:]
+    produce(stack, topic, msgs)
+
+    stats = run_worker(cfg, "erp-items")
+
+    assert (stats.applied, stats.failed) == (40, 6)
+    got = rows(pg_db)
+    assert [r[0] for r in got] == list(range(1, 41))
+    assert {r for r in rows(pg_db, "SELECT DISTINCT seen_origin FROM items")} == {("erp",)}
+    offsets = {i: off for off, (k, _) in enumerate(msgs) for i in [k["id"]]}
+    dead = {off: (status, err) for off, status, err in tasks(pg_db, "erp-items")}
+    assert {s for s, _ in dead.values()} == {"dead"}
+    expect = {100: "field 'price': expected a number", 101: "field 'title': is null",
+              102: "field 'colour': unknown field", 103: "field 'cat': insert or update",
+              104: "undecodable: not JSON", 105: "field 'title': is 19 characters long"}
+    for key, fragment in expect.items():
+        assert fragment in dead[offsets[key]][1], (key, dead[offsets[key]])
+    assert "is not present in table \"cats\"" in dead[offsets[103]][1]
+    letters = read_raw(stack, f"{topic}.dlq", 6)
+    assert sorted(int(dict(m.headers())["dx.source.offset"]) for m in letters) == \
+        sorted(offsets[k] for k in expect)
+    with psycopg.connect(pg_db) as conn:
+        assert conn.execute("SELECT next_offset FROM dx.source_offsets WHERE route = %s",
+                            ("erp-items",)).fetchone() == (len(msgs),)
+
+    # A restart resumes after the stored offset: nothing is applied or dead-lettered again.
+    assert run_worker(cfg, "erp-items", idle_s=1.0).batches == 0
+    assert len(tasks(pg_db, "erp-items")) == 6
+
+
+@pytest.mark.parametrize("policy", ["last-writer-wins", "reject-older"])
+def test_conflicting_updates_resolve_by_version_in_any_order(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str, policy: str) -> None:
+    setup_db(pg_db)
+    conflict = f"    conflict: {{column: version, policy: {policy}}}\n"
+    versions = list(range(1, 31))
+    results = []
+    for run in range(2):  # the same events in two different orders, each from a clean table
+        with psycopg.connect(pg_db) as conn:
+            conn.execute("TRUNCATE items")
+        topic = f"{topic_prefix}.order{run}"
+        create_topic(stack, topic)
+        cfg = write_config(tmp_path / f"dx{run}.yaml", stack, pg_db,
+                           route_yaml(f"r{run}", topic, conflict, batch=7))
+        order = versions[:]
+        random.Random(run).shuffle(order)
+        msgs = [({"id": k}, {"id": k, "title": f"v{v}", "version": v})
+                for v in order for k in (1, 2, 3)]
+        produce(stack, topic, msgs)
+        run_worker(cfg, f"r{run}")
+        results.append(rows(pg_db))
+        older = [t for t in tasks(pg_db, f"r{run}") if "older than" in t[2]]
+        assert older, "out-of-order versions must be recorded, not dropped silently"
+        assert {t[1] for t in older} == {"dead" if policy == "reject-older" else "skipped"}
+    assert results[0] == results[1]
+    assert results[0] == [(k, "v30", None, None, 30) for k in (1, 2, 3)]
+
+
+def test_upsert_delete_with_envelopes_tombstones_and_partial_rows(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    setup_db(pg_db)
+    topic = f"{topic_prefix}.mixed"
+    create_topic(stack, topic)
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db,
+                       route_yaml("mixed", topic, "    mode: upsert+delete\n"))
+    msgs: list[tuple[Any, Any]] = [
+        ({"id": 1}, {"op": "c", "before": None, "after": {"id": 1, "title": "one", "cat": 1}}),
+        ({"id": 1}, {"id": 1, "title": "one", "price": "5.00"}),      # partial: cat kept
+        ({"id": 2}, {"id": 2, "title": "two"}),
+        ({"id": 2}, None),                                           # tombstone
+        ({"id": 3}, {"id": 3, "title": "three"}),
+        ({"id": 3}, {"op": "d", "before": {"id": 3, "title": "three"}, "after": None}),
+        ({"id": 3}, {"id": 3, "title": "again"}),                    # re-created after delete
+        ({"id": 4}, {"id": 4, "title": "four", "__deleted": "false"}),
+        ({"id": 9}, None),                                           # delete of nothing: fine
+    ]
+    produce(stack, topic, msgs)
+    stats = run_worker(cfg, "mixed")
+    assert (stats.applied, stats.failed, stats.skipped) == (9, 0, 0)
+    assert rows(pg_db) == [(1, "one", pytest.approx(5), 1, None), (3, "again", None, None, None),
+                           (4, "four", None, None, None)]
