@@ -159,7 +159,10 @@ def convert(value: Any, kind: str) -> Any:
             return value.date().isoformat()
         if isinstance(value, dt.date):
             return value.isoformat()
-        return dt.date.fromisoformat(str(value)).isoformat()
+        text = str(value).strip()
+        if len(text) > 10:
+            return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).date().isoformat()
+        return dt.date.fromisoformat(text).isoformat()
     if kind in ("datetime", "epoch_ms"):
         if isinstance(value, dt.datetime):
             ts = value

@@ -465,7 +465,8 @@ class SinkWorker:
     """One route's worker. ``run()`` blocks until ``stop`` is set (SIGTERM) or a fatal error."""
 
     def __init__(self, config: DxConfig, route_name: str, *, keep_overheads: bool = False,
-                 commit_interval_s: float = 0.5, redrive_poll_s: float = 1.0) -> None:
+                 commit_interval_s: float = 0.5, redrive_poll_s: float = 1.0,
+                 stop_when_idle_s: float | None = None, purge_interval_s: float = 3600) -> None:
         self.config = config
         self.index, self.route = find_route(config, route_name)
         self.db_url = config.database.url.get_secret_value()
@@ -478,6 +479,8 @@ class SinkWorker:
         self.overheads: list[float] = []
         self.commit_interval_s = commit_interval_s
         self.redrive_poll_s = redrive_poll_s
+        self.stop_when_idle_s = stop_when_idle_s
+        self.purge_interval_s = purge_interval_s
         self.stats = SinkStats()
         self._stats_lock = threading.Lock()
         self._dlq_topics: set[str] = set()
@@ -658,6 +661,8 @@ class SinkWorker:
         paused = False
         next_commit = time.monotonic() + self.commit_interval_s
         next_redrive = time.monotonic()
+        next_purge = time.monotonic() + 5
+        last_busy = time.monotonic()
         store = TaskStore(connect(self.db_url, application_name="dx-sink"))
         try:
             while not self.stop.is_set():
@@ -665,6 +670,13 @@ class SinkWorker:
                 for msg in msgs:
                     self._dispatch(msg)
                 inflight = self.tracker.outstanding()
+                if msgs or inflight or any(lane.inbox.qsize() for lane in self.lanes):
+                    last_busy = time.monotonic()
+                elif (self.stop_when_idle_s is not None and self.assigned.is_set()
+                      and time.monotonic() - last_busy > self.stop_when_idle_s):
+                    log.info("route %s idle for %.1fs; stopping", self.route.name,
+                             self.stop_when_idle_s)
+                    break
                 if not paused and inflight > max_inflight:
                     consumer.pause(consumer.assignment())
                     paused = True
@@ -678,6 +690,9 @@ class SinkWorker:
                 if now >= next_redrive:
                     self._poll_redrives(store)
                     next_redrive = now + self.redrive_poll_s
+                if now >= next_purge:
+                    self._purge(store)
+                    next_purge = now + self.purge_interval_s
                 if self.writer.error is not None:
                     log.warning("task store unavailable: %s", self.writer.error)
         finally:
@@ -720,6 +735,17 @@ class SinkWorker:
             self.tracker.mark_committed(tps)
         except KafkaException as err:
             log.warning("offset commit failed (will retry): %s", err)
+
+    def _purge(self, store: TaskStore) -> None:
+        """Retention: drop this route's succeeded/skipped tasks older than log.retention_days."""
+        try:
+            n = store.purge(older_than_days=self.route.log.retention_days, route=self.route.name)
+            if n:
+                log.info("route %s: purged %d old tasks", self.route.name, n)
+        except Exception as err:
+            log.warning("task purge failed: %s", err)
+            with contextlib.suppress(Exception):
+                store.conn.rollback()
 
     def _poll_redrives(self, store: TaskStore) -> None:
         """Hand keys whose dead task was retried or skipped to their lane."""

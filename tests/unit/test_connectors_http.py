@@ -1,0 +1,124 @@
+"""The http connector against a real HTTP server on 127.0.0.1: request shape, auth, failure
+classes. (No Kafka or PostgreSQL needed, so these are unit tests.)"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from connectors.base import NOT_ATTEMPTED, Backpressure, Record
+from connectors.http.configuration import HttpSettings
+from connectors.http.connector import HttpConnector, retry_after_seconds
+from tests.integration.test_sink_support import Req, Resp, target
+
+
+def rec(i: int, op: str = "u", key: int | None = None) -> Record:
+    return Record(event_id=f"00000000-0000-0000-0000-{i:012d}", op=op, key={"id": key or i},
+                  payload={"id": key or i, "name": f"n{i}"}, topic="t", partition=0, offset=i,
+                  table="public.products", ts_ms=1_700_000_000_000)
+
+
+def conn(url: str, **kw: object) -> HttpConnector:
+    return HttpConnector(HttpSettings.model_validate({"type": "http", "url": url, **kw}),
+                         route="r")
+
+
+def test_request_carries_idempotency_key_cloudevents_and_templated_url() -> None:
+    with target() as srv:
+        c = conn(srv.url + "/products/{$key.id}?n={name}", cloudevents=True,
+                 methods={"d": "DELETE"}, auth={"kind": "bearer", "token": "tok"})
+        outs = c.deliver([rec(1), rec(2, op="d")])
+        c.close()
+    assert [o.ok for o in outs] == [True, True]
+    first, second = srv.received()
+    assert (first.method, first.path) == ("POST", "/products/1?n=n1")
+    assert first.headers["idempotency-key"] == rec(1).event_id
+    assert first.headers["ce-id"] == rec(1).event_id
+    assert first.headers["ce-type"] == "dx.public.products.updated"
+    assert first.headers["ce-specversion"] == "1.0"
+    assert first.headers["authorization"] == "Bearer tok"
+    assert first.json == {"id": 1, "name": "n1"}
+    assert (second.method, second.body) == ("DELETE", b"")
+    assert "tok" not in (outs[0].request or "")  # credentials masked in the export log
+
+
+def test_hmac_signature_verifies_with_the_shared_secret() -> None:
+    with target() as srv:
+        c = conn(srv.url + "/hook", auth={"kind": "hmac", "secret": "k3y"})
+        assert c.deliver([rec(1)])[0].ok
+    req = srv.received()[0]
+    parts = dict(p.split("=", 1) for p in req.headers["x-dx-signature"].split(","))
+    expected = hmac.new(b"k3y", parts["t"].encode() + b"." + req.body, hashlib.sha256)
+    assert parts["v1"] == expected.hexdigest()
+
+
+def test_oauth2_token_is_fetched_once_and_cached() -> None:
+    def script(r: Req, n: int) -> Resp:
+        if r.path == "/token":
+            assert r.headers["authorization"] == "Basic " + base64.b64encode(b"cid:cs").decode()
+            return Resp(body=json.dumps({"access_token": "AT", "expires_in": 3600}))
+        return Resp(200 if r.headers.get("authorization") == "Bearer AT" else 401)
+
+    with target(script) as srv:
+        c = conn(srv.url + "/x", auth={"kind": "oauth2", "token_url": srv.url + "/token",
+                                       "client_id": "cid", "client_secret": "cs"})
+        assert all(o.ok for o in c.deliver([rec(1), rec(2), rec(3)]))
+    assert [r.path for r in srv.received()] == ["/token", "/x", "/x", "/x"]
+
+
+@pytest.mark.parametrize(("status", "headers", "kind"), [
+    (500, {}, "transient"), (503, {}, "transient"), (408, {}, "transient"),
+    (429, {"Retry-After": "2"}, "backpressure"), (503, {"Retry-After": "1"}, "backpressure"),
+    (400, {}, "terminal"), (404, {}, "terminal"), (422, {}, "terminal"),
+])
+def test_failure_classes(status: int, headers: dict[str, str], kind: str) -> None:
+    with target(lambda r, n: Resp(status, '{"error": "nope"}', headers)) as srv:
+        out = conn(srv.url + "/x").deliver([rec(1)])[0]
+    assert out.error is not None and out.status == status
+    if kind == "backpressure":
+        assert isinstance(out.error, Backpressure) and out.error.retry_after is not None
+    else:
+        assert out.error.transient == (kind == "transient")
+        assert not isinstance(out.error, Backpressure)
+    assert "nope" in (out.response or "")
+
+
+def test_timeout_and_connection_refused_are_transient() -> None:
+    with target(lambda r, n: Resp(delay_s=1.0)) as srv:
+        out = conn(srv.url + "/x", timeout_s=0.2).deliver([rec(1)])[0]
+    assert out.error is not None and out.error.transient and "timeout" in str(out.error)
+    out = conn(srv.url + "/x").deliver([rec(1)])[0]  # server is gone now
+    assert out.error is not None and out.error.transient
+
+
+def test_after_a_transient_failure_the_rest_of_the_batch_is_not_attempted() -> None:
+    with target(lambda r, n: Resp(500 if r.json["id"] == 2 else 200)) as srv:
+        outs = conn(srv.url + "/x").deliver([rec(1), rec(2), rec(3)])
+    assert outs[0].ok and outs[1].error is not None and outs[2].error is NOT_ATTEMPTED
+    assert len(srv.received()) == 2
+
+
+def test_after_a_terminal_failure_only_the_same_key_waits() -> None:
+    with target(lambda r, n: Resp(400 if r.json["name"] == "n1" else 200)) as srv:
+        outs = conn(srv.url + "/x").deliver([rec(1, key=7), rec(2, key=8), rec(3, key=7)])
+    assert not outs[0].error.transient  # type: ignore[union-attr]
+    assert outs[1].ok and outs[2].error is NOT_ATTEMPTED
+
+
+def test_bulk_endpoint_sends_one_request() -> None:
+    with target() as srv:
+        c = conn(srv.url + "/x", bulk={"url": srv.url + "/bulk", "wrap": "items"})
+        outs = c.deliver([rec(1), rec(2)])
+    assert all(o.ok for o in outs)
+    (req,) = srv.received()
+    assert req.path == "/bulk" and [i["id"] for i in req.json["items"]] == [1, 2]
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after_seconds("3") == 3
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 10) == 10
+    assert retry_after_seconds("soon") is None
