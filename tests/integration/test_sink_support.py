@@ -22,6 +22,7 @@ class Req:
     headers: dict[str, str]
     body: bytes
     at: float
+    status: int = 0
 
     @property
     def json(self) -> Any:
@@ -63,6 +64,7 @@ class TargetServer:
                     count = outer.seen[idem]
                     outer.requests.append(req)
                 resp = outer.script(req, count)
+                req.status = resp.status if not resp.delay_s else -resp.status  # slow: unknown
                 if resp.delay_s:
                     time.sleep(resp.delay_s)
                 data = resp.body.encode()
@@ -84,7 +86,8 @@ class TargetServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -120,3 +123,150 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+# -- change events ------------------------------------------------------------------------------
+
+SPEC_COLUMNS = (("id", "int4", False), ("name", "text", True), ("behaviour", "text", True),
+                ("seq", "int4", True), ("price", "numeric", True))
+
+
+def table_spec(topic: str) -> Any:
+    from pipeline.capture.spec import ColumnSpec, TableSpec
+
+    cols = tuple(ColumnSpec(n, t, nullable, precision=10 if t == "numeric" else None,
+                            scale=2 if t == "numeric" else None) for n, t, nullable in SPEC_COLUMNS)
+    return TableSpec(entity="public.products", schema="public", table="products", topic=topic,
+                     key=("id",), columns=cols)
+
+
+class EventProducer:
+    """Produces real change events (Debezium envelope, Avro, registered schemas) like the relay."""
+
+    def __init__(self, stack: Any, topic: str, prefix: str) -> None:
+        from confluent_kafka import Producer
+
+        from pipeline.events.avro import key_schema, value_schema
+        from pipeline.events.wire import SchemaRegistrar, registry_client
+
+        self.topic = topic
+        spec = table_spec(topic)
+        reg = SchemaRegistrar(registry_client(stack.schema_registry_url), stack.schema_registry_url)
+        self.key = reg.get(f"{topic}-key", key_schema(spec, prefix))
+        self.value = reg.get(f"{topic}-value", value_schema(spec, prefix))
+        self.producer = Producer({"bootstrap.servers": stack.kafka_bootstrap,
+                                  "enable.idempotence": True, "linger.ms": 5})
+        self.sent: list[dict[str, Any]] = []
+
+    def envelope(self, id: int, *, op: str = "u", name: str = "n", behaviour: str = "ok",
+                 seq: int = 0, origin: str | None = None, price: Any = None) -> dict[str, Any]:
+        from decimal import Decimal
+
+        row = {"id": id, "name": name, "behaviour": behaviour, "seq": seq,
+               "price": Decimal(price) if price is not None else Decimal("9.99")}
+        return {
+            "before": row if op in ("u", "d") else None, "after": None if op == "d" else row,
+            "source": {"version": "0.1", "connector": "dx", "name": "test", "ts_ms": 1,
+                       "snapshot": None, "db": "dx", "schema": "public", "table": "products",
+                       "txId": None, "sequence": None},
+            "op": op, "ts_ms": int(time.time() * 1000), "event_id": str(uuid.uuid4()),
+            "origin": origin}
+
+    def send(self, id: int, **kw: Any) -> dict[str, Any]:
+        env = self.envelope(id, **kw)
+        headers = [("dx.event_id", env["event_id"].encode())]
+        if env["origin"]:
+            headers.append(("dx.origin", env["origin"].encode()))
+        self.producer.produce(self.topic, key=self.key.encode({"id": id}),
+                              value=self.value.encode(env), headers=headers)
+        self.producer.poll(0)
+        self.sent.append(env)
+        return env
+
+    def send_raw(self, id: int, value: bytes) -> None:
+        self.producer.produce(self.topic, key=self.key.encode({"id": id}), value=value)
+
+    def flush(self) -> None:
+        assert self.producer.flush(30) == 0
+
+
+def create_topic(stack: Any, topic: str, partitions: int = 1) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    for fut in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        fut.result(30)
+    wait_for(lambda: topic in admin.list_topics(topic, timeout=5).topics
+             and len(admin.list_topics(topic, timeout=5).topics[topic].partitions) == partitions,
+             30, what=f"topic {topic}")
+
+
+def read_topic(stack: Any, topic: str, n: int, timeout: float = 30) -> list[Any]:
+    """The first ``n`` raw messages of a topic (all partitions)."""
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": str(uuid.uuid4()),
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < n and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                out.append(m)
+    finally:
+        c.close()
+    return out
+
+
+def write_config(path: Any, stack: Any, db_url: str, prefix: str, sinks: str) -> Any:
+    path.write_text(f"""
+database:
+  url: {db_url}
+kafka:
+  bootstrap_servers: {stack.kafka_bootstrap}
+  topic_prefix: {prefix}
+schema_registry:
+  url: {stack.schema_registry_url}
+sinks:
+{sinks}
+""")
+    return path
+
+
+@contextmanager
+def sink_thread(config_path: Any, route: str, **kw: Any) -> Iterator[Any]:
+    from pipeline.config.loader import load_config
+    from pipeline.sink.worker import SinkWorker
+
+    worker = SinkWorker(load_config(config_path), route, redrive_poll_s=0.2, **kw)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as err:
+            errors.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_for(lambda: worker.assigned.is_set() or errors, 60, what="partition assignment")
+    if errors:
+        raise errors[0]
+    try:
+        yield worker
+    finally:
+        worker.stop.set()
+        t.join(60)
+    if errors:
+        raise errors[0]
+
+
+def tasks(db_url: str, route: str) -> list[dict[str, Any]]:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        return list(conn.execute(
+            "SELECT * FROM dx.task WHERE route = %s ORDER BY id", (route,)).fetchall())
