@@ -4,12 +4,19 @@ the origin tag capture relies on."""
 
 from __future__ import annotations
 
+import io
+import json
 import random
+import signal
+import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import psycopg
 import pytest
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from tests.integration.test_source_support import (
     create_topic,
@@ -17,6 +24,7 @@ from tests.integration.test_source_support import (
     read_raw,
     run_worker,
     tasks,
+    worker_process,
     write_config,
 )
 
@@ -157,3 +165,83 @@ def test_upsert_delete_with_envelopes_tombstones_and_partial_rows(
     assert (stats.applied, stats.failed, stats.skipped) == (9, 0, 0)
     assert rows(pg_db) == [(1, "one", pytest.approx(5), 1, None), (3, "again", None, None, None),
                            (4, "four", None, None, None)]
+
+
+def test_avro_envelopes_through_the_registry(tmp_path: Path, stack: Any, pg_db: str,
+                                             topic_prefix: str) -> None:
+    """Debezium-style Avro envelopes (Confluent wire format) in upsert+delete mode; a message
+    that is not Avro, and one whose schema id the registry does not know, fail alone."""
+    setup_db(pg_db)
+    topic = f"{topic_prefix}.avro.items"
+    create_topic(stack, topic)
+    row = {"type": "record", "name": "Value", "fields": [
+        {"name": "id", "type": "int"},
+        {"name": "title", "type": ["null", "string"], "default": None},
+        {"name": "price", "type": ["null", {"type": "bytes", "logicalType": "decimal",
+                                            "precision": 8, "scale": 2}], "default": None}]}
+    envelope = {"type": "record", "name": "Envelope", "namespace": "erp.items", "fields": [
+        {"name": "before", "type": ["null", row], "default": None},
+        {"name": "after", "type": ["null", "Value"], "default": None},
+        {"name": "op", "type": "string"},
+        {"name": "ts_ms", "type": ["null", "long"], "default": None}]}
+    registry = SchemaRegistryClient({"url": stack.schema_registry_url})
+    sid = registry.register_schema(f"{topic}-value", Schema(json.dumps(envelope), "AVRO"))
+    parsed = fastavro.parse_schema(envelope)
+
+    def avro(value: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        buf.write(b"\x00" + int(sid).to_bytes(4, "big"))
+        fastavro.schemaless_writer(buf, parsed, value)
+        return buf.getvalue()
+
+    def env(op: str, before: Any, after: Any) -> bytes:
+        return avro({"before": before, "after": after, "op": op, "ts_ms": 1})
+
+    produce(stack, topic, [
+        (b"1", env("c", None, {"id": 1, "title": "one", "price": Decimal("1.50")})),
+        (b"2", env("c", None, {"id": 2, "title": "two", "price": None})),
+        (b"1", env("u", None, {"id": 1, "title": "uno", "price": Decimal("2.50")})),
+        (b"3", b"plain text, not avro"),
+        (b"4", b"\x00\x00\x0f\x42\x3f" + b"\x02"),  # schema id 999999
+        (b"2", env("d", {"id": 2, "title": "two", "price": None}, None)),
+        (b"2", None),
+    ])
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, f"""  - name: erp-avro
+    topic: {topic}
+    format: avro
+    table: items
+    columns: [id, name, price]
+    fields: {{title: name}}
+    mode: upsert+delete
+""")
+    stats = run_worker(cfg, "erp-avro")
+    assert (stats.applied, stats.failed) == (5, 2)
+    assert rows(pg_db, "SELECT id, name, price, seen_origin FROM items") == [
+        (1, "uno", Decimal("2.50"), "erp-avro")]
+    reasons = [t[2] for t in tasks(pg_db, "erp-avro")]
+    assert "not Confluent wire format" in reasons[0]
+    assert "schema id 999999 is not in the registry" in reasons[1]
+
+
+def test_sigterm_finishes_the_batch_in_hand(tmp_path: Path, stack: Any, pg_db: str,
+                                            topic_prefix: str) -> None:
+    setup_db(pg_db)
+    topic = f"{topic_prefix}.term"
+    create_topic(stack, topic)
+    produce(stack, topic, [({"id": i}, {"id": i, "title": f"t{i}"}) for i in range(1, 20001)])
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, route_yaml("term", topic, batch=100))
+    proc = worker_process(cfg, "term")
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            n = conn.execute("SELECT count(*) FROM items").fetchone()
+            if n and n[0] > 0:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        count = conn.execute("SELECT count(*) FROM items").fetchone()
+        stored = conn.execute("SELECT next_offset FROM dx.source_offsets").fetchone()
+    assert count is not None and stored is not None
+    assert count[0] > 0
+    assert count[0] == stored[0]  # exactly the rows of the offsets it stored: no half batch
