@@ -27,7 +27,8 @@ class TaskRecorder(Protocol):
     """Records the outcome of events that were not applied, in the caller's transaction."""
 
     def record(self, conn: psycopg.Connection[Any], route: str,
-               failures: Sequence[Failure]) -> None: ...
+               failures: Sequence[Failure], attempts: Sequence[int] | None = None) -> None:
+        """``attempts``: per failure, when it is a retry (default 1)."""
 
 
 def _text(b: bytes | None) -> str | None:
@@ -74,22 +75,23 @@ class StoreRecorder:
     """
 
     def record(self, conn: psycopg.Connection[Any], route: str,
-               failures: Sequence[Failure]) -> None:
+               failures: Sequence[Failure], attempts: Sequence[int] | None = None) -> None:
         if not failures:
             return
-        rows = [task_row(route, f).params() for f in failures]
+        counts = attempts or [1] * len(failures)
+        rows = [task_row(route, f, n).params() for f, n in zip(failures, counts, strict=True)]
         with conn.cursor() as cur:
             cur.executemany(UPSERT, rows)
 
 
-def task_row(route: str, f: Failure) -> TaskRow:
+def task_row(route: str, f: Failure, attempts: int = 1) -> TaskRow:
     m = f.message
     error = f"field {f.field!r}: {f.reason}" if f.field else f.reason
     keep = f.status == "dead"
     return TaskRow(
         route=route, topic=m.topic, partition=m.partition, offset=m.offset,
         status=f.status, key=key_text(f.key), event_id=f.event_id, op="apply",
-        attempts=1, error=error, import_log=import_log(f),
+        attempts=attempts, error=error, import_log=import_log(f),
         raw_key=m.key if keep else None, raw_value=m.value if keep else None,
         raw_headers=[[k, _text(v) or ""] for k, v in m.headers] if keep else None,
         dlq=None,

@@ -263,12 +263,17 @@ class SourceWorker:
     def _loop(self, conn: psycopg.Connection[Any], consumer: Consumer, producer: Producer,
               applier: Applier, convert: Converter, target: Target) -> bool:
         idle_since = time.monotonic()
+        next_redrive = 0.0
         while True:
             self._collect(consumer)
             if self.batch:
                 batch, self.batch = self.batch, []
                 self._apply(conn, consumer, producer, applier, convert, batch)
                 idle_since = time.monotonic()
+            if time.monotonic() >= next_redrive:
+                if self._redrive(conn, producer, applier, convert):
+                    idle_since = time.monotonic()
+                next_redrive = time.monotonic() + 1.0
             elif self.stop_when_idle_s is not None and \
                     time.monotonic() - idle_since >= self.stop_when_idle_s and self.expected:
                 return True
@@ -320,6 +325,50 @@ class SourceWorker:
                                          for p, o in next_offsets.items()], asynchronous=True)
             except KafkaException as err:  # lag visibility only; the truth is in PostgreSQL
                 log.debug("route %s: kafka commit: %s", route.name, err)
+
+    def _redrive(self, conn: psycopg.Connection[Any], producer: Producer, applier: Applier,
+                 convert: Converter) -> bool:
+        """Re-apply tasks an operator queued with ``dx tasks retry`` (status pending, redrive),
+        through the route's *current* configuration, oldest first. Offsets are not involved:
+        the message was consumed long ago; the task row is the unit of exactly-once here
+        (locked, re-applied and updated in one transaction). Without a conflict policy a
+        redriven event overwrites newer data of its key, as the operator asked."""
+        route = self.route
+        with conn.transaction():
+            rows = conn.execute(
+                'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
+                "raw_headers FROM dx.task WHERE route = %s AND status = 'pending' AND redrive "
+                "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                (route.name, route.batch_size)).fetchall()
+            if not rows:
+                return False
+            events: list[Event] = []
+            failures: list[Failure] = []
+            attempts: dict[tuple[int, int], int] = {}
+            for _id, topic, part, off, n, key, value, headers in rows:
+                raw = RawMessage(topic=topic, partition=part, offset=off,
+                                 key=None if key is None else bytes(key),
+                                 value=None if value is None else bytes(value),
+                                 headers=tuple((h[0], h[1].encode()) for h in headers or ()))
+                attempts[(part, off)] = int(n) + 1
+                out = convert(raw)
+                (events if isinstance(out, Event) else failures).append(out)  # type: ignore[arg-type]
+            conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
+            failures.extend(applier.apply(events))
+            failed = {(f.message.partition, f.message.offset) for f in failures}
+            self.recorder.record(conn, route.name, failures,
+                                 attempts=[attempts[(f.message.partition, f.message.offset)]
+                                           for f in failures])
+            ok = [r[0] for r in rows if (r[2], r[3]) not in failed]
+            conn.execute(
+                "UPDATE dx.task SET status = 'succeeded', redrive = false, error = NULL, "
+                "attempts = attempts + 1, raw_key = NULL, raw_value = NULL, raw_headers = NULL, "
+                "updated_at = now() WHERE id = ANY(%s)", (ok,))
+            self._dead_letter(producer, failures)
+        self.stats.add(len(rows), failures)
+        log.info("route %s: redrove %d tasks, %d failed again", route.name, len(rows),
+                 len(failures))
+        return True
 
     def _dead_letter(self, producer: Producer, failures: list[Failure]) -> None:
         dead = [f for f in failures if f.status == "dead"]

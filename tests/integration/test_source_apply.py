@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
+from pipeline.tasks.store import TaskFilter, TaskStore
 from tests.integration.test_source_support import (
     create_topic,
     produce,
@@ -112,6 +113,19 @@ def test_bad_events_fail_alone_and_good_ones_land(tmp_path: Path, stack: Any, pg
     # A restart resumes after the stored offset: nothing is applied or dead-lettered again.
     assert run_worker(cfg, "erp-items", idle_s=1.0).batches == 0
     assert len(tasks(pg_db, "erp-items")) == 6
+
+    # Fix the missing parent, retry every dead task: the fixed one lands, the rest die again.
+    with psycopg.connect(pg_db) as conn:
+        conn.execute("INSERT INTO cats VALUES (99)")
+        conn.commit()
+        assert len(TaskStore(conn).retry(TaskFilter(route="erp-items"))) == 6
+    run_worker(cfg, "erp-items", idle_s=1.5)
+    assert [r[0] for r in rows(pg_db)] == [*range(1, 41), 103]
+    with psycopg.connect(pg_db) as conn:
+        after = dict(conn.execute('SELECT "offset", status || \' \' || attempts FROM dx.task '
+                                  "WHERE route = 'erp-items'").fetchall())
+    assert after.pop(offsets[103]) == "succeeded 2"
+    assert set(after.values()) == {"dead 2"}
 
 
 @pytest.mark.parametrize("policy", ["last-writer-wins", "reject-older"])
