@@ -220,13 +220,16 @@ def read_topic(stack: Any, topic: str, n: int, timeout: float = 30) -> list[Any]
     return out
 
 
-def write_config(path: Any, stack: Any, db_url: str, prefix: str, sinks: str) -> Any:
+def write_config(path: Any, stack: Any, db_url: str, prefix: str, sinks: str,
+                 client: dict[str, Any] | None = None, extra: str = "") -> Any:
     path.write_text(f"""
+{extra}
 database:
   url: {db_url}
 kafka:
   bootstrap_servers: {stack.kafka_bootstrap}
   topic_prefix: {prefix}
+  client: {json.dumps(client or {})}
 schema_registry:
   url: {stack.schema_registry_url}
 sinks:
