@@ -1,0 +1,1 @@
+"""CSV connector: the exporter, writing rotated files for people and tools that take files."""

@@ -1,0 +1,1 @@
+"""PostgreSQL connector: batched upserts and deletes into a table of another database."""

@@ -1,0 +1,64 @@
+"""The csv connector: complete files only (.part until finished), rotation, metadata columns."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from connectors.base import Record
+from connectors.csv.configuration import CsvSettings
+from connectors.csv.connector import CsvConnector
+
+
+def rec(i: int, **payload: object) -> Record:
+    return Record(event_id=f"e{i}", op="c", key={"id": i}, payload={"id": i, **payload},
+                  topic="t", partition=0, offset=i, ts_ms=1000 + i)
+
+
+def make(tmp_path: Path, **kw: object) -> CsvConnector:
+    c = CsvConnector(CsvSettings.model_validate({"type": "csv", "directory": str(tmp_path),
+                                                 **kw}), route="export")
+    c.open()
+    return c
+
+
+def read(p: Path) -> list[list[str]]:
+    with p.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_rows_land_in_a_part_file_until_rotation_then_in_a_finished_file(tmp_path: Path) -> None:
+    c = make(tmp_path, rotate_bytes=1024)
+    assert all(o.ok for o in c.deliver([rec(i, name=f"n{i}", tags=["a"]) for i in range(3)]))
+    assert [p.suffix for p in tmp_path.iterdir()] == [".part"]
+    for start in range(3, 200, 10):
+        c.deliver([rec(i, name="x" * 20, tags=[]) for i in range(start, start + 10)])
+    c.close()
+    files = sorted(tmp_path.glob("export-*.csv"))
+    assert len(files) > 1 and not list(tmp_path.glob("*.part"))
+    rows = [r for f in files for r in read(f)[1:]]
+    assert [int(r[3]) for r in rows] == list(range(3)) + list(range(3, 203))
+    first = read(files[0])
+    assert first[0] == ["_event_id", "_op", "_ts_ms", "id", "name", "tags"]
+    assert first[1] == ["e0", "c", "1000", "0", "n0", '["a"]']
+    assert all(f.stat().st_size < 1024 + 200 for f in files[:-1])
+
+
+def test_other_fields_start_a_new_file_and_fixed_columns_do_not(tmp_path: Path) -> None:
+    c = make(tmp_path, include_metadata=False)
+    c.deliver([rec(1, a=1), rec(2, b=2)])
+    c.close()
+    headers = sorted(read(f)[0] for f in tmp_path.glob("*.csv"))
+    assert headers == [["id", "a"], ["id", "b"]]
+    d = tmp_path / "fixed"
+    c = make(d, include_metadata=False, columns=["id", "b"])
+    c.deliver([rec(1, a=1), rec(2, b=2)])
+    c.close()
+    (only,) = d.glob("*.csv")
+    assert read(only) == [["id", "b"], ["1", ""], ["2", "2"]]
+
+
+def test_a_part_file_left_by_a_crash_is_finished_on_open(tmp_path: Path) -> None:
+    (tmp_path / "export-20240101T000000-1-00001.csv.part").write_text("id\n1\n")
+    make(tmp_path).close()
+    assert [p.name for p in tmp_path.iterdir()] == ["export-20240101T000000-1-00001.csv"]
