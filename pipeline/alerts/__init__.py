@@ -1,0 +1,1 @@
+"""Alerts: rules evaluated periodically, one notification per incident and one on recovery."""

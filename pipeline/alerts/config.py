@@ -1,0 +1,60 @@
+"""The ``alerts:`` block of dx.yaml. Every rule is optional; a missing rule never fires.
+
+Secrets (the SMTP password, webhook headers that carry tokens) come from ``${VAR}``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmailConfig(_Base):
+    """SMTP delivery (smtplib). ``ssl`` is implicit TLS (port 465); ``starttls`` upgrades a
+    plain connection (port 587)."""
+
+    host: str
+    port: int = Field(587, ge=1, le=65535)
+    ssl: bool = False
+    starttls: bool = True
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="from ${VAR}")
+    from_addr: str = Field("dx@localhost", description="From: address")
+    to: list[str] = Field(min_length=1, description="recipients")
+    timeout_s: float = Field(10, gt=0)
+
+
+class WebhookConfig(_Base):
+    """POST a JSON document per notification (Slack/Teams/Opsgenie relays accept this)."""
+
+    url: str
+    headers: dict[str, SecretStr] = Field(default_factory=dict, description="values from ${VAR}")
+    timeout_s: float = Field(10, gt=0)
+
+
+class FailureRateRule(_Base):
+    """Share of a sink route's tasks updated in the window that are not succeeding."""
+
+    threshold: float = Field(0.05, gt=0, le=1, description="fraction, e.g. 0.05 = 5 %")
+    window_s: float = Field(300, gt=0)
+    min_tasks: int = Field(20, ge=1, description="no verdict on fewer tasks than this")
+
+
+class RulesConfig(_Base):
+    failure_rate: FailureRateRule | None = None
+    dead_tasks: int | None = Field(1, ge=1, description="dead tasks of one route, at least")
+    backlog_age_s: float | None = Field(300, gt=0, description="oldest outbox row, seconds")
+    consumer_lag: int | None = Field(None, ge=1, description="messages behind, per sink route")
+
+
+class AlertsConfig(_Base):
+    """Where alerts go and when they fire."""
+
+    interval_s: float = Field(30, gt=0, description="evaluation period of 'dx alerts run'")
+    email: EmailConfig | None = None
+    webhook: WebhookConfig | None = None
+    rules: RulesConfig = Field(default_factory=RulesConfig)
+    subject_prefix: str = "[dx]"

@@ -1,0 +1,117 @@
+"""Alerts to a real SMTP server (aiosmtpd) and a real webhook receiver: one notification per
+incident, none while it persists, one on recovery; a restarted evaluator does not repeat them."""
+
+from __future__ import annotations
+
+import socket
+from email import message_from_bytes
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from pipeline.alerts.config import AlertsConfig
+from pipeline.alerts.engine import AlertEngine
+from pipeline.config.loader import load_config
+from pipeline.db import connect
+from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, TaskWriter, ensure_schema
+from tests.integration.test_sink_support import (
+    EventProducer,
+    create_topic,
+    target,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_one_alert_per_incident_then_one_recovery(stack: Any, pg_db: str, topic_prefix: str,
+                                                  tmp_path: Path) -> None:
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic)
+    inbox = Inbox()
+    smtp = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        with target() as hook:
+            cfg = load_config(write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, f"""
+  - name: to-erp
+    topics: [{topic}]
+    connector: {{type: http, url: "{hook.url}/never"}}
+"""))
+            alerts = AlertsConfig.model_validate({
+                "email": {"host": "127.0.0.1", "port": smtp.port, "starttls": False,
+                          "from_addr": "dx@shop.test", "to": ["ops@shop.test"]},
+                "webhook": {"url": f"{hook.url}/alerts", "headers": {"X-Token": "t0k"}},
+                "rules": {"dead_tasks": 1, "consumer_lag": 10, "backlog_age_s": 600,
+                          "failure_rate": {"threshold": 0.5, "min_tasks": 2}}})
+            engine = AlertEngine(cfg, alerts)
+            assert engine.evaluate_once() == []  # healthy: nothing to say
+
+            # an outage: three dead tasks and a backlog of 20 unconsumed messages
+            with connect(pg_db, autocommit=True) as conn:
+                ensure_schema(conn)
+            writer = TaskWriter(pg_db)
+            writer.start()
+            for i in range(3):
+                writer.put(TaskRow(route="to-erp", topic=topic, partition=0, offset=i,
+                                   status="dead", key=f'{{"id":{i}}}', error="HTTP 400"))
+            writer.flush()
+            writer.close()
+            prod = EventProducer(stack, topic, topic_prefix)
+            for i in range(20):
+                prod.send(i)
+            prod.flush()
+
+            fired = engine.evaluate_once()
+            assert sorted(f.split(":")[0] for f in fired) == [
+                "FIRING consumer_lag to-erp", "FIRING dead_tasks to-erp",
+                "FIRING failure_rate to-erp"]
+            assert engine.evaluate_once() == []                 # still failing: no repeat
+            assert AlertEngine(cfg, alerts).evaluate_once() == []  # nor after a restart
+            assert len(inbox.messages) == 3
+            subjects = sorted(m["Subject"] for m in inbox.messages)
+            assert subjects[1] == "[dx] FIRING: dead_tasks to-erp"
+            assert "3 dead task(s)" in inbox.messages[[m["Subject"] for m in inbox.messages]
+                                                      .index(subjects[1])].get_payload()
+            posted = [r for r in hook.received() if r.path == "/alerts"]
+            assert len(posted) == 3 and all(r.headers["x-token"] == "t0k" for r in posted)
+            assert {r.json["state"] for r in posted} == {"firing"}
+
+            # recovery: the dead tasks are dealt with, the group catches up
+            with connect(pg_db) as conn:
+                TaskStore(conn).skip(TaskFilter(route="to-erp"))
+            from confluent_kafka import Consumer, TopicPartition
+
+            c = Consumer({"bootstrap.servers": stack.kafka_bootstrap,
+                          "group.id": "dx-sink-to-erp"})
+            c.commit(offsets=[TopicPartition(topic, 0, 20)], asynchronous=False)
+            c.close()
+            resolved = engine.evaluate_once()
+            # (skipped tasks are resolved ones: the failure rate in the window drops to 0)
+            assert sorted(f.split(":")[0] for f in resolved) == [
+                "RESOLVED consumer_lag to-erp", "RESOLVED dead_tasks to-erp",
+                "RESOLVED failure_rate to-erp"]
+            assert engine.evaluate_once() == []
+            assert len(inbox.messages) == 6
+            assert sum("RESOLVED" in m["Subject"] for m in inbox.messages) == 3
+            posted = [r for r in hook.received() if r.path == "/alerts"]
+            assert [r.json["state"] for r in posted].count("resolved") == 3
+    finally:
+        smtp.stop()
