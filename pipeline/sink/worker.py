@@ -64,6 +64,9 @@ from pipeline.sink.mapping import Event, MappingError, RouteLogic, jsonable
 from pipeline.tasks.store import TaskRow, TaskStore, TaskWriter, ensure_schema
 
 log = logging.getLogger(__name__)
+#: librdkafka's own log lines (connection chatter); its errors also reach us as events, which we
+#: log once with context, so the CLI keeps this one quiet unless --verbose.
+kafka_log = logging.getLogger("pipeline.sink.librdkafka")
 
 RAW_KEEP = ("pending", "retrying", "failed", "dead")
 
@@ -587,19 +590,22 @@ class SinkWorker:
             raise cls(f"route {self.route.name} ({file}:{line}): target check failed: "
                       f"{err}") from None
         conf = kafka_conf(self.config)
-        self.producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5})
+        self.producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5},
+                                 logger=kafka_log)
         consumer = Consumer({
             **conf, "group.id": self.route.consumer_group, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "client.id": f"dx-sink-{self.route.name}",
-        })
+        }, logger=kafka_log)
         try:
             md = consumer.list_topics(timeout=10)
         except KafkaException as err:
             consumer.close()
+            kerr = err.args[0]
+            detail = kerr.str() if isinstance(kerr, KafkaError) else str(kerr)
             raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
-                                     str(err.args[0])) from None
+                                     detail) from None
         missing = [t for t in self.route.topics if t not in md.topics]
         if missing:
             log.warning("route %s: topics not there yet (waiting for them): %s",
