@@ -21,6 +21,7 @@ from pipeline.alerts.notify import Channel, EmailChannel, WebhookChannel
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import DxError
+from pipeline.observability.logging import KAFKA_LOG
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class AlertEngine:
         conf: dict[str, Any] = {"bootstrap.servers": self.config.kafka.bootstrap_servers,
                                 "group.id": group, "enable.auto.commit": False}
         conf.update(self.config.kafka.client)
-        c = Consumer(conf)
+        c = Consumer(conf, logger=KAFKA_LOG)
         try:
             md = c.list_topics(timeout=10)
             parts = [TopicPartition(t, p) for t in topics if t in md.topics

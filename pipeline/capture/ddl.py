@@ -260,11 +260,11 @@ END
 
 
 def install_statements(spec: TableSpec, version: int, mode: str,
-                       body_text: str) -> list[sql.Composable]:
+                       body_text: str) -> list[sql.Composed]:
     """DDL that (re)installs capture on one table; run it in one transaction."""
     table = sql.Identifier(spec.schema, spec.table)
     fn = function_name(spec)
-    stmts: list[sql.Composable] = [
+    stmts: list[sql.Composed] = [
         sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
             fn, sql.SQL(_dollar(body_text))),
     ]
@@ -296,14 +296,14 @@ def install_statements(spec: TableSpec, version: int, mode: str,
     return stmts
 
 
-def drop_triggers(spec: TableSpec) -> list[sql.Composable]:
+def drop_triggers(spec: TableSpec) -> list[sql.Composed]:
     table = sql.Identifier(spec.schema, spec.table)
     return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), table)
             for name in TRIGGER_NAMES]
 
 
 def snapshot_chunk(spec: TableSpec, version: int, chunk: int,
-                   after_key: bool) -> sql.Composable:
+                   after_key: bool) -> sql.Composed:
     """Copy one chunk of rows (ordered by key, after the last key) into the outbox as op='r'.
 
     ``FOR SHARE`` makes the chunk wait for in-flight writers of those rows and blocks new ones
@@ -311,10 +311,10 @@ def snapshot_chunk(spec: TableSpec, version: int, chunk: int,
     table = sql.Identifier(spec.schema, spec.table)
     k = spec.key_columns
     keys = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c.name)) for c in k)
-    cond = sql.SQL("")
+    cond: sql.Composable = sql.SQL("")
     if after_key:
         params = sql.SQL(", ").join(
-            sql.SQL("({} ->> {})::{}").format(sql.Placeholder("last"), sql.Literal(c.name),
+            sql.SQL("(({})::jsonb ->> {})::{}").format(sql.Placeholder("last"), sql.Literal(c.name),
                                               sql.Identifier(c.type)) for c in k)
         cond = sql.SQL("WHERE ROW({}) > ROW({})").format(keys, params)
     return sql.SQL("""

@@ -19,8 +19,8 @@ def ensure_schema(conn: psycopg.Connection[Any], config: DxConfig) -> None:
     """Create dx's capture/relay tables and functions; safe to run any number of times."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (ddl.LEASE_LOCK_CLASS,))
-        conn.execute(ddl.BASE_DDL)  # type: ignore[arg-type]
-        conn.execute(ddl.on_commit_ddl(config.capture.notify))  # type: ignore[arg-type]
+        conn.execute(ddl.BASE_DDL)
+        conn.execute(ddl.on_commit_ddl(config.capture.notify))
 
 
 def spec_version(conn: psycopg.Connection[Any], spec: TableSpec) -> int:
@@ -95,6 +95,6 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
     return CaptureState(
         entity=spec.entity, installed=mode is not None, mode=mode,
         version=int(row[0]) if row else None,
-        current=bool(row) and row[1] == spec.fingerprint(),
+        current=row is not None and row[1] == spec.fingerprint(),
         pending=int(pending_row[0]) if pending_row else 0,
     )

@@ -29,7 +29,9 @@ capture_app = typer.Typer(help="Install, remove and inspect capture triggers.",
 
 
 def _db(cfg: DxConfig) -> Any:
-    return connection(cfg.database.url.get_secret_value(),
+    """A connection in autocommit, so each ``conn.transaction()`` block in the capture code is a
+    real transaction that commits when it ends (not a savepoint in an implicit one)."""
+    return connection(cfg.database.url.get_secret_value(), autocommit=True,
                       connect_timeout_s=cfg.database.connect_timeout_s)
 
 
@@ -163,7 +165,7 @@ def relay(config: Path = ConfigOption) -> None:
 
     def on_state(state: str) -> None:
         if state != last["state"]:
-            print(f"dx relay {cfg.relay.name}: {state}", file=sys.stderr, flush=True)
+            print(f"dx relay {cfg.relay.name}: {state}", flush=True)
             last["state"] = state
 
     Relay(cfg, stop=stop, on_state=on_state).run()
@@ -268,7 +270,15 @@ def schemas_register(config: Path = ConfigOption, directory: Path = SchemaDir) -
         typer.echo(f"{subject}: schema id {schema_id}")
 
 
+def config_reference() -> None:
+    """Print the dx.yaml reference (Markdown) generated from the configuration model."""
+    from pipeline.config.reference import reference
+
+    typer.echo(reference())
+
+
 def register(app: typer.Typer) -> None:
+    app.command("config-reference")(config_reference)
     app.command()(init)
     app.command()(validate)
     app.add_typer(capture_app, name="capture")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import typer
 
 from pipeline.cli import core_cmd, sink_cmd, source_cmd
 from pipeline.errors import DxError
+from pipeline.observability.logging import FORMAT_ENV, LEVEL_ENV, setup_logging
 
 app = typer.Typer(
     name="dx",
@@ -18,13 +18,28 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+@app.callback()
+def _global(
+    log_level: str = typer.Option("WARNING", "--log-level", envvar=LEVEL_ENV,
+                                  help="DEBUG, INFO, WARNING or ERROR; workers in containers "
+                                       "usually run with INFO"),
+    log_format: str = typer.Option("auto", "--log-format", envvar=FORMAT_ENV,
+                                   help="auto (text on a terminal, JSON otherwise), json, text"),
+) -> None:
+    """dx: real-time, two-way data exchange between PostgreSQL and the systems around it."""
+    try:
+        setup_logging(log_level, log_format)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 for module in (core_cmd, sink_cmd, source_cmd):
     module.register(app)
 
 
 def main() -> None:
     """Console script: run the app; a DxError becomes ``dx: error: ...`` and exit code 1."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app(prog_name="dx")
     except DxError as err:

@@ -44,8 +44,6 @@ def run(route: str = typer.Argument(..., help="sink route name (dx.yaml 'sinks:'
 
     if verbose:
         logging.getLogger("pipeline").setLevel(logging.INFO)
-    else:
-        logging.getLogger("pipeline.sink.librdkafka").setLevel(logging.CRITICAL)
     cfg = config_from(config)
     worker = SinkWorker(cfg, route, stop_when_idle_s=stop_when_idle)
     signals = {"n": 0}

@@ -129,15 +129,20 @@ class OutboxConfig(Base):
 class DxConfig(Base):
     """The whole ``dx.yaml``."""
 
-    database: DatabaseConfig
-    kafka: KafkaConfig
-    schema_registry: SchemaRegistryConfig
-    relay: RelayConfig = Field(default_factory=RelayConfig)  # type: ignore[arg-type]
-    capture: CaptureConfig = Field(default_factory=CaptureConfig)  # type: ignore[arg-type]
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
-    tables: list[TableConfig] = Field(default_factory=list)
-    sinks: list[SinkRoute] = Field(default_factory=list)
-    sources: list[SourceRoute] = Field(default_factory=list)
+    database: DatabaseConfig = Field(description="the shop database")
+    kafka: KafkaConfig = Field(description="the Kafka cluster")
+    schema_registry: SchemaRegistryConfig = Field(description="the schema registry")
+    relay: RelayConfig = Field(default_factory=RelayConfig,
+                               description="outbox to Kafka")
+    capture: CaptureConfig = Field(default_factory=CaptureConfig,
+                                   description="capture defaults")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig,
+                                 description="application events")
+    tables: list[TableConfig] = Field(default_factory=list, description="exchanged tables")
+    sinks: list[SinkRoute] = Field(default_factory=list,
+                                   description="outbound routes to third-party systems")
+    sources: list[SourceRoute] = Field(default_factory=list,
+                                       description="inbound routes applied to the database")
 
     _file: str = PrivateAttr("dx.yaml")
     _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)

@@ -36,6 +36,7 @@ from pipeline.config.sources import SourceRoute
 from pipeline.errors import CatalogError, ConfigError, ServiceUnavailable, TerminalError
 from pipeline.events.avro import avro_type
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_client
+from pipeline.observability.logging import KAFKA_LOG
 from pipeline.source.catalog import Column, Target, find_route, read_target
 from pipeline.source.validate import FieldError, RowValidator
 
@@ -175,7 +176,7 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
     producer = None if dry_run else Producer({
         "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
         "enable.idempotence": True, "linger.ms": 50, "compression.type": "lz4",
-        "queue.buffering.max.messages": 200_000})
+        "queue.buffering.max.messages": 200_000}, logger=KAFKA_LOG)
     errors: list[str] = []
 
     def delivered(err: KafkaError | None, msg: Message) -> None:

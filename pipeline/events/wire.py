@@ -70,6 +70,7 @@ class SchemaRegistrar:
             return hit
         parsed = fastavro.parse_schema(json.loads(text))
         sch = Schema(text, "AVRO")
+        schema_id: int | None
         try:
             if self.auto_register:
                 self.check_compatible(subject, sch)
@@ -86,6 +87,8 @@ class SchemaRegistrar:
         except Exception as err:  # requests/httpx connection errors
             raise ServiceUnavailable("schema registry", self.url,
                                      f"{type(err).__name__}: {err}") from None
+        if schema_id is None:
+            raise SchemaError(f"registry returned no schema id for subject {subject}")
         reg = RegisteredSchema(subject, int(schema_id), parsed)
         self._cache[(subject, text)] = reg
         return reg

@@ -33,6 +33,12 @@ FORMAT_ENV = "DX_LOG_FORMAT"
 
 MASK = "***"
 
+#: librdkafka's own log lines (connection retries, every few ms while a broker is down). Every
+#: client dx creates logs through this one logger; its errors also reach dx as exceptions or
+#: events, which dx reports once with context, so entry points keep it at CRITICAL unless the
+#: operator asks for DEBUG.
+KAFKA_LOG = logging.getLogger("dx.librdkafka")
+
 # scheme://user:password@host — the password may itself contain '@' (unencoded), so take
 # everything up to the last '@' before the host part ends (whitespace, quote, '/').
 _URL_PASSWORD = re.compile(
@@ -171,6 +177,7 @@ def setup_logging(level: int | str = "INFO", fmt: LogFormat = "auto", *,
     root.setLevel(numeric)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    KAFKA_LOG.setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL)
     return handler
 
 

@@ -19,7 +19,7 @@ from pipeline.events import avro
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar
 from pipeline.relay.reader import OutboxRow
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 EVENT_ID_NAMESPACE = uuid.UUID("6d1c5f0e-3b7a-4f58-9f0a-64782d72656c")
 DX_VERSION = "0.1.0"
 

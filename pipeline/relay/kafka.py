@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from pipeline.config import DxConfig
 from pipeline.errors import ServiceUnavailable
+from pipeline.observability.logging import KAFKA_LOG
 from pipeline.relay.reader import Cursor
 
 
@@ -28,16 +29,18 @@ def producer_config(config: DxConfig) -> dict[str, Any]:
         "compression.type": "lz4",
         # Java clients' default partitioner, so keys land where Kafka Connect/Streams expect.
         "partitioner": "murmur2_random",
-        "message.timeout.ms": 120_000,
+        "message.timeout.ms": 60_000,
     })
     if config.relay.mode == "exactly-once":
         conf["transactional.id"] = f"dx-relay-{config.relay.name}"
+        # librdkafka requires message.timeout.ms <= transaction.timeout.ms; a dead relay's open
+        # transaction is aborted at once anyway when the next one calls init_transactions.
         conf["transaction.timeout.ms"] = 60_000
     return conf
 
 
 def check_reachable(config: DxConfig, timeout_s: float = 10.0) -> AdminClient:
-    admin = AdminClient(base_config(config))
+    admin = AdminClient(base_config(config), logger=KAFKA_LOG)
     try:
         admin.list_topics(timeout=timeout_s)
     except KafkaException as err:
@@ -64,7 +67,7 @@ def ensure_topics(admin: AdminClient, topics: dict[str, dict[str, str]],
 
 
 def make_producer(config: DxConfig) -> Producer:
-    return Producer(producer_config(config))
+    return Producer(producer_config(config), logger=KAFKA_LOG)
 
 
 def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> Cursor:
@@ -73,7 +76,7 @@ def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> Cursor:
     conf.update({"group.id": f"dx-relay-state-{config.relay.name}",
                  "isolation.level": "read_committed", "enable.auto.commit": False,
                  "enable.partition.eof": True})
-    consumer = Consumer(conf)
+    consumer = Consumer(conf, logger=KAFKA_LOG)
     key = config.relay.name.encode()
     cursor = Cursor()
     try:
@@ -86,13 +89,15 @@ def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> Cursor:
             if msg is None:
                 raise ServiceUnavailable("kafka", config.state_topic,
                                          "timed out reading the relay state topic")
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
                     remaining.discard(msg.partition())
                     continue
-                raise ServiceUnavailable("kafka", config.state_topic, str(msg.error()))
-            if msg.key() == key and msg.value():
-                data = json.loads(msg.value())
+                raise ServiceUnavailable("kafka", config.state_topic, str(error))
+            value = msg.value()
+            if msg.key() == key and value:
+                data = json.loads(value)
                 cursor = max(cursor, Cursor(int(data["seq"]), int(data["id"])))
     finally:
         consumer.close()

@@ -108,7 +108,7 @@ class Relay:
                 load_spec=lambda e, v: load_spec(spec_conn, e, v))
             producer = kafka.make_producer(self.config)
             if self.eos:
-                self._kafka_call(lambda: producer.init_transactions(30))  # type: ignore[union-attr]
+                self._kafka_call(lambda: producer.init_transactions(30))
                 cursor = kafka.read_state_cursor(self.config)
             else:
                 cursor = reader.load_cursor(self.config.relay.name)

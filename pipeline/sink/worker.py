@@ -58,15 +58,13 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.events.wire import registry_client
+from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS, WorkerMetrics
 from pipeline.sink.decode import Decoder, Undecodable
 from pipeline.sink.mapping import Event, MappingError, RouteLogic, jsonable
 from pipeline.tasks.store import TaskRow, TaskStore, TaskWriter, ensure_schema
 
 log = logging.getLogger(__name__)
-#: librdkafka's own log lines (connection chatter); its errors also reach us as events, which we
-#: log once with context, so the CLI keeps this one quiet unless --verbose.
-kafka_log = logging.getLogger("pipeline.sink.librdkafka")
 
 RAW_KEEP = ("pending", "retrying", "failed", "dead")
 
@@ -558,7 +556,7 @@ class SinkWorker:
     def _ensure_topic(self, topic: str) -> None:
         if topic in self._dlq_topics:
             return
-        admin = AdminClient(kafka_conf(self.config))
+        admin = AdminClient(kafka_conf(self.config), logger=KAFKA_LOG)
         futures = admin.create_topics([NewTopic(topic, num_partitions=1)], operation_timeout=10)
         for f in futures.values():
             try:
@@ -591,13 +589,13 @@ class SinkWorker:
                       f"{err}") from None
         conf = kafka_conf(self.config)
         self.producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5},
-                                 logger=kafka_log)
+                                 logger=KAFKA_LOG)
         consumer = Consumer({
             **conf, "group.id": self.route.consumer_group, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "client.id": f"dx-sink-{self.route.name}",
-        }, logger=kafka_log)
+        }, logger=KAFKA_LOG)
         try:
             md = consumer.list_topics(timeout=10)
         except KafkaException as err:

@@ -45,6 +45,7 @@ from pipeline import db
 from pipeline.config.model import DxConfig
 from pipeline.errors import ServiceUnavailable, TransientError
 from pipeline.events.wire import registry_client
+from pipeline.observability.logging import KAFKA_LOG
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
 from pipeline.source.catalog import Target, find_route, read_target
@@ -171,7 +172,7 @@ class SourceWorker:
             applier = Applier(conn, self.route, target)
             convert = Converter(self.route, target, self._decoder())
             producer = Producer({**kafka_conf(self.config), "enable.idempotence": True,
-                                 "linger.ms": 5})
+                                 "linger.ms": 5}, logger=KAFKA_LOG)
             consumer = self._consumer(conn)
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
@@ -208,7 +209,7 @@ class SourceWorker:
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "range",
         }
-        consumer = Consumer(conf)
+        consumer = Consumer(conf, logger=KAFKA_LOG)
 
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
             stored = offsets.load(conn, route.name, route.topic, [p.partition for p in parts])

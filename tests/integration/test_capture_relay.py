@@ -235,5 +235,7 @@ def test_snapshot_then_stream_keeps_latest_state(stack: Any, shop: dict[str, Any
     for e in events:
         assert e.key is not None and e.value is not None
         state[e.key["id"]] = e.value["after"]["v"]
+    ops = {op: sum(1 for e in events if e.value and e.value["op"] == op) for op in "ru"}
+    assert len(state) == len(final), (len(events), pending, ops, res.stdout[-300:])
     assert state == final
     assert sum(1 for e in events if e.value and e.value["op"] == "r") == 3000

@@ -54,7 +54,7 @@ def test_envelope_is_debezium_shaped_and_roundtrips() -> None:
     assert after["price"] == Decimal("1.50")
     assert after["tags"] == ["a", None]
     assert after["meta"] == '{"k":[1,2]}'
-    assert after["updated_at"] == dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=dt.timezone.utc)
+    assert after["updated_at"] == dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)
     assert after["day"] == dt.date(2026, 1, 2)
     assert after["blob"] == b"\x00\xff"
     assert after["weird"] == "'a' 'b'"

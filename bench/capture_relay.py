@@ -1,0 +1,318 @@
+"""Capture and relay benchmark: prints write overhead, relay throughput and commit-to-Kafka
+latency, each beside its baseline measured in the same run.
+
+    python bench/capture_relay.py            # services from DX_* env vars or deploy/local/stack
+    python bench/capture_relay.py --quick    # smaller run
+
+Write throughput is measured with pgbench (C client, so the driver does not hide trigger cost):
+no capture (baseline) vs row trigger vs statement trigger vs application outbox, for single-row
+and 500-row UPDATE transactions. Relay throughput: draining a backlog, and while writers run;
+baseline is a bare producer sending the same number of pre-encoded records (no database).
+Latency: writers at a fixed rate; a read_committed consumer measures receive time minus the
+commit timestamp carried in ``source.ts_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from confluent_kafka import Consumer, Producer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config.loader import load_config  # noqa: E402
+from pipeline.relay.runner import Relay  # noqa: E402
+
+ROWS = 10_000
+
+
+def services() -> dict[str, str]:
+    keys = ("DX_DATABASE_URL", "DX_KAFKA_BOOTSTRAP", "DX_SCHEMA_REGISTRY_URL")
+    if all(os.environ.get(k) for k in keys):
+        return {k: os.environ[k] for k in keys}
+    subprocess.run([str(ROOT / "deploy/local/stack"), "up"], check=True,
+                   stdout=subprocess.DEVNULL)
+    out = subprocess.run([str(ROOT / "deploy/local/stack"), "env"], check=True,
+                         capture_output=True, text=True).stdout
+    return dict(re.findall(r"export (\w+)=(\S+)", out))
+
+
+def fresh_db(admin_url: str) -> str:
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def write_config(tmp: Path, env: dict[str, str], db: str, prefix: str, mode: str,
+                 capture: str) -> Path:
+    path = tmp / f"{prefix}.yaml"
+    path.write_text(f"""
+database: {{url: "{db}"}}
+kafka: {{bootstrap_servers: "{env['DX_KAFKA_BOOTSTRAP']}", topic_prefix: {prefix}}}
+schema_registry: {{url: "{env['DX_SCHEMA_REGISTRY_URL']}"}}
+relay: {{name: {prefix}, mode: {mode}, batch_size: 5000, poll_interval_s: 0.01}}
+capture: {{mode: {capture}}}
+tables:
+  - name: items
+    columns: [id, sku, price, qty, updated_at]
+""")
+    return path
+
+
+def dx(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pipeline.cli", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def setup_table(db: str, rows: int) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS items")
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, sku text NOT NULL, "
+                     "price numeric(10,2) NOT NULL, qty int NOT NULL, "
+                     "updated_at timestamptz NOT NULL DEFAULT now(), note text)")
+        conn.execute("INSERT INTO items (id, sku, price, qty) "
+                     "SELECT g, 'sku-' || g, g % 100, 0 FROM generate_series(1, %s) g", (rows,))
+        conn.execute("VACUUM ANALYZE items")
+
+
+def pgbench(db: str, script: str, seconds: int, clients: int = 2) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    out = subprocess.run(["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j",
+                          str(clients), "-T", str(seconds), "-f", f.name, db],
+                         capture_output=True, text=True)
+    os.unlink(f.name)
+    m = re.search(r"tps = ([\d.]+)", out.stdout)
+    if not m:
+        raise RuntimeError(out.stderr or out.stdout)
+    return float(m.group(1))
+
+
+SINGLE = f"\\set id random(1, {ROWS})\nUPDATE items SET qty = qty + 1 WHERE id = :id;\n"
+BULK = (f"\\set id random(1, {ROWS - 500})\n"
+        "UPDATE items SET qty = qty + 1 WHERE id BETWEEN :id AND :id + 499;\n")
+OUTBOX_SINGLE = (f"\\set id random(1, {ROWS})\nBEGIN;\n"
+                 "UPDATE items SET qty = qty + 1 WHERE id = :id;\n"
+                 "SELECT dx.publish('item', :id::text, 'QtyChanged', '{{\"qty\": 1}}');\n"
+                 "COMMIT;\n")
+OUTBOX_BULK = (f"\\set id random(1, {ROWS - 500})\nBEGIN;\n"
+               "UPDATE items SET qty = qty + 1 WHERE id BETWEEN :id AND :id + 499;\n"
+               "SELECT dx.publish('item', g::text, 'QtyChanged', '{{\"qty\": 1}}') "
+               "FROM generate_series(:id, :id + 499) g;\nCOMMIT;\n")
+
+
+def drain_outbox(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DELETE FROM dx.outbox")
+        conn.execute("DELETE FROM dx.txn")
+        conn.execute("DELETE FROM dx.txn_marker")
+        conn.execute("VACUUM dx.outbox")
+
+
+def bench_writes(env: dict[str, str], tmp: Path, seconds: int) -> None:
+    db = fresh_db(env["DX_DATABASE_URL"])
+    setup_table(db, ROWS)
+    cfg_row = write_config(tmp, env, db, "bw_row", "at-least-once", "row")
+    cfg_stmt = write_config(tmp, env, db, "bw_stmt", "at-least-once", "statement")
+    dx("init", "-c", str(cfg_row))
+    results: dict[str, tuple[float, float]] = {}
+    for name, setup in [("no capture (baseline)", None), ("row trigger", cfg_row),
+                        ("statement trigger", cfg_stmt), ("application outbox", "outbox")]:
+        if setup in (cfg_row, cfg_stmt):
+            dx("capture", "install", "-c", str(setup))
+        else:
+            dx("capture", "uninstall", "-c", str(cfg_row))
+        single_script, bulk_script = (OUTBOX_SINGLE, OUTBOX_BULK) if setup == "outbox" \
+            else (SINGLE, BULK)
+        single = pgbench(db, single_script, seconds)
+        drain_outbox(db)
+        bulk = pgbench(db, bulk_script, seconds)
+        drain_outbox(db)
+        results[name] = (single, bulk)
+    base_single, base_bulk = results["no capture (baseline)"]
+    print("\n## Write throughput (pgbench, 2 clients, UPDATE transactions)")
+    print("| capture | 1-row tx/s | overhead | 500-row tx/s | cost factor |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (single, bulk) in results.items():
+        print(f"| {name} | {single:,.0f} | {100 * (base_single / single - 1):+.1f}% | "
+              f"{bulk:,.1f} | {base_bulk / bulk:.2f}x |")
+
+
+def fill_backlog(db: str, n: int) -> None:
+    with psycopg.connect(db) as conn:
+        step = 5000
+        for start in range(1, n + 1, step):
+            conn.execute("UPDATE items SET qty = qty + 1 WHERE id BETWEEN %s AND %s",
+                         (start, min(n, start + step - 1)))
+            conn.commit()
+
+
+def run_relay_until_empty(cfg: Path, db: str, expected: int) -> float:
+    relay = Relay(load_config(cfg))
+    t = threading.Thread(target=relay.run, daemon=True)
+    start = time.perf_counter()
+    t.start()
+    while relay.stats.events < expected:
+        time.sleep(0.01)
+        if not t.is_alive():
+            raise RuntimeError("relay stopped")
+    elapsed = time.perf_counter() - start
+    relay.stop.set()
+    t.join(30)
+    return expected / elapsed
+
+
+def bare_producer_rate(env: dict[str, str], n: int) -> float:
+    topic = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    p = Producer({"bootstrap.servers": env["DX_KAFKA_BOOTSTRAP"], "enable.idempotence": True,
+                  "linger.ms": 5, "compression.type": "lz4"})
+    payload = os.urandom(120)
+    p.produce(topic, b"warm")
+    p.flush(30)
+    start = time.perf_counter()
+    for i in range(n):
+        while True:
+            try:
+                p.produce(topic, payload, key=str(i).encode())
+                break
+            except BufferError:
+                p.poll(0.01)
+        p.poll(0)
+    p.flush(60)
+    return n / (time.perf_counter() - start)
+
+
+def bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int) -> None:
+    print("\n## Relay throughput (events/s committed to Kafka)")
+    print("| scenario | exactly-once | at-least-once |")
+    print("|---|---:|---:|")
+    drain: dict[str, float] = {}
+    under: dict[str, float] = {}
+    for mode in ("exactly-once", "at-least-once"):
+        db = fresh_db(env["DX_DATABASE_URL"])
+        setup_table(db, backlog)
+        prefix = f"br{uuid.uuid4().hex[:6]}"
+        cfg = write_config(tmp, env, db, prefix, mode, "statement")
+        dx("capture", "install", "-c", str(cfg))
+        fill_backlog(db, backlog)
+        drain[mode] = run_relay_until_empty(cfg, db, backlog)
+        # under concurrent writes: pgbench writers and the relay at the same time
+        relay = Relay(load_config(cfg))
+        t = threading.Thread(target=relay.run, daemon=True)
+        t.start()
+        time.sleep(1)
+        before = relay.stats.events
+        start = time.perf_counter()
+        tps = pgbench(db, BULK.replace("500", "50").replace("499", "49"), seconds)
+        relayed = relay.stats.events - before
+        elapsed = time.perf_counter() - start
+        relay.stop.set()
+        t.join(30)
+        under[mode] = relayed / elapsed
+        under[mode + " writes"] = tps * 50
+    bare = bare_producer_rate(env, backlog)
+    print(f"| draining a backlog of {backlog:,} | {drain['exactly-once']:,.0f} | "
+          f"{drain['at-least-once']:,.0f} |")
+    print(f"| under concurrent writes (50-row tx, 2 writers) | {under['exactly-once']:,.0f} "
+          f"(written {under['exactly-once writes']:,.0f}/s) | {under['at-least-once']:,.0f} "
+          f"(written {under['at-least-once writes']:,.0f}/s) |")
+    print(f"| baseline: bare idempotent producer, pre-encoded 120-byte records, no database | "
+          f"{bare:,.0f} | |")
+
+
+def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> None:
+    print(f"\n## Commit-to-Kafka latency at {rate:,} rows/s (ms)")
+    print("| relay mode | p50 | p99 | max | events |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in ("at-least-once", "exactly-once"):
+        db = fresh_db(env["DX_DATABASE_URL"])
+        setup_table(db, ROWS)
+        prefix = f"bl{uuid.uuid4().hex[:6]}"
+        cfg = write_config(tmp, env, db, prefix, mode, "row")
+        dx("capture", "install", "-c", str(cfg))
+        relay = Relay(load_config(cfg), keep_latencies=True)
+        t = threading.Thread(target=relay.run, daemon=True)
+        t.start()
+        lat = consume_latencies(env, f"{prefix}.public.items", db, rate, seconds)
+        relay.stop.set()
+        t.join(30)
+        lat.sort()
+        p = lambda q, lat=lat: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+        print(f"| {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | {len(lat):,} |")
+
+
+def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,
+                      seconds: int) -> list[float]:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    de = AvroDeserializer(SchemaRegistryClient({"url": env["DX_SCHEMA_REGISTRY_URL"]}))
+    c = Consumer({"bootstrap.servers": env["DX_KAFKA_BOOTSTRAP"], "group.id": topic,
+                  "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+                  "fetch.wait.max.ms": 5})
+    c.subscribe([topic])
+    stop = threading.Event()
+
+    def write() -> None:
+        # 10 transactions of 10 rows each per tick of 50 ms = rate rows/s at rate=2000
+        per_tick = max(1, rate // 20)
+        with psycopg.connect(db, autocommit=True) as conn:
+            next_t = time.perf_counter()
+            i = 0
+            while not stop.is_set():
+                for _ in range(per_tick // 10):
+                    conn.execute("UPDATE items SET qty = qty + 1 WHERE id BETWEEN %s AND %s",
+                                 (i % (ROWS - 10) + 1, i % (ROWS - 10) + 10))
+                    i += 10
+                next_t += 0.05
+                time.sleep(max(0.0, next_t - time.perf_counter()))
+
+    w = threading.Thread(target=write, daemon=True)
+    lat: list[float] = []
+    warm_until = time.time() + 2
+    w.start()
+    end = time.time() + seconds + 2
+    while time.time() < end:
+        msg = c.poll(0.1)
+        if msg is None or msg.error() or msg.value() is None:
+            continue
+        now_ms = time.time() * 1000
+        v = de(msg.value(), SerializationContext(topic, MessageField.VALUE))
+        if time.time() > warm_until:
+            lat.append(now_ms - v["source"]["ts_ms"])
+    stop.set()
+    w.join()
+    c.close()
+    return lat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter runs")
+    args = ap.parse_args()
+    env = services()
+    os.environ.update(env)
+    seconds = 5 if args.quick else 15
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        print(f"# dx capture/relay benchmark ({os.cpu_count()} cores)")
+        bench_writes(env, tmp, seconds)
+        bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
+        bench_latency(env, tmp, 2000, seconds)
+
+
+if __name__ == "__main__":
+    main()
