@@ -81,12 +81,27 @@ def validate(config: Path = ConfigOption,
 @capture_app.command("install")
 def capture_install_cmd(config: Path = ConfigOption,
                         table: list[str] = typer.Option([], "--table", "-t",
-                                                        help="only these tables")) -> None:
-    """Install (or update) capture triggers on the configured tables."""
+                                                        help="only these tables"),
+                        offline: bool = typer.Option(
+                            False, help="skip the schema compatibility check against the "
+                                        "registry")) -> None:
+    """Install (or update) capture triggers on the configured tables.
+
+    A changed table (a column added to ``columns``, a type change) gets a new spec version; its
+    schemas are checked against the registry first, so an incompatible change is refused here
+    and never reaches the outbox. The running relay picks the new version up by itself."""
+    from pipeline.capture.catalog import read_table
+    from pipeline.events.contracts import require_compatible
+
     cfg = config_from(config)
     with _db(cfg) as conn:
         capture_install.ensure_schema(conn, cfg)
         indexes = [_index(cfg, t) for t in table] if table else range(len(cfg.tables))
+        if not offline:
+            registrar = _registrar(cfg)
+            registrar.check_reachable()
+            for i in indexes:
+                require_compatible(read_table(conn, cfg, i), cfg.kafka.topic_prefix, registrar)
         for i in indexes:
             spec, version, mode = capture_install.install_table(conn, cfg, i)
             typer.echo(f"captured {spec.entity} -> {spec.topic} ({mode} trigger, "

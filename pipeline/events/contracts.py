@@ -75,6 +75,16 @@ def check(specs: list[TableSpec], prefix: str, directory: Path,
     return results
 
 
+def require_compatible(spec: TableSpec, prefix: str, registrar: SchemaRegistrar) -> None:
+    """Refuse (SchemaError) a capture spec whose key or value schema the registered subject
+    cannot evolve into, *before* the triggers write events the relay could not publish."""
+    from confluent_kafka.schema_registry import Schema
+
+    for subject, schema in ((f"{spec.topic}-key", avro.key_schema(spec, prefix)),
+                            (f"{spec.topic}-value", avro.value_schema(spec, prefix))):
+        registrar.check_compatible(subject, Schema(render(schema), "AVRO"))
+
+
 def register(directory: Path, registrar: SchemaRegistrar) -> list[tuple[str, int]]:
     out = []
     for path in sorted(directory.glob("*.avsc")):
