@@ -83,7 +83,7 @@ def setup_table(db: str, rows: int) -> None:
                      "price numeric(10,2) NOT NULL, qty int NOT NULL, "
                      "updated_at timestamptz NOT NULL DEFAULT now(), note text)")
         conn.execute("INSERT INTO items (id, sku, price, qty) "
-                     "SELECT g, 'sku-' || g, g % 100, 0 FROM generate_series(1, %s) g", (rows,))
+                     "SELECT g, 'sku-' || g, g %% 100, 0 FROM generate_series(1, %s) g", (rows,))
         conn.execute("VACUUM ANALYZE items")
 
 
@@ -105,11 +105,11 @@ BULK = (f"\\set id random(1, {ROWS - 500})\n"
         "UPDATE items SET qty = qty + 1 WHERE id BETWEEN :id AND :id + 499;\n")
 OUTBOX_SINGLE = (f"\\set id random(1, {ROWS})\nBEGIN;\n"
                  "UPDATE items SET qty = qty + 1 WHERE id = :id;\n"
-                 "SELECT dx.publish('item', :id::text, 'QtyChanged', '{{\"qty\": 1}}');\n"
+                 "SELECT dx.publish('item', :id::text, 'QtyChanged', '{\"qty\": 1}');\n"
                  "COMMIT;\n")
 OUTBOX_BULK = (f"\\set id random(1, {ROWS - 500})\nBEGIN;\n"
                "UPDATE items SET qty = qty + 1 WHERE id BETWEEN :id AND :id + 499;\n"
-               "SELECT dx.publish('item', g::text, 'QtyChanged', '{{\"qty\": 1}}') "
+               "SELECT dx.publish('item', g::text, 'QtyChanged', '{\"qty\": 1}') "
                "FROM generate_series(:id, :id + 499) g;\nCOMMIT;\n")
 
 
@@ -232,6 +232,18 @@ def bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int) -> N
           f"{bare:,.0f} | |")
 
 
+def start_relay(cfg: Path) -> subprocess.Popen[str]:
+    """``dx relay`` as its own process (as in production: no GIL shared with the benchmark's
+    writer and consumer); returns once it reports itself active."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "relay", "-c", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if ": active" in line:
+            return proc
+    raise RuntimeError(f"relay did not start (exit {proc.wait()})")
+
+
 def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> None:
     print(f"\n## Commit-to-Kafka latency at {rate:,} rows/s (ms)")
     print("| relay mode | p50 | p99 | max | events |")
@@ -242,12 +254,12 @@ def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> No
         prefix = f"bl{uuid.uuid4().hex[:6]}"
         cfg = write_config(tmp, env, db, prefix, mode, "row")
         dx("capture", "install", "-c", str(cfg))
-        relay = Relay(load_config(cfg), keep_latencies=True)
-        t = threading.Thread(target=relay.run, daemon=True)
-        t.start()
-        lat = consume_latencies(env, f"{prefix}.public.items", db, rate, seconds)
-        relay.stop.set()
-        t.join(30)
+        relay = start_relay(cfg)
+        try:
+            lat = consume_latencies(env, f"{prefix}.public.items", db, rate, seconds)
+        finally:
+            relay.terminate()
+            relay.wait(30)
         lat.sort()
         p = lambda q, lat=lat: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
         print(f"| {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | {len(lat):,} |")
@@ -282,7 +294,10 @@ def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,
 
     w = threading.Thread(target=write, daemon=True)
     lat: list[float] = []
-    warm_until = time.time() + 2
+    # steady state only: schema registration, topic creation and the consumer group's join
+    # (the broker delays the first rebalance by up to 3 s) happen before the first message;
+    # changes committed in the second after it arrived are the first ones measured
+    warm_until_ms: float | None = None
     w.start()
     end = time.time() + seconds + 2
     while time.time() < end:
@@ -291,7 +306,10 @@ def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,
             continue
         now_ms = time.time() * 1000
         v = de(msg.value(), SerializationContext(topic, MessageField.VALUE))
-        if time.time() > warm_until:
+        if warm_until_ms is None:
+            warm_until_ms = now_ms + 1000
+            end = time.time() + seconds + 1
+        if v["source"]["ts_ms"] >= warm_until_ms:
             lat.append(now_ms - v["source"]["ts_ms"])
     stop.set()
     w.join()
@@ -302,16 +320,22 @@ def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--only", choices=["writes", "relay", "latency"], action="append",
+                    help="run only these parts (repeatable)")
     args = ap.parse_args()
+    parts = set(args.only or ["writes", "relay", "latency"])
     env = services()
     os.environ.update(env)
     seconds = 5 if args.quick else 15
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print(f"# dx capture/relay benchmark ({os.cpu_count()} cores)")
-        bench_writes(env, tmp, seconds)
-        bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
-        bench_latency(env, tmp, 2000, seconds)
+        if "writes" in parts:
+            bench_writes(env, tmp, seconds)
+        if "relay" in parts:
+            bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
+        if "latency" in parts:
+            bench_latency(env, tmp, 2000, seconds)
 
 
 if __name__ == "__main__":
