@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
+from pipeline.config.api import ApiConfig
 from pipeline.config.sinks import SinkRoute
 from pipeline.config.sources import SourceRoute
 
@@ -143,6 +144,7 @@ class DxConfig(Base):
                                    description="outbound routes to third-party systems")
     sources: list[SourceRoute] = Field(default_factory=list,
                                        description="inbound routes applied to the database")
+    api: ApiConfig = Field(default_factory=ApiConfig, description="the Data Exchange API")
 
     _file: str = PrivateAttr("dx.yaml")
     _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
