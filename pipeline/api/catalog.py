@@ -170,6 +170,19 @@ def _is_number(col: Column) -> bool:
     return not col.is_array and col.type in _NUMBER
 
 
+def _guarded(coerce: Coercer) -> Coercer:
+    """The inbound coercer, with decimal arithmetic failures (a number too large for the
+    decimal context, e.g. 1e308 for numeric(10,2)) reported as ValueError like the rest."""
+
+    def run(v: Any) -> Any:
+        try:
+            return coerce(v)
+        except ArithmeticError:
+            raise ValueError(f"{v!r} is out of range for this column") from None
+
+    return run
+
+
 def _comparable(a: Column, b: Column) -> bool:
     if a.is_array != b.is_array:
         return False
@@ -196,7 +209,7 @@ def _field(config: DxConfig, i: int, e: ApiEntity, name: str, rule: ApiField,
     if (rule.min_value is not None or rule.max_value is not None) and not _is_number(col):
         raise _fail(config, f"field {name!r}: min_value/max_value need a number column "
                             f"({colname!r} is {col.type})", *loc)
-    coerce = coercer(col)
+    coerce = _guarded(coercer(col))
     enum: tuple[Any, ...] | None = None
     if rule.enum is not None:
         values = []

@@ -4,6 +4,7 @@ the API key's system as their origin."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from psycopg import sql
 
 from pipeline.capture import install as capture_install
 from pipeline.config.loader import load_config
+from tests.integration.relay_support import dx
 from tests.integration.test_api_support import (
     API_SECTION,
     KEYS,
@@ -294,6 +296,39 @@ def test_keys_scopes_and_rate_limit(served: Served) -> None:
     with served.client(SLOW_SECRET) as c:
         statuses = [c.get("/variants", params={"limit": "1"}).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
+
+
+def test_request_log_names_the_key_never_the_secret(served: Served,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.api.access")
+    with served.client(PIM) as c:
+        assert c.get("/products", params={"limit": "1"}).status_code == 200
+    with served.client("not-a-key") as c:
+        assert c.get("/products").status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.api.access"]
+    assert any("GET /products 200 key=pim-key" in line for line in lines), lines
+    assert any("GET /products 401 key=-" in line for line in lines), lines
+    assert not any(PIM in line or "not-a-key" in line for line in lines)
+
+
+def test_dx_api_check_names_the_line_of_a_bad_entity(db: str, stack: Any,
+                                                     tmp_path: Path) -> None:
+    good = write_config(tmp_path / "good.yaml", db, stack)
+    res = dx("api", "check", "-c", str(good), env=KEYS)
+    assert res.returncode == 0, res.stderr
+    assert "/products -> public.products" in res.stdout and "api: ok (2 entities" in res.stdout
+    text = good.read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("title: {column: name, min_length: 2, max_length: 200}",
+                                "title: {column: name, min_value: 2}"))
+    res = dx("api", "check", "-c", str(bad), env=KEYS)
+    line = next(i for i, t in enumerate(bad.read_text().splitlines(), 1) if "title:" in t)
+    assert res.returncode == 1
+    assert f"bad.yaml:{line}: field 'title': min_value/max_value need a number column" \
+        in res.stderr, res.stderr
+    bad.write_text(text.replace("table: variants", "table: variantz"))
+    res = dx("api", "check", "-c", str(bad), env=KEYS)
+    assert res.returncode == 1 and "table public.variantz does not exist" in res.stderr
 
 
 def test_writes_land_in_the_outbox_with_the_keys_system(served: Served, db: str) -> None:
