@@ -6,7 +6,11 @@ It plays both directions of the exchange:
   (``PUT /products/{id}`` with the product JSON, ``DELETE /products/{id}``; ``POST`` works too).
   Every delivery is recorded, answered ``200``, and de-duplicated by its ``Idempotency-Key``
   header: a redelivery (dx retries at-least-once) is answered from the first response and changes
-  nothing. A bearer token is checked when one is configured.
+  nothing. A bearer token is checked when one is configured. Like the shop database, the PIM
+  keeps the newest ``version`` of a record: a delivery carrying an *older* version than the one
+  stored (a shop change that lost the race against an edit made here) is answered ``200`` with
+  status ``stale`` and changes nothing; an equal version is taken (the shop wins ties, because
+  the shop's inbound route refuses an equal version), so both sides settle on the same row.
 * **PIM → dx**: ``POST /products/{id}/edit`` (or ``--edit-every N`` seconds, at random) edits a
   product *in the PIM*, bumps its ``version`` and publishes the row as JSON to an inbound Kafka
   topic (key ``{"id": ...}``, headers ``dx.event_id`` and ``dx.origin: pim``). dx's ``pim-inbound``
@@ -25,7 +29,7 @@ Only the standard library is needed for the HTTP side; publishing needs ``conflu
     python deploy/demo/pim.py --port 8090 --kafka-bootstrap localhost:9092 --topic pim.products
 
 Every flag has an environment twin: PIM_HOST, PIM_PORT, DX_KAFKA_BOOTSTRAP, PIM_TOPIC, PIM_TOKEN,
-PIM_EDIT_EVERY, PIM_FAIL_RATE, PIM_REJECT_MARKER.
+PIM_EDIT_EVERY, PIM_FAIL_RATE, PIM_REJECT_MARKER, PIM_KEEP_DELIVERIES.
 """
 
 from __future__ import annotations
@@ -111,14 +115,14 @@ class Pim:
     """The PIM's state: collections of records by id, delivery log, idempotency responses."""
 
     def __init__(self, publisher: Publisher, *, token: str | None, fail_rate: float,
-                 reject_marker: str | None) -> None:
+                 reject_marker: str | None, keep_deliveries: int = 10_000) -> None:
         self.publisher = publisher
         self.token = token
         self.fail_rate = fail_rate
         self.reject_marker = reject_marker
         self.lock = threading.Lock()
         self.collections: dict[str, dict[str, dict[str, Any]]] = {}
-        self.deliveries: deque[dict[str, Any]] = deque(maxlen=200)
+        self.deliveries: deque[dict[str, Any]] = deque(maxlen=keep_deliveries)
         self.replies: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
         self.stats: Counter[str] = Counter()
         self.started = time.time()
@@ -132,14 +136,16 @@ class Pim:
             if idempotency_key and idempotency_key in self.replies:
                 self.stats["duplicates"] += 1
                 status, response = self.replies[idempotency_key]
-                self._record(method, collection, item_id, idempotency_key, status, True)
+                self._record(method, collection, item_id, idempotency_key, status, True, body,
+                             response)
                 return status, response, True
             status, response = self._apply(method, collection, item_id, body)
             if idempotency_key and status < 500:  # a 503 must be retried for real
                 self.replies[idempotency_key] = (status, response)
                 while len(self.replies) > _IDEMPOTENCY_KEYS:
                     self.replies.popitem(last=False)
-            self._record(method, collection, item_id, idempotency_key, status, False)
+            self._record(method, collection, item_id, idempotency_key, status, False, body,
+                         response)
             return status, response, False
 
     def _apply(self, method: str, collection: str, item_id: str,
@@ -161,16 +167,22 @@ class Pim:
             self.stats["rejected"] += 1
             return 422, {"error": f"refused: contains {self.reject_marker!r} (demo rule)"}
         record = {**body, "id": body.get("id", _maybe_int(item_id))}
+        stored = items.get(item_id)
+        if stored is not None and _older(record.get("version"), stored.get("version")):
+            self.stats["stale"] += 1
+            return 200, {"status": "stale", "id": record["id"], "version": stored.get("version")}
         items[item_id] = record
         self.stats["stored"] += 1
         return 200, {"status": "stored", "id": record["id"], "version": record.get("version")}
 
     def _record(self, method: str, collection: str, item_id: str, key: str | None,
-                status: int, replayed: bool) -> None:
+                status: int, replayed: bool, body: Any, response: dict[str, Any]) -> None:
+        fields = body if isinstance(body, dict) else {}
         self.deliveries.append({
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "method": method, "path": f"/{collection}/{item_id}", "idempotency_key": key,
-            "status": status, "replayed": replayed,
+            "status": status, "result": response.get("status"), "replayed": replayed,
+            "version": fields.get("version"), "name": fields.get("name"),
         })
 
     # -- PIM → dx --------------------------------------------------------------------------
@@ -222,7 +234,7 @@ class Pim:
         with self.lock:
             return {
                 **{k: self.stats.get(k, 0) for k in (
-                    "received", "stored", "deleted", "duplicates", "rejected",
+                    "received", "stored", "stale", "deleted", "duplicates", "rejected",
                     "failed_injected", "edits")},
                 "by_method": {k.removeprefix("received_").upper(): v
                               for k, v in self.stats.items() if k.startswith("received_")},
@@ -232,6 +244,14 @@ class Pim:
                 "last_delivery": self.deliveries[-1] if self.deliveries else None,
                 "uptime_s": round(time.time() - self.started, 1),
             }
+
+
+def _older(incoming: Any, stored: Any) -> bool:
+    """Whether a delivered version is older than the stored one (unversioned: never)."""
+    try:
+        return incoming is not None and stored is not None and int(incoming) < int(stored)
+    except (TypeError, ValueError):
+        return False
 
 
 def _maybe_int(text: str) -> int | str:
@@ -312,8 +332,8 @@ def make_handler(pim: Pim) -> type[BaseHTTPRequestHandler]:
                 body = None if self.command == "DELETE" else self._body()
             status, response, replayed = pim.deliver(
                 self.command, collection, item_id, body, self.headers.get("Idempotency-Key"))
-            log.info("%s /%s/%s -> %d%s", self.command, collection, item_id, status,
-                     " (replayed)" if replayed else "")
+            log.info("%s /%s/%s -> %d %s%s", self.command, collection, item_id, status,
+                     response.get("status") or "", " (replayed)" if replayed else "")
             self._json(status, response, replayed=replayed)
 
         def _body(self) -> Any:
@@ -361,6 +381,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of deliveries answered 503 [PIM_FAIL_RATE]")
     p.add_argument("--reject-marker", default=env("PIM_REJECT_MARKER", "REJECT"),
                    help="deliveries containing this text get 422; '' = off [PIM_REJECT_MARKER]")
+    p.add_argument("--keep-deliveries", type=int,
+                   default=int(env("PIM_KEEP_DELIVERIES", "10000")),
+                   help="how many recent deliveries GET /deliveries remembers "
+                        "[PIM_KEEP_DELIVERIES]")
     p.add_argument("--log-level", default=env("PIM_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     if not 0 <= args.fail_rate <= 1:
@@ -372,7 +396,8 @@ def serve(args: argparse.Namespace) -> tuple[ThreadingHTTPServer, Pim]:
     """Build the PIM and bind its server (not yet serving); for tests and main()."""
     publisher = Publisher(args.kafka_bootstrap, args.topic)
     pim = Pim(publisher, token=args.token, fail_rate=args.fail_rate,
-              reject_marker=args.reject_marker or None)
+              reject_marker=args.reject_marker or None,
+              keep_deliveries=max(1, args.keep_deliveries))
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(pim))
     httpd.daemon_threads = True
     return httpd, pim
