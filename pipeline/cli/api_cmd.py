@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -55,11 +57,29 @@ def serve(config: Path = ConfigOption,
     bind_host, bind_port = host or cfg.api.host, port if port is not None else cfg.api.port
     typer.echo(f"dx api: {len(api.state.entities)} entities on http://{bind_host}:{bind_port} "
                "(docs at /docs)", err=True)
+
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handling: the handlers below stop it, so the process
+        exits 0 after in-flight requests instead of re-raising SIGTERM."""
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server = Server(uvicorn.Config(api.app, host=bind_host, port=bind_port, log_config=None,
+                                    access_log=False, server_header=False))
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        server.force_exit = server.should_exit  # a second signal aborts in-flight requests
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     try:
-        uvicorn.run(api.app, host=bind_host, port=bind_port, log_config=None,
-                    access_log=False, server_header=False)
+        server.run()
     finally:
         api.close()
+    typer.echo("dx api: stopped", err=True)
 
 
 @api_app.command("check")

@@ -5,11 +5,17 @@ the API key's system as their origin."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from psycopg import sql
@@ -24,9 +30,11 @@ from tests.integration.test_api_support import (
     SLOW_SECRET,
     WMS_SECRET,
     Served,
+    free_port,
     serve,
     write_config,
 )
+from tests.integration.test_sink_support import wait_for
 
 PIM = KEYS["TEST_API_KEY_PIM"]
 READER = KEYS["TEST_API_KEY_READER"]
@@ -329,6 +337,41 @@ def test_dx_api_check_names_the_line_of_a_bad_entity(db: str, stack: Any,
     bad.write_text(text.replace("table: variants", "table: variantz"))
     res = dx("api", "check", "-c", str(bad), env=KEYS)
     assert res.returncode == 1 and "table public.variantz does not exist" in res.stderr
+
+
+def test_dx_api_serve_reloads_on_sighup(db: str, stack: Any, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "dx.yaml", db, stack)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "api", "serve", "-c",
+                             str(path), "--port", str(port)], env={**os.environ, **KEYS},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def health() -> list[str] | None:
+            try:
+                return list(httpx.get(f"{url}/-/health", timeout=2).json()["entities"])
+            except httpx.HTTPError:
+                return None
+
+        wait_for(health, 30, what="dx api serve")
+        r = httpx.get(f"{url}/variants", headers={"X-Api-Key": READER})
+        assert r.status_code == 200
+        path.write_text(path.read_text().replace("alias: variants", "alias: items")
+                        .replace("entity: variants", "entity: items")
+                        .replace("variants: [read, write, delete]", "items: [read]")
+                        .replace("scopes: {variants: [read, write]}", "scopes: {items: [read]}"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: health() == ["items", "products"], 30, what="the reload")
+        assert httpx.get(f"{url}/items", headers={"X-Api-Key": READER}).status_code == 200
+        path.write_text("api: [not, a, mapping]\n")  # refused: the running API stays
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert health() == ["items", "products"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "reload refused" in out and "dx api: stopped" in out and READER not in out
 
 
 def test_writes_land_in_the_outbox_with_the_keys_system(served: Served, db: str) -> None:
