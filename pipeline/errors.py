@@ -61,3 +61,17 @@ class EventError(TerminalError):
         self.partition = partition
         self.offset = offset
         super().__init__(f"{topic}[{partition}]@{offset}: {message}")
+
+
+class OutboxRowError(TerminalError):
+    """A captured change cannot become an event (e.g. numeric NaN has no Avro decimal form).
+
+    The relay stops on it rather than skip it: events after it would overtake it. The operator
+    fixes the cause, or sets the row aside with ``dx outbox quarantine SEQ:ID`` (kept in
+    ``dx.outbox_quarantine``, shown by ``dx status``)."""
+
+    def __init__(self, message: str, *, entity: str, seq: int, id: int, key: object) -> None:
+        self.entity, self.seq, self.id = entity, seq, id
+        super().__init__(
+            f"outbox row {seq}:{id} ({entity}, key {key}) cannot be encoded: {message}; fix the "
+            f"value or set the row aside with 'dx outbox quarantine {seq}:{id}'")

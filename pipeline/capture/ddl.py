@@ -58,6 +58,24 @@ CREATE TABLE IF NOT EXISTS dx.txn (
     xid xid8 NOT NULL,
     committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+CREATE TABLE IF NOT EXISTS dx.outbox_quarantine (
+    seq bigint NOT NULL,
+    id bigint NOT NULL,
+    xid xid8 NOT NULL,
+    entity text NOT NULL,
+    version integer NOT NULL,
+    op "char" NOT NULL,
+    key jsonb,
+    before jsonb,
+    after jsonb,
+    origin text,
+    event_id uuid,
+    event_type text,
+    created_at timestamptz NOT NULL,
+    reason text NOT NULL,
+    quarantined_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (seq, id)
+);
 CREATE TABLE IF NOT EXISTS dx.capture_spec (
     entity text NOT NULL,
     version integer NOT NULL,

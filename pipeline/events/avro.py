@@ -85,6 +85,13 @@ def _to_date(v: str) -> dt.date:
     return dt.date.fromisoformat(v)
 
 
+def _finite(d: Decimal) -> Decimal:
+    """PostgreSQL numeric allows NaN and ±Infinity; an Avro decimal has no such values."""
+    if not d.is_finite():
+        raise ValueError(f"{d} has no Avro decimal form")
+    return d
+
+
 def _scalar_converter(col: ColumnSpec) -> Converter | None:
     """JSON value (as jsonb_build_object produced it) -> the Python value fastavro encodes.
     None means the JSON value is already right."""
@@ -92,7 +99,7 @@ def _scalar_converter(col: ColumnSpec) -> Converter | None:
     if t == "numeric":
         if col.scale is not None:
             q = Decimal(1).scaleb(-col.scale)
-            return lambda v: Decimal(v).quantize(q)
+            return lambda v: _finite(Decimal(v)).quantize(q)
         return lambda v: str(v)
     if t in ("float4", "float8"):
         return lambda v: float(v)
@@ -130,7 +137,10 @@ def row_converter(columns: tuple[ColumnSpec, ...]) -> Callable[[dict[str, Any]],
         out: dict[str, Any] = {}
         for name, field, conv in convs:
             v = row.get(name)
-            out[field] = v if v is None or conv is None else conv(v)
+            try:
+                out[field] = v if v is None or conv is None else conv(v)
+            except (ValueError, TypeError, ArithmeticError) as err:
+                raise ValueError(f"column {name}: {v!r}: {err}") from None
         return out
 
     return convert

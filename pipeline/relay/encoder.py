@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.capture.spec import TableSpec
+from pipeline.errors import OutboxRowError
 from pipeline.events import avro
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar
 from pipeline.relay.reader import OutboxRow
@@ -75,6 +76,15 @@ class Encoder:
         return hit
 
     def encode(self, row: OutboxRow) -> list[Record]:
+        """The Kafka records of one outbox row; OutboxRowError names the row when its values
+        cannot be encoded (the relay stops there rather than skip it)."""
+        try:
+            return self._encode(row)
+        except (ValueError, TypeError, ArithmeticError, OverflowError) as err:
+            raise OutboxRowError(str(err), entity=row.entity, seq=row.seq, id=row.id,
+                                 key=json.dumps(row.key, default=str)) from None
+
+    def _encode(self, row: OutboxRow) -> list[Record]:
         event_id = self.event_id(row)
         headers: Headers = [("dx.event_id", event_id.encode())]
         if row.origin is not None:

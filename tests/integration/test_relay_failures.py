@@ -89,3 +89,33 @@ def test_unreachable_registry_stops_without_losing_events(stack: Any, pg_db: str
         events = reader.read(until=2, settle_s=0.5)
     reader.close()
     assert [e.key for e in events] == [{"id": 1}, {"id": 2}]
+
+
+def test_unencodable_row_stops_the_relay_until_quarantined(stack: Any, pg_db: str,
+                                                            topic_prefix: str,
+                                                            tmp_path: Path) -> None:
+    """numeric NaN has no Avro decimal form: the relay names the row and stops (the rows behind
+    it wait: nothing overtakes it, nothing is skipped); quarantine keeps it and lets the rest go."""
+    execute(pg_db, "CREATE TABLE p (id int PRIMARY KEY, price numeric(10,2))")
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                       "  - name: p\n    columns: [id, price]\n", mode="at-least-once")
+    assert dx("capture", "install", "-c", str(cfg)).returncode == 0
+    execute(pg_db, "INSERT INTO p VALUES (1, 1.5)", "INSERT INTO p VALUES (2, 'NaN')")
+    execute(pg_db, "INSERT INTO p VALUES (3, 3)")
+    line = one_error_line(dx("relay", "-c", str(cfg), timeout=90))
+    assert "(public.p, key {\"id\": 2}) cannot be encoded: column price: 'NaN'" in line
+    position = line.split("dx outbox quarantine ")[1].strip("'")
+    with psycopg.connect(pg_db) as conn:
+        assert conn.execute("SELECT count(*) FROM dx.outbox").fetchone() == (3,)
+    res = dx("outbox", "quarantine", position, "--reason", "legacy NaN", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    reader = TopicReader(stack, f"{topic_prefix}.public.p")
+    with relay_thread(cfg):
+        events = reader.read(until=2, settle_s=1.0)
+    reader.close()
+    assert [e.key for e in events] == [{"id": 1}, {"id": 3}]
+    with psycopg.connect(pg_db) as conn:
+        kept = conn.execute("SELECT key, after, reason FROM dx.outbox_quarantine").fetchall()
+    assert kept == [({"id": 2}, {"id": 2, "price": "NaN"}, "legacy NaN")]
+    again = one_error_line(dx("outbox", "quarantine", position, "-r", "x", "-c", str(cfg)))
+    assert "no pending outbox row" in again
