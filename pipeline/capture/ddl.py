@@ -1,8 +1,9 @@
 """SQL that dx installs: its own tables in schema ``dx`` and the per-table capture triggers.
 
-Ordering: every capturing transaction inserts one marker row whose *deferred* constraint trigger
-runs at commit time, takes a shared advisory lock and draws ``dx.commit_seq``. Two transactions
-that touch the same row are serialised by the row lock, so the later one always draws the higher
+Ordering: every capturing transaction inserts one row (its first outbox row, flagged
+``marks_txn``, or a ``dx.txn_marker`` row) whose *deferred* constraint trigger runs at commit
+time, takes a shared advisory lock and draws ``dx.commit_seq``. Two transactions that touch the
+same row are serialised by the row lock, so the later one always draws the higher
 number: ordering by that number keeps per-key order, which ordering by xid does not (a
 transaction can hold an older xid yet overwrite a row after a younger one committed). The relay's
 ``dx.commit_frontier()`` reads the sequence and then takes the same advisory lock exclusively,
@@ -48,8 +49,10 @@ CREATE TABLE IF NOT EXISTS dx.outbox (
     event_id uuid,
     event_type text,
     created_at timestamptz NOT NULL DEFAULT now(),
+    marks_txn boolean,
     PRIMARY KEY (xid, id)
 );
+ALTER TABLE dx.outbox ADD COLUMN IF NOT EXISTS marks_txn boolean;
 CREATE TABLE IF NOT EXISTS dx.txn_marker (
     xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
@@ -156,6 +159,10 @@ END $$;
 DROP TRIGGER IF EXISTS dx_on_commit ON dx.txn_marker;
 CREATE CONSTRAINT TRIGGER dx_on_commit AFTER INSERT ON dx.txn_marker
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION dx.on_commit();
+DROP TRIGGER IF EXISTS dx_on_commit ON dx.outbox;
+CREATE CONSTRAINT TRIGGER dx_on_commit AFTER INSERT ON dx.outbox
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.marks_txn)
+    EXECUTE FUNCTION dx.on_commit();
 """  # noqa: S608
 
 
@@ -206,22 +213,26 @@ def _dollar(body: str) -> str:
 def row_function(spec: TableSpec, version: int) -> sql.Composable:
     k, cols = spec.key_columns, spec.columns
     ent, ver = sql.Literal(spec.entity), sql.Literal(version)
-    ins = sql.SQL("INSERT INTO dx.outbox (entity, version, op, key, before, after, origin) VALUES ")
+    ins = sql.SQL("INSERT INTO dx.outbox (entity, version, op, key, before, after, origin, "
+                  "marks_txn) VALUES ")
+    # The first row a transaction captures carries marks_txn = true: its deferred constraint
+    # trigger draws the commit sequence, with no separate marker row to write and purge.
     body = sql.SQL("""
+DECLARE marks boolean;
 BEGIN
     IF current_setting({guc}, true) IS DISTINCT FROM '1' THEN
-        INSERT INTO dx.txn_marker DEFAULT VALUES;
         PERFORM set_config({guc}, '1', true);
+        marks := true;
     END IF;
     IF TG_OP = 'INSERT' THEN
-        {ins}({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin});
+        {ins}({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin}, marks);
     ELSIF TG_OP = 'DELETE' THEN
-        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin});
+        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks);
     ELSIF {cmp_key_old} IS DISTINCT FROM {cmp_key_new} THEN
-        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}),
-             ({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin});
+        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks),
+             ({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin}, NULL);
     ELSE
-        {ins}({ent}, {ver}, 'u', {key_new}, {row_old}, {row_new}, {origin});
+        {ins}({ent}, {ver}, 'u', {key_new}, {row_old}, {row_new}, {origin}, marks);
     END IF;
     RETURN NULL;
 END
