@@ -84,12 +84,13 @@ def _numeric(col: Column) -> Coercer:
                 raise ValueError(f"{v!r} is not allowed in numeric({col.precision},{col.scale})")
             return d
         if col.precision is not None and col.scale is not None:
+            # integer digits first, from the exponent: quantizing a huge value (1e308) would
+            # overflow the decimal context instead of answering
+            if abs(d) >= 1 and d.adjusted() + 1 > col.precision - col.scale:
+                raise ValueError(f"{v} does not fit numeric({col.precision},{col.scale})")
             exp = int(d.as_tuple().exponent)
             if -exp > col.scale and d != d.quantize(Decimal(1).scaleb(-col.scale)):
                 raise ValueError(f"{v} has more than {col.scale} decimal places")
-            digits = len(d.quantize(Decimal(1)).copy_abs().as_tuple().digits) if d else 0
-            if abs(d) >= 1 and digits > col.precision - col.scale:
-                raise ValueError(f"{v} does not fit numeric({col.precision},{col.scale})")
         return d
 
     return coerce

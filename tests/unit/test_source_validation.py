@@ -102,6 +102,7 @@ def test_coercions(col: Column, value: object, expected: object) -> None:
     (Column("n", "int4", False), "4x", "expected an integer"),
     (Column("n", "numeric", False, precision=4, scale=2), "123.4", "does not fit"),
     (Column("n", "numeric", False, precision=6, scale=2), "1.234", "more than 2 decimal"),
+    (Column("n", "numeric", False, precision=6, scale=2), 1.7976931348623157e308, "does not fit"),
     (Column("s", "varchar", False, precision=3), "abcd", "4 characters long"),
     (Column("s", "text", False), "a\x00b", "NUL"),
     (Column("s", "text", False), {"a": 1}, "expected a string"),
