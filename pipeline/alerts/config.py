@@ -44,7 +44,8 @@ class FailureRateRule(_Base):
 
 
 class RulesConfig(_Base):
-    failure_rate: FailureRateRule | None = None
+    failure_rate: FailureRateRule | None = Field(
+        None, description="share of a route's recent tasks failing; off unless set")
     dead_tasks: int | None = Field(1, ge=1, description="dead tasks of one route, at least")
     backlog_age_s: float | None = Field(300, gt=0, description="oldest outbox row, seconds")
     consumer_lag: int | None = Field(None, ge=1, description="messages behind, per sink route")
@@ -54,7 +55,7 @@ class AlertsConfig(_Base):
     """Where alerts go and when they fire."""
 
     interval_s: float = Field(30, gt=0, description="evaluation period of 'dx alerts run'")
-    email: EmailConfig | None = None
-    webhook: WebhookConfig | None = None
-    rules: RulesConfig = Field(default_factory=RulesConfig)
-    subject_prefix: str = "[dx]"
+    email: EmailConfig | None = Field(None, description="send alerts by e-mail (SMTP)")
+    webhook: WebhookConfig | None = Field(None, description="POST alerts to a URL")
+    rules: RulesConfig = Field(default_factory=RulesConfig, description="when alerts fire")
+    subject_prefix: str = Field("[dx]", description="start of every e-mail subject")

@@ -58,7 +58,7 @@ class Observation:
 class AlertEngine:
     def __init__(self, config: DxConfig, alerts: AlertsConfig | None = None) -> None:
         self.config = config
-        self.alerts: AlertsConfig = alerts or getattr(config, "alerts", None) or AlertsConfig()
+        self.alerts: AlertsConfig = alerts or config.alerts
         self.channels: list[Channel] = []
         if self.alerts.email:
             self.channels.append(EmailChannel(self.alerts.email))

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -18,7 +19,13 @@ from rich.table import Table
 from pipeline.capture import install as capture_install
 from pipeline.capture.catalog import read_all
 from pipeline.capture.snapshot import snapshot_table
-from pipeline.cli.common import ConfigOption, config_from
+from pipeline.cli.common import (
+    ConfigOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    config_from,
+    worker_server,
+)
 from pipeline.config import DxConfig
 from pipeline.db import connection
 from pipeline.errors import ConfigError
@@ -54,16 +61,12 @@ def init(config: Path = ConfigOption) -> None:
 
 
 def _extra_schemas() -> list[Any]:
-    """ensure_schema() of the other areas (task store, inbound offsets), when present."""
-    found = []
-    for module in ("pipeline.tasks.store", "pipeline.source.offsets"):
-        try:
-            mod = __import__(module, fromlist=["ensure_schema"])
-        except ImportError:
-            continue
-        if hasattr(mod, "ensure_schema"):
-            found.append(mod.ensure_schema)
-    return found
+    """ensure_schema() of every other area: tasks, inbound offsets, alert incidents."""
+    from pipeline.alerts.engine import ensure_schema as alerts_schema
+    from pipeline.source.offsets import ensure_schema as offsets_schema
+    from pipeline.tasks.store import ensure_schema as tasks_schema
+
+    return [tasks_schema, offsets_schema, alerts_schema]
 
 
 def validate(config: Path = ConfigOption,
@@ -156,7 +159,8 @@ def snapshot(table: str = typer.Argument(..., help="configured table, e.g. publi
     typer.echo(f"snapshot of {table}: {done} rows queued for the relay")
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
+def install_signal_handlers(stop: threading.Event,
+                            on_stop: Callable[[], None] | None = None) -> None:
     """First SIGTERM/SIGINT: finish the batch in hand and stop. Second: exit at once."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -164,18 +168,24 @@ def install_signal_handlers(stop: threading.Event) -> None:
             print("dx: second signal, exiting without cleanup", file=sys.stderr)
             raise SystemExit(130)
         stop.set()
+        if on_stop is not None:
+            on_stop()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
-def relay(config: Path = ConfigOption) -> None:
+def relay(config: Path = ConfigOption, metrics_port: int = MetricsPortOption,
+          metrics_host: str = MetricsHostOption) -> None:
     """Move committed changes from the outbox to Kafka (standby if another relay is active)."""
+    from pipeline.relay.observe import RelayObserver
     from pipeline.relay.runner import Relay
 
     cfg = config_from(config)
+    server = worker_server(metrics_port, metrics_host)
+    observer = RelayObserver(cfg, server)
     stop = threading.Event()
-    install_signal_handlers(stop)
+    install_signal_handlers(stop, lambda: server.set_ready(False, "stopping"))
     last = {"state": ""}
 
     def on_state(state: str) -> None:
@@ -183,42 +193,88 @@ def relay(config: Path = ConfigOption) -> None:
             print(f"dx relay {cfg.relay.name}: {state}", flush=True)
             last["state"] = state
 
-    Relay(cfg, stop=stop, on_state=on_state).run()
+    try:
+        Relay(cfg, stop=stop, on_state=on_state, hooks=observer).run()
+    finally:
+        observer.close()
+        server.close()
 
 
 def status(config: Path = ConfigOption,
            as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-           long_txn_s: float = typer.Option(60.0, help="report transactions older than this"),
+           long_txn_s: float = typer.Option(
+               60.0, "--long-txn-s", min=0,
+               help="unhealthy: a transaction holding captured changes open this long"),
+           backlog_age_s: float = typer.Option(
+               300.0, "--backlog-age-s", min=0,
+               help="unhealthy: the oldest committed change not relayed after this long"),
+           max_lag: int = typer.Option(
+               10_000, "--max-lag", min=0,
+               help="unhealthy: a route this many messages behind (any lag without a running "
+                    "worker is unhealthy too)"),
+           max_dead: int = typer.Option(0, "--max-dead", min=0,
+                                        help="unhealthy: a route with more dead tasks"),
+           kafka_timeout_s: float = typer.Option(5.0, "--kafka-timeout-s", min=0.1,
+                                                 help="per Kafka request"),
            ) -> None:
-    """Outbox backlog, relay, long transactions; exit 1 when something needs attention."""
-    from pipeline.status import age_text, relay_status
+    """Outbox backlog, relay, long transactions, consumer lag and tasks of every route, dead
+    letters; exit 1 when something needs attention."""
+    from pipeline.status import Thresholds, collect
 
     cfg = config_from(config)
+    limits = Thresholds(long_txn_s=long_txn_s, backlog_age_s=backlog_age_s, max_lag=max_lag,
+                        max_dead=max_dead, kafka_timeout_s=kafka_timeout_s)
     with _db(cfg) as conn:
-        st = relay_status(conn, cfg.relay.name, long_txn_s=long_txn_s)
+        st = collect(conn, cfg, limits)
     if as_json:
-        typer.echo(json.dumps({"relay": st.to_json(), "healthy": not st.problems}, indent=2))
+        typer.echo(json.dumps(st.to_json(), indent=2))
     else:
-        t = Table("outbox", "value", title="dx status")
-        t.add_row("backlog (rows)", str(st.backlog))
-        t.add_row("committed, not yet relayed", str(st.committed_not_relayed))
-        t.add_row("oldest pending", age_text(st.oldest_pending_age_s))
-        t.add_row("relay active", st.relay_active or "none")
-        t.add_row("relay standbys", str(max(0, st.relay_standbys)))
-        t.add_row("last delivery", age_text(st.last_delivery_age_s) + " ago"
-                  if st.last_delivery_age_s is not None else "-")
-        console.print(t)
-        if st.open_transactions:
-            lt = Table("pid", "age", "state", "captured changes", "query",
-                       title="long transactions")
-            for o in st.open_transactions:
-                lt.add_row(str(o.pid), age_text(o.age_s), o.state,
-                           "yes" if o.holds_captured_changes else "no", o.query[:60])
-            console.print(lt)
-        for p in st.problems:
-            console.print(f"[red]problem:[/red] {p}")
-    if st.problems:
+        _print_status(st)
+    if not st.healthy:
         raise typer.Exit(1)
+
+
+def _print_status(st: Any) -> None:
+    from pipeline.status import STATUS_ORDER, age_text
+
+    r = st.relay
+    t = Table("outbox and relay", "value", title="dx status")
+    t.add_row("backlog (rows)", str(r.backlog))
+    t.add_row("committed, not yet relayed", str(r.committed_not_relayed))
+    t.add_row("oldest pending", age_text(r.oldest_pending_age_s))
+    t.add_row("relay active", r.relay_active or "none")
+    t.add_row("relay standbys", str(r.relay_standbys))
+    t.add_row("last delivery", age_text(r.last_delivery_age_s) + " ago"
+              if r.last_delivery_age_s is not None else "-")
+    console.print(t)
+    if st.routes:
+        short = {"pending": "pend", "retrying": "retry", "failed": "fail",
+                 "succeeded": "ok", "skipped": "skip", "dead": "dead"}
+        rt = Table("route", "kind", "lag", "workers", *(short[s] for s in STATUS_ORDER),
+                   title="routes (lag in messages, tasks by status)")
+        for route in st.routes:
+            lag = ("-" if route.note else "?") if route.lag is None else str(route.lag)
+            dead = route.tasks.get("dead", 0)
+            rt.add_row(route.name, route.kind,
+                       f"[red]{lag}[/red]" if route.lag else lag,
+                       "?" if route.members is None else str(route.members),
+                       *[str(route.tasks.get(s, 0)) for s in STATUS_ORDER[:-1]],
+                       f"[red]{dead}[/red]" if dead else "0")
+        console.print(rt)
+        for route in st.routes:
+            if route.note:
+                console.print(f"route {route.name}: {route.note}", highlight=False)
+    if r.open_transactions:
+        lt = Table("pid", "age", "state", "application", "captured changes", "query",
+                   title="long transactions")
+        for o in r.open_transactions:
+            lt.add_row(str(o.pid), age_text(o.age_s), o.state, o.application,
+                       "[red]yes[/red]" if o.holds_captured_changes else "no", o.query[:60])
+        console.print(lt)
+    for p in st.problems:
+        console.print(f"[red]problem:[/red] {p}", highlight=False)
+    if st.healthy:
+        console.print("[green]healthy[/green]")
 
 
 schemas_app = typer.Typer(help="Generate, check and register the Avro contracts.",
@@ -285,11 +341,18 @@ def schemas_register(config: Path = ConfigOption, directory: Path = SchemaDir) -
         typer.echo(f"{subject}: schema id {schema_id}")
 
 
-def config_reference() -> None:
+def config_reference(
+    readme: Path | None = typer.Option(None, "--update", help="rewrite the generated section "
+                                       "of this Markdown file (e.g. README.md) in place"),
+) -> None:
     """Print the dx.yaml reference (Markdown) generated from the configuration model."""
-    from pipeline.config.reference import reference
+    from pipeline.config.reference import reference, update_readme
 
-    typer.echo(reference())
+    if readme is None:
+        typer.echo(reference())
+    else:
+        changed = update_readme(readme)
+        typer.echo(f"{readme}: {'updated' if changed else 'already current'}")
 
 
 def register(app: typer.Typer) -> None:

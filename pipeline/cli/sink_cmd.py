@@ -17,7 +17,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli.common import ConfigOption, config_from
+from pipeline.cli.common import (
+    ConfigOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    config_from,
+    worker_server,
+)
 from pipeline.db import connection
 from pipeline.errors import TerminalError
 from pipeline.tasks.store import STATUSES, TaskFilter, TaskStore, ensure_schema
@@ -37,7 +43,9 @@ def run(route: str = typer.Argument(..., help="sink route name (dx.yaml 'sinks:'
             None, "--stop-when-idle", envvar="DX_SINK_STOP_WHEN_IDLE",
             help="exit after this many seconds with nothing to do (batch jobs, tests)"),
         verbose: bool = typer.Option(False, "--verbose", "-v", envvar="DX_VERBOSE",
-                                     help="log retries and dead tasks")) -> None:
+                                     help="log retries and dead tasks"),
+        metrics_port: int = MetricsPortOption,
+        metrics_host: str = MetricsHostOption) -> None:
     """Consume ROUTE's topics and deliver them through its connector. SIGTERM/Ctrl-C stops
     without committing undelivered offsets; a second signal exits at once."""
     from pipeline.sink.worker import SinkWorker
@@ -45,7 +53,8 @@ def run(route: str = typer.Argument(..., help="sink route name (dx.yaml 'sinks:'
     if verbose:
         logging.getLogger("pipeline").setLevel(logging.INFO)
     cfg = config_from(config)
-    worker = SinkWorker(cfg, route, stop_when_idle_s=stop_when_idle)
+    server = worker_server(metrics_port, metrics_host)
+    worker = SinkWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server)
     signals = {"n": 0}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -55,10 +64,14 @@ def run(route: str = typer.Argument(..., help="sink route name (dx.yaml 'sinks:'
             os._exit(130)
         print("dx: stopping (signal again to force)", file=sys.stderr)
         worker.stop.set()
+        server.set_ready(False, "stopping")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stats = worker.run()
+    try:
+        stats = worker.run()
+    finally:
+        server.close()
     summary = ", ".join(f"{n} {s}" for s, n in sorted(stats.counts.items())) or "no events"
     typer.echo(f"route {route}: {summary}", err=True)
 

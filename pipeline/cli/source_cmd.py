@@ -9,7 +9,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.cli.common import ConfigOption, config_from
+from pipeline.cli.common import (
+    ConfigOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    config_from,
+    worker_server,
+)
 from pipeline.csvio.exporter import export_csv
 from pipeline.csvio.importer import import_csv, wait_applied
 from pipeline.db import connection
@@ -26,7 +32,9 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
             None, "--stop-when-idle", envvar="DX_SOURCE_STOP_WHEN_IDLE",
             help="exit after this many seconds without messages (batch jobs, tests)"),
         verbose: bool = typer.Option(False, "--verbose", "-v", envvar="DX_VERBOSE",
-                                     help="log each batch and every failed event")) -> None:
+                                     help="log each batch and every failed event"),
+        metrics_port: int = MetricsPortOption,
+        metrics_host: str = MetricsHostOption) -> None:
     """Consume ROUTE's topic and apply it to its table exactly once (Ctrl-C / SIGTERM stops
     after the current batch; a second signal aborts it, rolled back)."""
     from pipeline.source.worker import SourceWorker
@@ -34,8 +42,11 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
     if verbose:
         logging.getLogger("pipeline").setLevel(logging.INFO)
     cfg = config_from(config)
-    worker = SourceWorker(cfg, route, stop_when_idle_s=stop_when_idle)
-    stats = worker.run()
+    server = worker_server(metrics_port, metrics_host)
+    try:
+        stats = SourceWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server).run()
+    finally:
+        server.close()
     typer.echo(f"route {route}: {stats.applied} applied, {stats.failed} dead, "
                f"{stats.skipped} skipped in {stats.batches} batches", err=True)
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
+from pipeline.alerts.config import AlertsConfig
 from pipeline.config.api import ApiConfig
 from pipeline.config.sinks import SinkRoute
 from pipeline.config.sources import SourceRoute
@@ -144,6 +145,8 @@ class DxConfig(Base):
                                    description="outbound routes to third-party systems")
     sources: list[SourceRoute] = Field(default_factory=list,
                                        description="inbound routes applied to the database")
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig,
+                                 description="alert channels and rules ('dx alerts run')")
     api: ApiConfig = Field(default_factory=ApiConfig, description="the Data Exchange API")
 
     _file: str = PrivateAttr("dx.yaml")

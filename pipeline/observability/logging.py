@@ -129,7 +129,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
     "message", "asctime", "taskName"}
 _MARK = "_dx_handler"
 # Libraries that log whole URLs or headers at INFO: quiet unless we are debugging.
-_CHATTY = ("httpx", "httpcore", "urllib3", "kafka", "confluent_kafka")
+_CHATTY = ("httpx", "httpx2", "httpcore", "urllib3", "kafka", "confluent_kafka")
 
 
 def resolve_format(fmt: LogFormat, stream: TextIO) -> Literal["json", "text"]:

@@ -133,6 +133,16 @@ class WorkerServer:
         """Declare a healthy standby: not doing the work, but able to take it over at once."""
         self._set(False, True, reason)
 
+    def set_assignment(self, partitions: int, *, stopping: bool = False) -> None:
+        """Readiness of a consumer-group member: ready with partitions, a declared standby
+        without (more members than partitions), never ready again once stopping."""
+        if stopping:
+            self.set_ready(False, "stopping")
+        elif partitions:
+            self.set_ready(True, f"{partitions} partition(s) assigned")
+        else:
+            self.set_standby("no partitions assigned (more group members than partitions)")
+
     def _set(self, ready: bool, standby: bool, reason: str) -> None:
         with self._lock:
             changed = (ready, standby, reason) != (self._ready, self._standby, self._reason)

@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import KafkaException, Producer
+from opentelemetry import trace
 
 from pipeline.capture.ddl import NOTIFY_CHANNEL
 from pipeline.capture.install import load_spec
@@ -29,12 +30,15 @@ from pipeline.config import DxConfig
 from pipeline.db import connect
 from pipeline.errors import ServiceUnavailable, TransientError
 from pipeline.events.wire import SchemaRegistrar, registry_client
+from pipeline.observability import tracing
 from pipeline.relay import kafka
 from pipeline.relay.encoder import Encoder, Record
 from pipeline.relay.lease import Lease
+from pipeline.relay.observe import RelayHooks
 from pipeline.relay.reader import Cursor, OutboxReader, OutboxRow
 
 log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer("dx.relay")
 
 
 @dataclass
@@ -50,8 +54,9 @@ class RelayStats:
 class Relay:
     def __init__(self, config: DxConfig, *, stop: threading.Event | None = None,
                  on_state: Callable[[str], None] | None = None,
-                 keep_latencies: bool = False) -> None:
+                 keep_latencies: bool = False, hooks: RelayHooks | None = None) -> None:
         self.config = config
+        self.hooks = hooks or RelayHooks()
         self.stop = stop or threading.Event()
         self.stats = RelayStats()
         self.on_state = on_state
@@ -63,6 +68,7 @@ class Relay:
 
     def _set_state(self, state: str) -> None:
         self.stats.state = state
+        self.hooks.state(state)
         if self.on_state:
             self.on_state(state)
 
@@ -131,6 +137,7 @@ class Relay:
         last_purge = time.monotonic()
         more = True  # a full batch means more rows may be waiting at the same frontier
         while not self.stop.is_set():
+            self.hooks.tick()
             lease.check()
             peek = reader.peek()
             if peek != last_peek or frontier < peek:
@@ -160,6 +167,7 @@ class Relay:
         backoff; the outbox rows stay until Kafka has them, so a retry loses nothing."""
         new_cursor = rows[-1].cursor
         attempt = 0
+        started = time.perf_counter()
         while True:
             try:
                 records = [r for row in rows for r in encoder.encode(row)]
@@ -176,6 +184,7 @@ class Relay:
                 break
             except TransientError as err:
                 attempt += 1
+                self.hooks.retry()
                 if self.stop.is_set():
                     raise
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
@@ -187,6 +196,7 @@ class Relay:
         self.stats.events += len(rows)
         self.stats.records += len(records)
         self.stats.last_batch_at = now
+        self.hooks.batch(rows, records, time.perf_counter() - started)
         if self.keep_latencies:
             self.stats.commit_latencies_s.extend(
                 now - r.committed_at.timestamp() for r in rows)
@@ -197,15 +207,19 @@ class Relay:
             self._errors.append(f"{msg.topic()}: {err}")
 
     def _produce_all(self, producer: Producer, records: list[Record]) -> None:
-        for rec in records:
-            while True:
-                try:
-                    producer.produce(rec.topic, value=rec.value, key=rec.key,
-                                     headers=rec.headers, on_delivery=self._on_delivery)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            producer.poll(0)
+        # one span per batch; without an OpenTelemetry SDK it is a no-op and adds no headers
+        with _TRACER.start_as_current_span("dx.relay.batch"):
+            trace_headers = tracing.inject()
+            for rec in records:
+                headers = [*rec.headers, *trace_headers] if trace_headers else rec.headers
+                while True:
+                    try:
+                        producer.produce(rec.topic, value=rec.value, key=rec.key,
+                                         headers=headers, on_delivery=self._on_delivery)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+                producer.poll(0)
 
     def _produce_flush(self, producer: Producer, records: list[Record]) -> None:
         self._errors.clear()

@@ -58,8 +58,11 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.events.wire import registry_client
+from pipeline.observability import tracing
+from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS, WorkerMetrics
+from pipeline.observability.server import WorkerServer
 from pipeline.sink.decode import Decoder, Undecodable
 from pipeline.sink.mapping import Event, MappingError, RouteLogic, jsonable
 from pipeline.tasks.store import TaskRow, TaskStore, TaskWriter, ensure_schema
@@ -161,6 +164,11 @@ class OffsetTracker:
         with self.lock:
             for tp in tps:
                 self.committed[(tp.topic, tp.partition)] = tp.offset
+
+    def committed_offset(self, topic: str, partition: int) -> int | None:
+        """The offset this worker last committed for the partition (None: none yet)."""
+        with self.lock:
+            return self.committed.get((topic, partition))
 
     def forget(self, topic: str, partition: int) -> None:
         with self.lock:
@@ -290,6 +298,10 @@ class Lane(threading.Thread):
 
     def _prepare(self, w: Work) -> bool:
         """Park, decode, filter, map. True when the work is ready for delivery."""
+        with tracing.attached(w.headers):  # log lines about the event carry its trace id
+            return self._prepare_event(w)
+
+    def _prepare_event(self, w: Work) -> bool:
         if w.key_text in self.blocked and not w.redrive:
             self._record(w, "pending", error="waiting behind a dead task of the same key")
             return False
@@ -332,12 +344,14 @@ class Lane(threading.Thread):
         """Deliver with retries until every work item has a verdict (or the worker stops)."""
         policy = self.w.route.retry
         todo = batch
+        started = time.perf_counter()
         while todo:
             now = time.monotonic()
             for w in todo:
                 self.w.overhead(now - w.consumed_at)
             try:
-                outcomes = self.w.connector.deliver([w.record for w in todo if w.record])
+                with self.w.metrics.timed_call():
+                    outcomes = self.w.connector.deliver([w.record for w in todo if w.record])
             except DxError as err:
                 outcomes = [Outcome.failed(err)] * len(todo)
             except Exception as err:
@@ -363,6 +377,7 @@ class Lane(threading.Thread):
                     w.attempts += 1
                 if o.error is None:
                     self._record(w, "succeeded", outcome=o)
+                    self.w.commit_latency(w)
                 elif not o.error.transient:
                     self._dead(w, o.error, outcome=o)
                 elif w.attempts >= policy.max_attempts and not throttled:
@@ -370,6 +385,7 @@ class Lane(threading.Thread):
                         f"gave up after {w.attempts} attempts: {o.error}"), outcome=o)
                 else:
                     self._record(w, "retrying", error=str(o.error), outcome=o)
+                    self.w.metrics.failed("transient")
                     self.w.metrics.retried()
                     again.append(w)
                     delay = policy.delay(max(1, w.attempts), self.rnd.random())
@@ -391,13 +407,17 @@ class Lane(threading.Thread):
                 return
             if todo and self.w.stop.is_set():
                 return
+        if batch:
+            self.w.metrics.batch(len(batch), time.perf_counter() - started)
 
     def _dead(self, w: Work, err: DxError, *, outcome: Outcome | None = None) -> None:
         """Dead-letter first (durably), then record the task; the key parks."""
         reason = str(err)
         if not isinstance(err, EventError) and w.coords() not in reason:
             reason = f"{w.coords()}: {reason}"
-        dlq = self.w.dead_letter(w, reason, err)
+        self.w.metrics.failed("terminal")
+        with tracing.attached(w.headers):
+            dlq = self.w.dead_letter(w, reason, err)
         self.blocked.add(w.key_text)
         self._record(w, "dead", error=reason, outcome=outcome, dlq=dlq)
 
@@ -467,8 +487,12 @@ class SinkWorker:
 
     def __init__(self, config: DxConfig, route_name: str, *, keep_overheads: bool = False,
                  commit_interval_s: float = 0.5, redrive_poll_s: float = 1.0,
-                 stop_when_idle_s: float | None = None, purge_interval_s: float = 3600) -> None:
+                 stop_when_idle_s: float | None = None, purge_interval_s: float = 3600,
+                 server: WorkerServer | None = None, lag_interval_s: float = 2.0) -> None:
         self.config = config
+        self.server = server if server is not None else WorkerServer(0)
+        self.lag_interval_s = lag_interval_s
+        self.partitions: set[tuple[str, int]] = set()  # the current assignment
         self.index, self.route = find_route(config, route_name)
         self.db_url = config.database.url.get_secret_value()
         self.stop = threading.Event()
@@ -504,6 +528,13 @@ class SinkWorker:
             self.metrics.skipped("filtered")
         elif status == "dead":
             self.metrics.dead_lettered()
+
+    def commit_latency(self, w: Work) -> None:
+        """Database commit (``source.ts_ms``) to accepted delivery of one event."""
+        value = w.event.value if w.event is not None else {}
+        ts_ms = (value.get("source") or {}).get("ts_ms") or value.get("ts_ms")
+        if isinstance(ts_ms, int | float):
+            self.metrics.latency_since(ts_ms)
 
     def overhead(self, seconds: float) -> None:
         if self.keep_overheads:
@@ -645,7 +676,12 @@ class SinkWorker:
                     self.lane_for(k).blocked.add(k)
         except DxError as err:
             log.warning("could not load parked keys: %s", err)
+        self.partitions.update((p.topic, p.partition) for p in parts)
+        self._readiness()
         self.assigned.set()
+
+    def _readiness(self) -> None:
+        self.server.set_assignment(len(self.partitions), stopping=self.stop.is_set())
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         """Commit what is durable for the revoked partitions; work still queued for them is
@@ -657,19 +693,25 @@ class SinkWorker:
             key = (p.topic, p.partition)
             self.generation[key] = self.generation.get(key, 0) + 1
             self.tracker.forget(p.topic, p.partition)
+            self.partitions.discard(key)
+            self.metrics.forget_partition(p.topic, p.partition)
+        self._readiness()
 
     def _loop(self, consumer: Consumer) -> None:
         consumer.subscribe(list(self.route.topics), on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.server.set_ready(False, "waiting for a partition assignment")
         max_inflight = max(1000, self.batch_size * len(self.lanes) * 4)
         paused = False
         next_commit = time.monotonic() + self.commit_interval_s
         next_redrive = time.monotonic()
         next_purge = time.monotonic() + 5
+        next_lag = time.monotonic()
         last_busy = time.monotonic()
         store = TaskStore(connect(self.db_url, application_name="dx-sink"))
         try:
             while not self.stop.is_set():
+                self.server.heartbeat()
                 msgs = consumer.consume(num_messages=500, timeout=0.1)
                 for msg in msgs:
                     self._dispatch(msg)
@@ -697,6 +739,9 @@ class SinkWorker:
                 if now >= next_purge:
                     self._purge(store)
                     next_purge = now + self.purge_interval_s
+                if now >= next_lag:
+                    self._report_lag(consumer)
+                    next_lag = now + self.lag_interval_s
                 if self.writer.error is not None:
                     log.warning("task store unavailable: %s", self.writer.error)
         finally:
@@ -740,6 +785,11 @@ class SinkWorker:
         except KafkaException as err:
             log.warning("offset commit failed (will retry): %s", err)
 
+    def _report_lag(self, consumer: Consumer) -> None:
+        """``dx_consumer_lag_messages`` against the offsets this worker committed."""
+        report_lag(consumer, self.metrics, [(t, p, self.tracker.committed_offset(t, p))
+                                            for t, p in sorted(self.partitions)])
+
     def _purge(self, store: TaskStore) -> None:
         """Retention: drop this route's succeeded/skipped tasks older than log.retention_days."""
         try:
@@ -779,6 +829,7 @@ class SinkWorker:
 
     def _shutdown(self, consumer: Consumer) -> None:
         self.stop.set()
+        self._readiness()
         for lane in self.lanes:
             lane.inbox.put(_STOP)
         timeout = 30.0

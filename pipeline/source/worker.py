@@ -45,7 +45,11 @@ from pipeline import db
 from pipeline.config.model import DxConfig
 from pipeline.errors import ServiceUnavailable, TransientError
 from pipeline.events.wire import registry_client
+from pipeline.observability import tracing
+from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
+from pipeline.observability.metrics import METRICS
+from pipeline.observability.server import WorkerServer
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
 from pipeline.source.catalog import Target, find_route, read_target
@@ -115,9 +119,14 @@ class SourceWorker:
 
     def __init__(self, config: DxConfig, route_name: str, *,
                  stop_when_idle_s: float | None = None,
-                 on_batch: Callable[[int, list[Failure]], None] | None = None) -> None:
+                 on_batch: Callable[[int, list[Failure]], None] | None = None,
+                 server: WorkerServer | None = None, lag_interval_s: float = 2.0) -> None:
         self.config = config
         self.index, self.route = find_route(config, route_name)
+        self.server = server if server is not None else WorkerServer(0)
+        self.metrics = METRICS.worker("source", self.route.name)
+        self.lag_interval_s = lag_interval_s
+        self.assigned: set[int] = set()  # partitions of the current assignment
         self.stop_when_idle_s = stop_when_idle_s
         self.on_batch = on_batch
         self.stats = Stats()
@@ -136,6 +145,7 @@ class SourceWorker:
         log.warning("route %s: stopping after the current batch (signal %d again to abort)",
                     self.route.name, signum)
         self.stopping = True
+        self.server.set_ready(False, "stopping")
 
     def run(self) -> Stats:
         """Consume and apply until stopped; transient failures reconnect with backoff."""
@@ -150,7 +160,11 @@ class SourceWorker:
                 except TransientError as err:
                     if self.stop_when_idle_s is not None and not isinstance(err, offsets.Fenced):
                         raise
+                    self.metrics.failed("transient")
+                    self.metrics.retried()
+                    self.server.set_ready(False, f"reconnecting: {err}")
                     log.warning("route %s: %s; retrying in %.1fs", self.route.name, err, backoff)
+                    self.server.heartbeat()
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
         finally:
@@ -165,6 +179,7 @@ class SourceWorker:
                           connect_timeout_s=self.config.database.connect_timeout_s)
         consumer: Consumer | None = None
         producer: Producer | None = None
+        self.assigned.clear()
         try:
             ensure_schema(conn)
             target = read_target(conn, self.config, self.index)
@@ -223,6 +238,8 @@ class SourceWorker:
             log.info("route %s: assigned %s", route.name,
                      {p.partition: stored.get(p.partition) for p in parts})
             c.assign(parts)
+            self.assigned.update(p.partition for p in parts)
+            self._readiness()
 
         def on_revoke(c: Consumer, parts: list[TopicPartition]) -> None:
             gone = {p.partition for p in parts}
@@ -230,10 +247,14 @@ class SourceWorker:
             for p in gone:
                 self.expected.pop(p, None)
                 self.position.pop(p, None)
+                self.metrics.forget_partition(route.topic, p)
+            self.assigned -= gone
+            self._readiness()
             log.info("route %s: revoked %s", route.name, sorted(gone))
 
         consumer.subscribe([route.topic], on_assign=on_assign, on_revoke=on_revoke,
                            on_lost=on_revoke)
+        self.server.set_ready(False, "waiting for a partition assignment")
         return consumer
 
     def _collect(self, consumer: Consumer) -> None:
@@ -265,12 +286,17 @@ class SourceWorker:
               applier: Applier, convert: Converter, target: Target) -> bool:
         idle_since = time.monotonic()
         next_redrive = 0.0
+        next_lag = 0.0
         while True:
+            self.server.heartbeat()
             self._collect(consumer)
             if self.batch:
                 batch, self.batch = self.batch, []
                 self._apply(conn, consumer, producer, applier, convert, batch)
                 idle_since = time.monotonic()
+            if time.monotonic() >= next_lag:
+                self._report_lag(consumer)
+                next_lag = time.monotonic() + self.lag_interval_s
             if time.monotonic() >= next_redrive:
                 if self._redrive(conn, producer, applier, convert):
                     idle_since = time.monotonic()
@@ -281,11 +307,21 @@ class SourceWorker:
             if self.stopping:
                 return True
 
+    def _readiness(self) -> None:
+        self.server.set_assignment(len(self.assigned), stopping=self.stopping)
+
+    def _report_lag(self, consumer: Consumer) -> None:
+        """``dx_consumer_lag_messages`` against the offsets stored in dx.source_offsets."""
+        report_lag(consumer, self.metrics, [(self.route.topic, p, self.expected.get(p))
+                                            for p in sorted(self.assigned)])
+
     # ---- apply ------------------------------------------------------------------------------
 
     def _apply(self, conn: psycopg.Connection[Any], consumer: Consumer, producer: Producer,
                applier: Applier, convert: Converter, batch: list[Message]) -> None:
         route = self.route
+        started = time.perf_counter()
+        self.metrics.received(route.topic, len(batch))
         events: list[Event] = []
         failures: list[Failure] = []
         next_offsets: dict[int, int] = {}
@@ -315,9 +351,11 @@ class SourceWorker:
             if p in self.expected:
                 self.expected[p] = nxt
         self.stats.add(len(batch), failures)
+        self._count(batch, failures, time.perf_counter() - started)
         for f in failures:
-            log.log(logging.ERROR if f.status == "dead" else logging.INFO,
-                    "route %s: %s %s", route.name, f.status, f.describe())
+            with tracing.attached(f.message.headers):  # the log line carries the trace id
+                log.log(logging.ERROR if f.status == "dead" else logging.INFO,
+                        "route %s: %s %s", route.name, f.status, f.describe())
         if self.on_batch is not None:
             self.on_batch(len(batch), failures)
         if route.commit_to_kafka:
@@ -326,6 +364,25 @@ class SourceWorker:
                                          for p, o in next_offsets.items()], asynchronous=True)
             except KafkaException as err:  # lag visibility only; the truth is in PostgreSQL
                 log.debug("route %s: kafka commit: %s", route.name, err)
+
+    def _count(self, batch: list[Message], failures: list[Failure], seconds: float) -> None:
+        """Metrics of a committed batch: applied, skipped, dead; latency from the Kafka
+        timestamp of each applied message (the inbound event time) to the commit."""
+        m = self.metrics
+        dead = sum(1 for f in failures if f.status == "dead")
+        not_applied = {(f.message.partition, f.message.offset) for f in failures}
+        m.delivered(self.route.topic, len(batch) - len(not_applied))
+        if dead:
+            m.failed("terminal", dead)
+            m.dead_lettered(dead)
+        if len(failures) > dead:
+            m.skipped("filtered", len(failures) - dead)
+        m.batch(len(batch), seconds)
+        now_ms = time.time() * 1000
+        for msg in batch:
+            ts_type, ts = msg.timestamp()
+            if ts_type != 0 and (_part(msg), _off(msg)) not in not_applied:
+                m.latency(max(0.0, (now_ms - ts) / 1000))
 
     def _redrive(self, conn: psycopg.Connection[Any], producer: Producer, applier: Applier,
                  convert: Converter) -> bool:

@@ -162,3 +162,15 @@ def execute(url: str, *statements: str, origin: str | None = None) -> None:
             conn.execute("SELECT set_config('dx.origin', %s, true)", (origin,))
         for s in statements:
             conn.execute(s)  # type: ignore[arg-type]
+
+
+def captured_items(stack: Any, db_url: str, prefix: str, tmp_path: Path,
+                   mode: str = "exactly-once") -> Path:
+    """A table ``items (id, v)`` with capture installed (topic ``<prefix>.public.items``);
+    returns the dx.yaml path."""
+    execute(db_url, "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+    cfg = write_config(tmp_path / "dx.yaml", stack, db_url, prefix,
+                       "  - name: items\n    columns: [id, v]\n", mode=mode)
+    res = dx("capture", "install", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    return cfg

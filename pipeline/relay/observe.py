@@ -1,0 +1,123 @@
+"""What the relay tells operators while it runs: Prometheus metrics and the probe state.
+
+:class:`Relay` calls a :class:`RelayHooks` at four points (state changes, every loop turn, every
+delivered batch, every failed attempt); the base class does nothing, so the relay works the same
+without observability. :class:`RelayObserver` is the real one ``dx relay`` installs:
+
+* ``dx_relay_active`` and ``/readyz``: ready while holding the lease, a declared standby while
+  waiting for it (``/readyz?standby=ok`` is 200 for a standby), not ready while starting/stopping;
+* ``/healthz`` heartbeat on every loop turn, in both the active and the standby loop;
+* per batch: ``dx_events_received_total`` (outbox rows, by entity), ``dx_events_delivered_total``
+  (records acknowledged by Kafka, by topic), ``dx_batch_size``/``dx_batch_duration_seconds``,
+  ``dx_event_latency_seconds`` (database commit to Kafka acknowledgement, per row);
+* every few seconds while active, on a connection of its own: ``dx_relay_backlog_events``,
+  ``dx_relay_oldest_pending_age_seconds`` and ``dx_relay_blocking_transaction_age_seconds``.
+  A standby exports none of these, so summing over replicas stays right.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+from pipeline.config import DxConfig
+from pipeline.db import connect
+from pipeline.errors import DxError
+from pipeline.observability.metrics import METRICS, DxMetrics
+from pipeline.observability.server import WorkerServer
+from pipeline.relay.encoder import Record
+from pipeline.relay.reader import OutboxRow
+from pipeline.status import open_transactions, outbox_backlog
+
+log = logging.getLogger(__name__)
+
+
+class RelayHooks:
+    """Called by the relay; every method is a no-op here."""
+
+    def state(self, state: str) -> None:
+        """``starting``, ``standby (active: ...)``, ``active``, ``stopping``, ``stopped``."""
+
+    def tick(self) -> None:
+        """One turn of the active loop (or of the standby wait)."""
+
+    def batch(self, rows: list[OutboxRow], records: list[Record], seconds: float) -> None:
+        """A batch Kafka acknowledged (and whose cursor is stored)."""
+
+    def retry(self) -> None:
+        """A batch attempt failed transiently and will be repeated."""
+
+
+class RelayObserver(RelayHooks):
+    def __init__(self, config: DxConfig, server: WorkerServer | None = None, *,
+                 metrics: DxMetrics = METRICS, sample_every_s: float = 5.0) -> None:
+        self.name = config.relay.name
+        self.url = config.database.url.get_secret_value()
+        self.server = server if server is not None else WorkerServer(0)
+        self.metrics = metrics.relay(self.name)
+        self.latency = metrics.end_to_end.labels("relay", self.name)
+        self.sample_every_s = sample_every_s
+        self._next_sample = 0.0
+        self._conn: psycopg.Connection[Any] | None = None
+        self.active = False
+
+    def state(self, state: str) -> None:
+        self.server.heartbeat()
+        self.active = state == "active"
+        self.metrics.active(self.active)
+        if self.active:
+            self.server.set_ready(True, "holding the relay lease")
+        elif state.startswith("standby"):
+            self.server.set_standby(state)
+        else:
+            self.server.set_ready(False, state)
+            if state == "stopped":
+                self.close()
+
+    def tick(self) -> None:
+        self.server.heartbeat()
+        now = time.monotonic()
+        if self.active and now >= self._next_sample:
+            self._next_sample = now + self.sample_every_s
+            self.sample()
+
+    def batch(self, rows: list[OutboxRow], records: list[Record], seconds: float) -> None:
+        for entity, n in Counter(r.entity for r in rows).items():
+            self.metrics.received(entity, n)
+        for topic, n in Counter(r.topic for r in records).items():
+            self.metrics.delivered(topic, n)
+        self.metrics.batch(len(rows), seconds)
+        now = time.time()
+        for r in rows:
+            self.latency.observe(max(0.0, now - r.committed_at.timestamp()))
+
+    def retry(self) -> None:
+        self.metrics.failed("transient")
+        self.metrics.retried()
+
+    def sample(self) -> None:
+        """Backlog, oldest pending age and blocking transaction age from the database."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.url, autocommit=True, application_name=(
+                    f"dx-relay:{self.name}:{socket.gethostname()}:{os.getpid()}:metrics"))
+            events, oldest = outbox_backlog(self._conn)
+            blocking = [t.age_s for t in open_transactions(self._conn, 0)
+                        if t.holds_captured_changes]
+        except (DxError, psycopg.Error) as err:
+            log.warning("relay %s: backlog sample failed: %s", self.name, err)
+            self.close()
+            return
+        self.metrics.backlog(events, oldest or 0.0)
+        self.metrics.blocking_transaction(max(blocking, default=0.0))
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
