@@ -37,7 +37,8 @@ class Lease:
         row = self.conn.execute(
             "SELECT a.application_name || ' pid ' || a.pid FROM pg_locks l "
             "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-            "AND l.classid = %s AND l.objid = hashtext(%s)::oid AND l.granted",
+            "AND l.classid = %s AND l.objid = hashtext(%s)::oid AND l.granted "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (LEASE_LOCK_CLASS, self.name)).fetchone()
         return str(row[0]) if row else None
 

@@ -90,7 +90,7 @@ class Relay:
             self._set_state("stopped")
 
     def _run_active(self, lease: Lease, url: str, app_name: str) -> None:
-        conn = connect(url, application_name=app_name, exact_json=True)
+        conn = connect(url, application_name=app_name + ":reader", exact_json=True)
         listen = connect(url, autocommit=True, application_name=app_name + ":listen")
         producer: Producer | None = None
         try:
@@ -177,7 +177,8 @@ class Relay:
                     known_topics |= new_topics
                 if self.eos:
                     self._produce_transaction(producer, records, new_cursor)
-                    reader.delete_upto(new_cursor)
+                    # the cursor of record is in Kafka; dx.relay_state is kept for 'dx status'
+                    reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
                 else:
                     self._produce_flush(producer, records)
                     reader.delete_upto(new_cursor, relay_name=self.config.relay.name)

@@ -334,6 +334,7 @@ class Lane(threading.Thread):
                               offset=w.offset, table=ev.table, origin=ev.origin,
                               ts_ms=ev.value.get("ts_ms"))
             return True
+        self.w.metrics.skipped("origin" if reason and "origin" in reason else "filtered")
         if self.w.route.log.record_skipped or w.redrive:
             self._record(w, "skipped", error=reason)
         elif not w.redrive:
@@ -524,8 +525,6 @@ class SinkWorker:
             self.stats.counts[status] = self.stats.counts.get(status, 0) + 1
         if status == "succeeded":
             self.metrics.delivered(topic)
-        elif status == "skipped":
-            self.metrics.skipped("filtered")
         elif status == "dead":
             self.metrics.dead_lettered()
 

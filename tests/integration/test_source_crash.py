@@ -22,7 +22,6 @@ from tests.integration.test_sink_support import wait_for
 from tests.integration.test_source_support import (
     create_topic,
     produce,
-    run_worker,
     tasks,
     worker_process,
     write_config,
@@ -132,7 +131,16 @@ def test_kill_9_at_random_points_applies_every_event_exactly_once(
     print(f"kills={kills} applied by the killed workers={before_drain}")
     assert before_drain > 0, "the workers never got to apply before being killed"
 
-    run_worker(cfg, "ledger", idle_s=3.0)  # drain what the killed workers left
+    # drain what the killed workers left; wait for the count, not for idleness: the group first
+    # waits out the killed members' sessions, which looks idle but is not done
+    proc = worker_process(cfg, "ledger")
+    try:
+        wait_for(lambda: ledger_rows(pg_db) >= len(events) or proc.poll() is not None, 120,
+                 what="a fresh worker to apply the rest")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=GRACE_S)
+    assert proc.returncode == 0, err
     assert_applied_exactly_once(pg_db, events)
 
 
