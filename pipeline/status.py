@@ -27,7 +27,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from pipeline.capture.ddl import LEASE_LOCK_CLASS
+from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
 
@@ -127,8 +127,8 @@ def relay_status(conn: psycopg.Connection[Any], relay_name: str, *,
         "SELECT a.application_name, l.granted FROM pg_locks l "
         "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
         "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "AND l.classid = %s AND l.objid = hashtext(%s)::oid",
-        (LEASE_LOCK_CLASS, relay_name)).fetchall()
+        "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2",
+        LEASE_KEY).fetchall()
     st.relay_active = next((str(h[0]) for h in holders if h[1]), None)
     # a relay process's main connection is named dx-relay:<name>:<host>:<pid>; its helper
     # connections add one more ':<purpose>'

@@ -22,8 +22,11 @@ from pipeline.capture.spec import ColumnSpec, TableSpec
 
 #: advisory lock key (two-int4 form) shared by committers and taken exclusively by the relay.
 COMMIT_LOCK = (0x6478, 1)
-#: advisory lock class for relay leases: (class, hashtext(relay name)).
+#: advisory lock class of dx's own coordination locks: (class, 0) serialises schema installs,
+#: LEASE_KEY is the relay lease. Advisory locks are per database, so one relay is active per
+#: outbox whatever its name (two names must not both publish and delete the same rows).
 LEASE_LOCK_CLASS = 0x6478 + 1
+LEASE_KEY = (LEASE_LOCK_CLASS, 1)
 NOTIFY_CHANNEL = "dx_outbox"
 MARK_GUC = "dx.txn_marked"
 SEQ_GUC = "dx.txn_sequenced"
@@ -46,13 +49,16 @@ CREATE TABLE IF NOT EXISTS dx.outbox (
     before jsonb,
     after jsonb,
     origin text,
-    event_id uuid,
+    event_id uuid DEFAULT gen_random_uuid(),
     event_type text,
     created_at timestamptz NOT NULL DEFAULT now(),
     marks_txn boolean,
     PRIMARY KEY (xid, id)
 );
 ALTER TABLE dx.outbox ADD COLUMN IF NOT EXISTS marks_txn boolean;
+-- stored with the change, so it stays the same through relay retries and never repeats after a
+-- restore or fail-over (ids derived from xid and outbox id could)
+ALTER TABLE dx.outbox ALTER COLUMN event_id SET DEFAULT gen_random_uuid();
 CREATE TABLE IF NOT EXISTS dx.txn_marker (
     xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
@@ -105,12 +111,23 @@ LANGUAGE plpgsql AS $$
 DECLARE frontier bigint;
 BEGIN
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO frontier FROM dx.commit_seq;
-    PERFORM pg_advisory_xact_lock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
+    -- wait for the commits in progress, then let go at once: committers queue behind this
+    -- request only while it waits (bounded by the caller's lock_timeout), never while the
+    -- relay goes on working
+    PERFORM pg_advisory_lock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
+    PERFORM pg_advisory_unlock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
     RETURN frontier;
 END $$;
 CREATE OR REPLACE FUNCTION dx.mark_txn() RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF current_setting('{SEQ_GUC}', true) = '1' THEN
+        RAISE EXCEPTION 'dx: this transaction already drew its commit number; changes '
+                        'captured after it could be published out of order'
+            USING HINT = 'SET CONSTRAINTS ALL IMMEDIATE (or a deferred trigger) ran dx''s '
+                         'commit trigger early: capture before it, or name constraints '
+                         'instead of ALL';
+    END IF;
     IF current_setting('{MARK_GUC}', true) IS DISTINCT FROM '1' THEN
         INSERT INTO dx.txn_marker DEFAULT VALUES;
         PERFORM set_config('{MARK_GUC}', '1', true);
@@ -223,6 +240,8 @@ BEGIN
     IF current_setting({guc}, true) IS DISTINCT FROM '1' THEN
         PERFORM set_config({guc}, '1', true);
         marks := true;
+    ELSIF current_setting({seq_guc}, true) = '1' THEN
+        PERFORM dx.mark_txn();  -- raises: the commit number was drawn early
     END IF;
     IF TG_OP = 'INSERT' THEN
         {ins}({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin}, marks);
@@ -237,7 +256,8 @@ BEGIN
     RETURN NULL;
 END
 """).format(
-        guc=sql.Literal(MARK_GUC), ins=ins, ent=ent, ver=ver, origin=_origin(),
+        guc=sql.Literal(MARK_GUC), seq_guc=sql.Literal(SEQ_GUC), ins=ins, ent=ent, ver=ver,
+        origin=_origin(),
         key_new=_json_object(k, "NEW"), key_old=_json_object(k, "OLD"),
         row_new=_json_object(cols, "NEW"), row_old=_json_object(cols, "OLD"),
         cmp_key_old=_comparable(k, "OLD"), cmp_key_new=_comparable(k, "NEW"),
@@ -288,16 +308,19 @@ END
     return body
 
 
-def install_statements(spec: TableSpec, version: int, mode: str,
-                       body_text: str) -> list[sql.Composed]:
-    """DDL that (re)installs capture on one table; run it in one transaction."""
+def install_statements(spec: TableSpec, version: int, mode: str, body_text: str,
+                       partitions: tuple[tuple[str, str], ...] = ()) -> list[sql.Composed]:
+    """DDL that (re)installs capture on one table; run it in one transaction.
+
+    ``partitions`` (schema, name) are the partitions below a partitioned table: PostgreSQL
+    clones its row triggers to them, but not the TRUNCATE guard, which each gets here."""
     table = sql.Identifier(spec.schema, spec.table)
     fn = function_name(spec)
     stmts: list[sql.Composed] = [
         sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
             fn, sql.SQL(_dollar(body_text))),
     ]
-    stmts += drop_triggers(spec)
+    stmts += drop_triggers(spec, partitions)
     if mode == "row":
         changed = sql.SQL("{} IS DISTINCT FROM {}").format(
             _comparable(spec.columns, "OLD"), _comparable(spec.columns, "NEW"))
@@ -319,47 +342,17 @@ def install_statements(spec: TableSpec, version: int, mode: str,
                     "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT "
                     "EXECUTE FUNCTION {}()").format(table, fn),
         ]
-    stmts.append(sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
-                         "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()")
-                 .format(table))
+    stmts += [sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
+                      "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()").format(t)
+              for t in [table, *(sql.Identifier(*p) for p in partitions)]]
     return stmts
 
 
-def drop_triggers(spec: TableSpec) -> list[sql.Composed]:
+def drop_triggers(spec: TableSpec,
+                  partitions: tuple[tuple[str, str], ...] = ()) -> list[sql.Composed]:
+    """Drop capture from the table, and the TRUNCATE guard from its ``partitions``."""
     table = sql.Identifier(spec.schema, spec.table)
     return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), table)
-            for name in TRIGGER_NAMES]
-
-
-def snapshot_chunk(spec: TableSpec, version: int, chunk: int,
-                   after_key: bool) -> sql.Composed:
-    """Copy one chunk of rows (ordered by key, after the last key) into the outbox as op='r'.
-
-    ``FOR SHARE`` makes the chunk wait for in-flight writers of those rows and blocks new ones
-    until it commits, so the snapshot row and the concurrent change are ordered by commit."""
-    table = sql.Identifier(spec.schema, spec.table)
-    k = spec.key_columns
-    keys = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c.name)) for c in k)
-    cond: sql.Composable = sql.SQL("")
-    if after_key:
-        params = sql.SQL(", ").join(
-            sql.SQL("(({})::jsonb ->> {})::{}").format(sql.Placeholder("last"), sql.Literal(c.name),
-                                              sql.Identifier(c.type)) for c in k)
-        cond = sql.SQL("WHERE ROW({}) > ROW({})").format(keys, params)
-    return sql.SQL("""
-WITH chunk AS (
-    SELECT {key_t} AS key, {row_t} AS after FROM {table} t {cond}
-    ORDER BY {keys} LIMIT {n} FOR SHARE
-), ins AS (
-    INSERT INTO dx.outbox (entity, version, op, key, after, origin)
-    SELECT {ent}, {ver}, 'r', key, after, NULL FROM chunk
-)
-SELECT count(*), (array_agg(key ORDER BY {order}))[count(*)] FROM chunk
-""").format(
-        key_t=_json_object(k, "t"), row_t=_json_object(spec.columns, "t"), table=table,
-        cond=cond, keys=keys, n=sql.Literal(chunk), ent=sql.Literal(spec.entity),
-        ver=sql.Literal(version),
-        order=sql.SQL(", ").join(
-            sql.SQL("(key ->> {})::{}").format(sql.Literal(c.name), sql.Identifier(c.type))
-            for c in k),
-    )
+            for name in TRIGGER_NAMES] + [
+        sql.SQL("DROP TRIGGER IF EXISTS dx_refuse_truncate ON {}").format(sql.Identifier(*p))
+        for p in partitions]

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from pipeline.capture import install as capture_install
 from pipeline.capture.catalog import read_all
-from pipeline.capture.snapshot import snapshot_table
+from pipeline.capture.snapshot import installed_spec, snapshot_table
 from pipeline.cli.common import (
     ConfigOption,
     MetricsHostOption,
@@ -148,14 +148,17 @@ def snapshot(table: str = typer.Argument(..., help="configured table, e.g. publi
              restart: bool = typer.Option(False, help="start over instead of resuming")) -> None:
     """Initial load / backfill: emit every row as an op=r event, resumable, with progress."""
     cfg = config_from(config)
-    with _db(cfg) as conn, Progress(
-        TextColumn("[bold]snapshot {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=Console(stderr=True), transient=False,
-    ) as bar:
-        task = bar.add_task(table, total=None)
-        done = snapshot_table(conn, cfg, _index(cfg, table), chunk=chunk, restart=restart,
-                              progress=lambda d, t: bar.update(task, completed=d, total=t))
-        bar.update(task, completed=done, total=done)
+    index = _index(cfg, table)
+    with _db(cfg) as conn:
+        installed_spec(conn, cfg, index)  # refuse before drawing a progress bar
+        with Progress(
+            TextColumn("[bold]snapshot {task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+        ) as bar:
+            task = bar.add_task(table, total=None)
+            done = snapshot_table(conn, cfg, index, chunk=chunk, restart=restart,
+                                  progress=lambda d, t: bar.update(task, completed=d, total=t))
+            bar.update(task, completed=done, total=done)
     typer.echo(f"snapshot of {table}: {done} rows queued for the relay")
 
 
@@ -176,7 +179,12 @@ def install_signal_handlers(stop: threading.Event,
 
 
 def relay(config: Path = ConfigOption, metrics_port: int = MetricsPortOption,
-          metrics_host: str = MetricsHostOption) -> None:
+          metrics_host: str = MetricsHostOption,
+          reset_state: bool = typer.Option(
+              False, "--reset-state",
+              help="forget the stored cursor and publish every pending outbox row (after a "
+                   "database restore or fail-over; the relay refuses to start and says so)"),
+          ) -> None:
     """Move committed changes from the outbox to Kafka (standby if another relay is active)."""
     from pipeline.relay.observe import RelayObserver
     from pipeline.relay.runner import Relay
@@ -194,7 +202,7 @@ def relay(config: Path = ConfigOption, metrics_port: int = MetricsPortOption,
             last["state"] = state
 
     try:
-        Relay(cfg, stop=stop, on_state=on_state, hooks=observer).run()
+        Relay(cfg, stop=stop, on_state=on_state, hooks=observer, reset_state=reset_state).run()
     finally:
         observer.close()
         server.close()

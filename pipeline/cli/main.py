@@ -8,7 +8,7 @@ import typer
 
 from pipeline.cli import api_cmd, core_cmd, outbox_cmd, sink_cmd, source_cmd
 from pipeline.errors import DxError
-from pipeline.observability.logging import FORMAT_ENV, LEVEL_ENV, setup_logging
+from pipeline.observability.logging import FORMAT_ENV, LEVEL_ENV, redact, setup_logging
 
 app = typer.Typer(
     name="dx",
@@ -43,7 +43,8 @@ def main() -> None:
     try:
         app(prog_name="dx")
     except DxError as err:
-        print(f"dx: error: {err}", file=sys.stderr)
+        # messages name addresses; a URL with user:password in it must not reach the terminal
+        print(f"dx: error: {redact(str(err))}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("dx: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from pipeline.errors import SchemaError, ServiceUnavailable
+from pipeline.observability.logging import redact
 
 MAGIC = 0
 
@@ -59,7 +60,7 @@ class SchemaRegistrar:
 
     def __init__(self, client: SchemaRegistryClient, url: str, *, auto_register: bool = True):
         self.client = client
-        self.url = url
+        self.url = redact(url)  # for messages only: never a password in an error line
         self.auto_register = auto_register
         self._cache: dict[tuple[str, str], RegisteredSchema] = {}
 

@@ -70,15 +70,17 @@ def make_producer(config: DxConfig) -> Producer:
     return Producer(producer_config(config), logger=KAFKA_LOG)
 
 
-def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> Cursor:
-    """Last cursor committed to the state topic (read_committed, so aborted writes are unseen)."""
+def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> tuple[Cursor, int | None]:
+    """The last cursor committed to the state topic, and the database system it came from
+    (read_committed, so aborted writes are unseen; the last record wins, never the largest:
+    after a deliberate reset the cursor goes down)."""
     conf = base_config(config)
     conf.update({"group.id": f"dx-relay-state-{config.relay.name}",
                  "isolation.level": "read_committed", "enable.auto.commit": False,
                  "enable.partition.eof": True})
     consumer = Consumer(conf, logger=KAFKA_LOG)
     key = config.relay.name.encode()
-    cursor = Cursor()
+    last: tuple[int, Cursor, int | None] | None = None  # (offset, cursor, system)
     try:
         md = consumer.list_topics(config.state_topic, timeout=timeout_s)
         partitions = md.topics[config.state_topic].partitions
@@ -98,12 +100,16 @@ def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> Cursor:
             value = msg.value()
             if msg.key() == key and value:
                 data = json.loads(value)
-                cursor = max(cursor, Cursor(int(data["seq"]), int(data["id"])))
+                system = data.get("system")
+                offset = msg.offset() or 0
+                if last is None or offset > last[0]:
+                    last = (offset, Cursor(int(data["seq"]), int(data["id"])),
+                            int(system) if system is not None else None)
     finally:
         consumer.close()
-    return cursor
+    return (last[1], last[2]) if last else (Cursor(), None)
 
 
-def state_record(config: DxConfig, cursor: Cursor) -> tuple[str, bytes, bytes]:
+def state_record(config: DxConfig, cursor: Cursor, system_id: int) -> tuple[str, bytes, bytes]:
     return (config.state_topic, config.relay.name.encode(),
-            json.dumps({"seq": cursor.seq, "id": cursor.id}).encode())
+            json.dumps({"seq": cursor.seq, "id": cursor.id, "system": system_id}).encode())

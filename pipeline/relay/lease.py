@@ -1,4 +1,5 @@
-"""One active relay per outbox: a session-level advisory lock on a dedicated connection.
+"""One active relay per outbox (per database, whatever the relay's name): a session-level
+advisory lock on a dedicated connection.
 
 If the active relay dies, PostgreSQL ends its session and releases the lock; a standby polling
 ``try_acquire`` takes over within ``standby_poll_s``. In exactly-once mode Kafka's
@@ -12,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from pipeline.capture.ddl import LEASE_LOCK_CLASS
+from pipeline.capture.ddl import LEASE_KEY
 from pipeline.errors import TransientError
 
 
@@ -28,8 +29,7 @@ class Lease:
         self._checked = 0.0
 
     def try_acquire(self) -> bool:
-        row = self.conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
-                                (LEASE_LOCK_CLASS, self.name)).fetchone()
+        row = self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", LEASE_KEY).fetchone()
         self.held = bool(row and row[0])
         return self.held
 
@@ -37,9 +37,9 @@ class Lease:
         row = self.conn.execute(
             "SELECT a.application_name || ' pid ' || a.pid FROM pg_locks l "
             "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-            "AND l.classid = %s AND l.objid = hashtext(%s)::oid AND l.granted "
+            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 AND l.granted "
             "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            (LEASE_LOCK_CLASS, self.name)).fetchone()
+            LEASE_KEY).fetchone()
         return str(row[0]) if row else None
 
     def check(self, every_s: float = 1.0) -> None:

@@ -11,6 +11,8 @@ Per batch: read rows up to the commit frontier, encode, produce; then
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import socket
@@ -21,14 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from opentelemetry import trace
 
 from pipeline.capture.ddl import NOTIFY_CHANNEL
 from pipeline.capture.install import load_spec
 from pipeline.config import DxConfig
-from pipeline.db import connect
-from pipeline.errors import ServiceUnavailable, TransientError
+from pipeline.db import connect, redact
+from pipeline.errors import (
+    OutboxRowError,
+    ServiceUnavailable,
+    TerminalError,
+    TransientError,
+)
 from pipeline.events.wire import SchemaRegistrar, registry_client
 from pipeline.observability import tracing
 from pipeline.relay import kafka
@@ -38,6 +45,19 @@ from pipeline.relay.observe import RelayHooks
 from pipeline.relay.reader import Cursor, OutboxReader, OutboxRow
 
 log = logging.getLogger(__name__)
+
+#: Failed attempts at one batch before the relay gives up and exits (non-zero, one line), so an
+#: orchestrator restarts it or a standby takes over, instead of retrying forever in silence.
+MAX_ATTEMPTS = 12
+
+
+class RelayStateError(TerminalError):
+    """The cursor stored in Kafka does not belong to this database's history."""
+
+
+class KafkaFatal(TerminalError):
+    """The producer cannot go on (fenced by another relay with the same transactional.id, or a
+    fatal idempotence error)."""
 _TRACER = trace.get_tracer("dx.relay")
 
 
@@ -54,7 +74,8 @@ class RelayStats:
 class Relay:
     def __init__(self, config: DxConfig, *, stop: threading.Event | None = None,
                  on_state: Callable[[str], None] | None = None,
-                 keep_latencies: bool = False, hooks: RelayHooks | None = None) -> None:
+                 keep_latencies: bool = False, hooks: RelayHooks | None = None,
+                 reset_state: bool = False) -> None:
         self.config = config
         self.hooks = hooks or RelayHooks()
         self.stop = stop or threading.Event()
@@ -62,7 +83,10 @@ class Relay:
         self.on_state = on_state
         self.keep_latencies = keep_latencies
         self.eos = config.relay.mode == "exactly-once"
-        self._errors: list[str] = []
+        self.reset_state = reset_state
+        self._errors: list[tuple[Record | None, KafkaError]] = []
+        self._system_id = 0
+        self._producer: Producer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -85,6 +109,10 @@ class Relay:
             self._set_state("active")
             log.info("relay %s active", self.config.relay.name)
             self._run_active(lease, url, app_name)
+        except psycopg.OperationalError as err:
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ServiceUnavailable("postgresql", redact(url), f"connection lost: {detail}"
+                                     ) from None
         finally:
             lease_conn.close()
             self._set_state("stopped")
@@ -92,7 +120,6 @@ class Relay:
     def _run_active(self, lease: Lease, url: str, app_name: str) -> None:
         conn = connect(url, application_name=app_name + ":reader", exact_json=True)
         listen = connect(url, autocommit=True, application_name=app_name + ":listen")
-        producer: Producer | None = None
         try:
             listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
             reader = OutboxReader(conn)
@@ -112,23 +139,58 @@ class Relay:
                 registrar, prefix=self.config.kafka.topic_prefix, db=db, system_id=system_id,
                 outbox_topic_template=self.config.outbox.topic_template,
                 load_spec=lambda e, v: load_spec(spec_conn, e, v))
-            producer = kafka.make_producer(self.config)
-            if self.eos:
-                self._kafka_call(lambda: producer.init_transactions(30))
-                cursor = kafka.read_state_cursor(self.config)
-            else:
-                cursor = reader.load_cursor(self.config.relay.name)
+            self._system_id = system_id
+            self._new_producer()
+            cursor = self._start_cursor(reader)
             reader.delete_upto(cursor)
-            self._loop(lease, reader, encoder, producer, admin, listen, cursor)
+            self._loop(lease, reader, encoder, admin, listen, cursor)
         finally:
-            if producer is not None:
-                producer.flush(10)
+            if self._producer is not None:
+                self._producer.flush(10)
             listen.close()
             conn.close()
 
+    def _new_producer(self) -> Producer:
+        """A fresh producer; in exactly-once mode init_transactions also aborts whatever a
+        previous incarnation (this process's or a dead relay's) left open, and fences it."""
+        producer = kafka.make_producer(self.config)
+        if self.eos:
+            self._kafka_call(lambda: producer.init_transactions(30))
+        self._producer = producer
+        return producer
+
+    def _start_cursor(self, reader: OutboxReader) -> Cursor:
+        """Where to resume. A cursor from Kafka is checked against this database first: after a
+        restore or a fail-over to a replica that lost commits, the sequence restarts below it,
+        and trusting it would delete new changes unpublished."""
+        name = self.config.relay.name
+        if self.reset_state:
+            if self.eos:
+                self._produce_transaction([], Cursor())
+            reader.delete_upto(Cursor(), relay_name=name)
+            log.warning("relay %s: cursor reset; every pending outbox row will be published",
+                        name)
+            return Cursor()
+        if not self.eos:
+            return reader.load_cursor(name)
+        cursor, state_system = kafka.read_state_cursor(self.config)
+        hint = ("check what reached Kafka, then start once with 'dx relay --reset-state' to "
+                "publish every pending outbox row (consumers de-duplicate by event_id)")
+        if state_system is not None and state_system != self._system_id:
+            raise RelayStateError(
+                f"relay {name}: the cursor in {self.config.state_topic} belongs to database "
+                f"system {state_system}, this is {self._system_id}; {hint}")
+        latest = reader.peek()
+        if cursor.seq > latest:
+            raise RelayStateError(
+                f"relay {name}: the cursor in {self.config.state_topic} (commit {cursor.seq}) is "
+                f"ahead of this database's commit sequence ({latest}): it was restored or failed "
+                f"over and lost commits; {hint}")
+        return cursor
+
     # -- the loop -------------------------------------------------------------------------
 
-    def _loop(self, lease: Lease, reader: OutboxReader, encoder: Encoder, producer: Producer,
+    def _loop(self, lease: Lease, reader: OutboxReader, encoder: Encoder,
               admin: Any, listen: psycopg.Connection[Any], cursor: Cursor) -> None:
         batch_size = self.config.relay.batch_size
         frontier = 0
@@ -147,7 +209,7 @@ class Relay:
                 if more or frontier > cursor.seq else []
             more = len(rows) == batch_size
             if rows:
-                cursor = self._deliver(producer, encoder, admin, known_topics, rows, reader)
+                cursor = self._deliver(lease, encoder, admin, known_topics, rows, reader)
                 if more:
                     continue
             if time.monotonic() - last_purge > 5:
@@ -161,14 +223,17 @@ class Relay:
         for _ in listen.notifies(timeout=self.config.relay.poll_interval_s, stop_after=1):
             break
 
-    def _deliver(self, producer: Producer, encoder: Encoder, admin: Any, known_topics: set[str],
+    def _deliver(self, lease: Lease, encoder: Encoder, admin: Any, known_topics: set[str],
                  rows: list[OutboxRow], reader: OutboxReader) -> Cursor:
         """Encode and deliver one batch, retrying transient failures (registry, broker) with
-        backoff; the outbox rows stay until Kafka has them, so a retry loses nothing."""
+        backoff; the outbox rows stay until Kafka has them, so a retry loses nothing. A row
+        that cannot be published (OutboxRowError) and a fenced producer stop the relay."""
         new_cursor = rows[-1].cursor
         attempt = 0
         started = time.perf_counter()
+        records: list[Record] = []
         while True:
+            lease.check(every_s=0)  # a relay that lost its lease must not publish again
             try:
                 records = [r for row in rows for r in encoder.encode(row)]
                 new_topics = {r.topic for r in records} - known_topics
@@ -176,21 +241,23 @@ class Relay:
                     kafka.ensure_topics(admin, {t: {} for t in new_topics})
                     known_topics |= new_topics
                 if self.eos:
-                    self._produce_transaction(producer, records, new_cursor)
-                    # the cursor of record is in Kafka; dx.relay_state is kept for 'dx status'
-                    reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
+                    self._produce_transaction(records, new_cursor)
                 else:
-                    self._produce_flush(producer, records)
-                    reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
+                    self._produce_flush(records)
+                # exactly-once: the cursor of record is in Kafka, dx.relay_state is for status
+                reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
                 break
             except TransientError as err:
                 attempt += 1
                 self.hooks.retry()
-                if self.stop.is_set():
+                if self.stop.is_set() or attempt >= MAX_ATTEMPTS:
                     raise
+                if self.eos and self._recovered(new_cursor):
+                    reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
+                    break
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
-                log.warning("relay batch failed (attempt %d), retrying in %.1fs: %s",
-                            attempt, delay, err)
+                log.warning("relay batch failed (attempt %d of %d), retrying in %.1fs: %s",
+                            attempt, MAX_ATTEMPTS, delay, err)
                 self.stop.wait(delay)
         now = time.time()
         self.stats.batches += 1
@@ -203,11 +270,35 @@ class Relay:
                 now - r.committed_at.timestamp() for r in rows)
         return new_cursor
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
+    def _recovered(self, new_cursor: Cursor) -> bool:
+        """After a failed Kafka transaction: a new producer (init_transactions settles the old
+        one's transaction either way), then the state topic says whether the batch made it —
+        a commit that timed out on our side may have succeeded on the broker's."""
+        try:
+            if self._producer is not None:
+                self._producer.flush(0)
+            self._new_producer()
+            cursor, _ = kafka.read_state_cursor(self.config)
+        except TransientError as err:
+            log.warning("relay could not re-establish its producer yet: %s", err)
+            return False
+        return cursor >= new_cursor
 
-    def _produce_all(self, producer: Producer, records: list[Record]) -> None:
+    def _on_delivery(self, rec: Record | None, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append((rec, err))
+
+    def _too_large(self, rec: Record) -> OutboxRowError:
+        row = rec.row
+        return OutboxRowError(
+            f"its record for {rec.topic} ({len(rec.value or b'')} bytes) is larger than Kafka "
+            "accepts (message.max.bytes); raise the limit (kafka.client and the topic's "
+            "max.message.bytes) or stop exposing the large column",
+            entity=row.entity, seq=row.seq, id=row.id, key=json.dumps(row.key, default=str))
+
+    def _produce_all(self, records: list[Record]) -> None:
+        producer = self._producer
+        assert producer is not None
         # one span per batch; without an OpenTelemetry SDK it is a no-op and adds no headers
         with _TRACER.start_as_current_span("dx.relay.batch"):
             trace_headers = tracing.inject()
@@ -216,39 +307,69 @@ class Relay:
                 while True:
                     try:
                         producer.produce(rec.topic, value=rec.value, key=rec.key,
-                                         headers=headers, on_delivery=self._on_delivery)
+                                         headers=headers,
+                                         on_delivery=functools.partial(self._on_delivery, rec))
                         break
                     except BufferError:
                         producer.poll(0.05)
+                    except KafkaException as exc:
+                        if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                            raise self._too_large(rec) from None
+                        raise
                 producer.poll(0)
 
-    def _produce_flush(self, producer: Producer, records: list[Record]) -> None:
-        self._errors.clear()
-        self._produce_all(producer, records)
-        remaining = producer.flush(60)
+    def _check_delivered(self, remaining: int) -> None:
+        for rec, err in self._errors:
+            if rec is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                raise self._too_large(rec)
         if remaining or self._errors:
-            detail = self._errors[0] if self._errors else f"{remaining} records unacknowledged"
+            detail = (f"{self._errors[0][0].topic if self._errors[0][0] else 'state'}: "
+                      f"{self._errors[0][1]}") if self._errors \
+                else f"{remaining} records unacknowledged"
             raise TransientError(f"kafka did not acknowledge the batch: {detail}")
 
-    def _produce_transaction(self, producer: Producer, records: list[Record],
-                             new_cursor: Cursor) -> None:
+    def _produce_flush(self, records: list[Record]) -> None:
+        producer = self._producer
+        assert producer is not None
+        self._errors.clear()
+        try:
+            self._produce_all(records)
+        except KafkaException as exc:
+            raise TransientError(f"kafka refused a record: {exc.args[0]}") from None
+        self._check_delivered(producer.flush(60))
+
+    def _produce_transaction(self, records: list[Record], new_cursor: Cursor) -> None:
+        producer = self._producer
+        assert producer is not None
         self._errors.clear()
         try:
             producer.begin_transaction()
-            self._produce_all(producer, records)
-            topic, key, value = kafka.state_record(self.config, new_cursor)
-            producer.produce(topic, key=key, value=value, on_delivery=self._on_delivery)
-            producer.commit_transaction(60)
         except KafkaException as exc:
-            err = exc.args[0]
-            if err.txn_requires_abort():
-                with contextlib.suppress(KafkaException):
-                    producer.abort_transaction(30)
-                raise TransientError(f"kafka transaction aborted: {err}") from None
-            if err.retriable():
-                raise TransientError(f"kafka transaction failed: {err}") from None
-            raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
-                                     f"fatal producer error: {err}") from None
+            self._raise_kafka(exc.args[0], "could not begin a transaction")
+        try:
+            self._produce_all(records)
+            topic, key, value = kafka.state_record(self.config, new_cursor, self._system_id)
+            producer.produce(topic, key=key, value=value,
+                             on_delivery=functools.partial(self._on_delivery, None))
+            producer.flush(60)
+            self._check_delivered(0)
+            producer.commit_transaction(60)
+        except BaseException as exc:
+            # whatever failed, this transaction must not stay open: abort it (a later
+            # begin_transaction would fail forever otherwise); if even that fails, the caller
+            # replaces the producer
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(30)
+            if isinstance(exc, KafkaException):
+                self._raise_kafka(exc.args[0], "transaction failed")
+            raise
+
+    def _raise_kafka(self, err: KafkaError, what: str) -> None:
+        if err.fatal():
+            raise KafkaFatal(f"kafka producer stopped for good ({what}): {err}; another relay "
+                             "with the same transactional.id took over, or the broker fenced "
+                             "this one") from None
+        raise TransientError(f"kafka {what}: {err}") from None
 
     def _kafka_call(self, fn: Callable[[], Any]) -> Any:
         try:
