@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -53,6 +54,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+#: librdkafka's own chatter ("Purging 1 unserved events" when a consumer closes) would land on
+#: the demo's stderr; the demo reports Kafka problems itself.
+KAFKA_QUIET = logging.getLogger("demo.librdkafka")
+KAFKA_QUIET.setLevel(logging.CRITICAL)
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "deploy" / "demo"
@@ -405,7 +411,8 @@ def create_inbound_topic(s: Settings) -> None:
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    admin = AdminClient({"bootstrap.servers": s.services["DX_KAFKA_BOOTSTRAP"]})
+    admin = AdminClient({"bootstrap.servers": s.services["DX_KAFKA_BOOTSTRAP"]},
+                        logger=KAFKA_QUIET)
     for fut in admin.create_topics([NewTopic(s.inbound_topic, 1, 1)]).values():
         try:
             fut.result(30)
@@ -417,7 +424,8 @@ def create_inbound_topic(s: Settings) -> None:
 def topic_exists(s: Settings, topic: str) -> bool:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": s.services["DX_KAFKA_BOOTSTRAP"]})
+    admin = AdminClient({"bootstrap.servers": s.services["DX_KAFKA_BOOTSTRAP"]},
+                        logger=KAFKA_QUIET)
     return topic in admin.list_topics(topic, timeout=5).topics and \
         admin.list_topics(topic, timeout=5).topics[topic].error is None
 
@@ -611,7 +619,7 @@ def tail_events(s: Settings, topic: str, n: int) -> list[dict[str, Any]]:
     decode = AvroDeserializer(SchemaRegistryClient({"url": s.services["DX_SCHEMA_REGISTRY_URL"]}))
     consumer = Consumer({"bootstrap.servers": s.services["DX_KAFKA_BOOTSTRAP"],
                          "group.id": f"{s.prefix}-demo-tail", "enable.auto.commit": False,
-                         "isolation.level": "read_committed"})
+                         "isolation.level": "read_committed"}, logger=KAFKA_QUIET)
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
         consumer.assign([TopicPartition(topic, 0, max(low, high - 3 * n))])
