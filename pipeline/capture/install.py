@@ -10,9 +10,10 @@ import psycopg
 from psycopg import sql
 
 from pipeline.capture import ddl
-from pipeline.capture.catalog import read_table
+from pipeline.capture.catalog import capture_mode, partitions, read_table
 from pipeline.capture.spec import TableSpec
 from pipeline.config import DxConfig
+from pipeline.errors import CatalogError
 
 
 def ensure_schema(conn: psycopg.Connection[Any], config: DxConfig) -> None:
@@ -49,23 +50,31 @@ def load_spec(conn: psycopg.Connection[Any], entity: str, version: int) -> Table
 
 def install_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> tuple[
         TableSpec, int, str]:
-    """(Re)install capture triggers for ``config.tables[index]`` atomically."""
-    table = config.tables[index]
-    mode = table.capture or config.capture.mode
+    """(Re)install capture triggers for ``config.tables[index]`` atomically.
+
+    A partitioned table's row triggers are cloned by PostgreSQL to every partition, now and
+    later; its TRUNCATE guard is installed on each current partition here, so a partition
+    attached later needs another install (``table_state`` reports it until then)."""
+    mode = capture_mode(config, index)
     with conn.transaction():
         spec = read_table(conn, config, index)
+        # the lock DROP TRIGGER takes anyway, taken first: no partition can be attached or
+        # created between reading the partitions and guarding them
+        conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(
+            sql.Identifier(spec.schema, spec.table)))
+        parts = partitions(conn, spec.schema, spec.table)
         version = spec_version(conn, spec)
         maker = ddl.row_function if mode == "row" else ddl.statement_function
         body = maker(spec, version).as_string(conn)
-        for stmt in ddl.install_statements(spec, version, mode, body):
+        for stmt in ddl.install_statements(spec, version, mode, body, parts):
             conn.execute(stmt)
     return spec, version, mode
 
 
 def uninstall_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> TableSpec:
     with conn.transaction():
-        spec = read_table(conn, config, index)
-        for stmt in ddl.drop_triggers(spec):
+        spec = read_table(conn, config, index, check_capture=False)
+        for stmt in ddl.drop_triggers(spec, partitions(conn, spec.schema, spec.table)):
             conn.execute(stmt)
         conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(ddl.function_name(spec)))
     return spec
@@ -77,17 +86,38 @@ class CaptureState:
     installed: bool
     mode: str | None
     version: int | None
-    current: bool  # installed spec equals what dx.yaml + catalog say now
+    current: bool  # installed spec equals what dx.yaml + catalog say now, and nothing below
     pending: int
+    problems: tuple[str, ...] = ()  # why the installed capture falls short, one line each
 
 
 def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> CaptureState:
-    spec = read_table(conn, config, index)
+    problems: list[str] = []
+    try:
+        spec = read_table(conn, config, index)
+    except CatalogError as err:  # capturable as a table, not in its configured mode
+        spec = read_table(conn, config, index, check_capture=False)
+        problems.append(str(err))
     triggers = {r[0] for r in conn.execute(
         "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname LIKE 'dx\\_%%'",
         (sql.Identifier(spec.schema, spec.table).as_string(conn),))}
     mode = "row" if "dx_capture" in triggers else (
         "statement" if "dx_capture_insert_stmt" in triggers else None)
+    wanted = capture_mode(config, index)
+    if mode is not None and mode != wanted:
+        problems.append(f"{spec.entity}: installed as {mode} capture but dx.yaml says {wanted}; "
+                        "run 'dx capture install'")
+    if mode is not None:
+        guarded = {(r[0], r[1]) for r in conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE t.tgname = 'dx_refuse_truncate' AND c.relispartition")}
+        bare = [f"{s}.{n}" for s, n in partitions(conn, spec.schema, spec.table)
+                if (s, n) not in guarded]
+        if bare:
+            problems.append(f"{spec.entity}: partition(s) {', '.join(bare)} lack dx's TRUNCATE "
+                            "guard (attached or created after the last 'dx capture install'); run "
+                            "'dx capture install' again")
     row = conn.execute("SELECT version, fingerprint FROM dx.capture_spec WHERE entity = %s "
                        "ORDER BY version DESC LIMIT 1", (spec.entity,)).fetchone()
     pending_row = conn.execute("SELECT count(*) FROM dx.outbox WHERE entity = %s",
@@ -95,6 +125,7 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
     return CaptureState(
         entity=spec.entity, installed=mode is not None, mode=mode,
         version=int(row[0]) if row else None,
-        current=row is not None and row[1] == spec.fingerprint(),
+        current=row is not None and row[1] == spec.fingerprint() and not problems,
         pending=int(pending_row[0]) if pending_row else 0,
+        problems=tuple(problems),
     )
