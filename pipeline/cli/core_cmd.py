@@ -129,15 +129,19 @@ def capture_status_cmd(config: Path = ConfigOption) -> None:
     cfg = config_from(config)
     table = Table("table", "installed", "mode", "schema", "up to date", "pending")
     drift = False
+    problems: list[str] = []
     with _db(cfg) as conn:
         for i in range(len(cfg.tables)):
             st = capture_install.table_state(conn, cfg, i)
             drift |= not (st.installed and st.current)
+            problems += [f"{st.entity}: {p}" for p in st.problems]
             table.add_row(st.entity, "yes" if st.installed else "NO", st.mode or "-",
                           f"v{st.version}" if st.version else "-",
                           "yes" if st.current else "NO (run dx capture install)",
                           str(st.pending))
     console.print(table)
+    for line in problems:
+        typer.echo(line)
     if drift:
         raise typer.Exit(1)
 
