@@ -13,7 +13,7 @@ background; edit a few products in the database and a few in the PIM; wait until
 arrived on the other side and until the sink has *skipped* the PIM's own edits (no echo); print
 what happened and how to reach everything. The workers keep running; stop them with::
 
-    python deploy/demo/run.py stop
+    python3 deploy/demo/run.py stop
 
 Decisions, so a second run behaves like the first:
 
@@ -559,7 +559,9 @@ def show(s: Settings, edits: Edits) -> None:
     """What a person wants to see after the demo: both ends, dx's own view, a few events."""
     show_pim(s)
     show_rows(s, edits)
-    step(f"dx status -c {s.config_path.name}")
+    config = (s.config_path.relative_to(REPO) if s.config_path.is_relative_to(REPO)
+              else s.config_path)
+    step(f"dx status -c {config}")
     done = dx(s, "status", check=False)
     say(indent(done.stdout or done.stderr))
     show_tasks(s)
@@ -654,7 +656,7 @@ def show_access(s: Settings) -> None:
                  DX_SCHEMA_REGISTRY_URL (the stack's server; the demo database is {s.database})
 
 To stop the workers and the PIM:
-    python deploy/demo/run.py stop{stop_args(s)}
+    python3 deploy/demo/run.py stop{stop_args(s)}
 To stop the stack:
     deploy/local/stack down""")
 

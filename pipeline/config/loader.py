@@ -134,5 +134,6 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
-        raise ConfigError(f"cannot read configuration: {err.strerror}", file=str(p)) from None
+        raise ConfigError(f"cannot read configuration: {err.strerror} (give another file with "
+                          "-c FILE or DX_CONFIG)", file=str(p)) from None
     return parse_config(text, file=str(p), env=env)

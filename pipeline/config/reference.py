@@ -63,7 +63,8 @@ def reference() -> str:
         if model in seen:
             return
         seen.add(model)
-        doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+        # the docstring's first paragraph, joined into one line
+        doc = " ".join((model.__doc__ or "").strip().split("\n\n")[0].split())
         out.append(f"\n#### `{path or 'top level'}`\n")
         if doc:
             out.append(doc + "\n")

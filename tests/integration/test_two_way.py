@@ -399,7 +399,7 @@ def test_demo_script_runs_end_to_end(stack: Any, pg_db: str, topic_prefix: str,
         assert len(re.findall(r"op=u origin=pim", out)) == 3
         assert len(re.findall(r"op=u origin=db", out)) == 3
         assert "dx status" in out and "backlog" in out
-        assert f"python deploy/demo/run.py stop --state-dir {state}" in out
+        assert f"python3 deploy/demo/run.py stop --state-dir {state}" in out
         assert "deploy/local/stack down" in out
         for pid in pids.values():
             assert Path(f"/proc/{pid}").exists()
