@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.notify import Channel, EmailChannel, WebhookChannel
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import DxError
-from pipeline.observability.logging import KAFKA_LOG
 
 log = logging.getLogger(__name__)
 
@@ -124,28 +123,28 @@ class AlertEngine:
             return None
 
     def consumer_lag(self, group: str, topics: list[str]) -> int | None:
-        """Messages between the group's committed offsets and the high watermarks."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.config.kafka.bootstrap_servers,
-                                "group.id": group, "enable.auto.commit": False}
-        conf.update(self.config.kafka.client)
-        c = Consumer(conf, logger=KAFKA_LOG)
+        """Messages between the group's committed offsets and the high watermarks, the way
+        ``dx status`` counts them: a consumer caught up on an exactly-once topic is one
+        transaction marker short of the high watermark, which is not lag."""
+        from pipeline.status import KafkaLag
+
         try:
-            md = c.list_topics(timeout=10)
-            parts = [TopicPartition(t, p) for t in topics if t in md.topics
-                     for p in md.topics[t].partitions]
-            if not parts:
+            kafka = KafkaLag(self.config, timeout_s=10)
+            parts = kafka.partitions(topics)
+            tps = [TopicPartition(t, p) for t, ps in parts.items() for p in ps]
+            if not tps:
                 return None
-            total = 0
-            for tp in c.committed(parts, timeout=10):
-                low, high = c.get_watermark_offsets(tp, timeout=10)
-                start = tp.offset if tp.offset >= 0 else low
-                total += max(0, high - start)
-            return total
+            committed = kafka.committed(group, tps)
+            behind: dict[tuple[str, int, int], int] = {}
+            for (t, p), (low, high) in kafka.watermarks(tps).items():
+                start = committed.get((t, p), low)
+                if high > start:
+                    behind[(t, p, start)] = high - start
+            markers = kafka.only_markers({k for k, n in behind.items() if n <= 50})
+            return sum(n for k, n in behind.items() if k not in markers)
         except KafkaException as err:
             log.warning("consumer lag check for %s failed: %s", group, err)
             return None
-        finally:
-            c.close()
 
     # -- incidents ------------------------------------------------------------------------------
 
