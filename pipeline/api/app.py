@@ -2,8 +2,11 @@
 
 Routes are generic (``/{alias}``, ``/{alias}/{id}``) and look the entity up in the current
 :class:`ApiState`, so a reload (``POST /-/reload`` with an admin key, or SIGHUP to ``dx api
-serve``) swaps entities, keys and the OpenAPI document without a restart; a refused reload keeps
-the running state. Request order: authenticate (401), rate limit (429), entity (404), method
+serve``) swaps entities, keys, OAuth2 clients and the OpenAPI document without a restart (tokens
+of removed clients stop working); a refused reload keeps the running state. Callers present an
+API key (``X-Api-Key`` or ``Authorization: Bearer``) or an access token from ``POST
+/oauth/token`` (``Authorization: Bearer``, see ``pipeline.api.oauth``).
+Request order: authenticate (401), rate limit (429), entity (404), method
 (405), scope (403), then the request itself.
 """
 
@@ -28,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
+from pipeline.api.oauth import TOKEN_PREFIX, ClientRing, OAuthError, TokenStore, token_request
 from pipeline.api.openapi import TRANSACTION_HEADER, document
 from pipeline.api.query import (
     attach_children,
@@ -60,6 +64,7 @@ class ApiState:
     config: DxConfig
     entities: dict[str, Entity]
     keys: KeyRing
+    clients: ClientRing
     openapi: dict[str, Any]
 
 
@@ -70,7 +75,9 @@ def build_state(config: DxConfig, env: dict[str, str] | None = None) -> ApiState
         entities = load_entities(conn, config)
         conn.rollback()
     keys = KeyRing(config.api, env, file=config.where()[0])
-    return ApiState(config=config, entities=entities, keys=keys, openapi=document(entities))
+    clients = ClientRing(config.api, env, file=config.where()[0])
+    return ApiState(config=config, entities=entities, keys=keys, clients=clients,
+                    openapi=document(entities))
 
 
 class DataExchangeApi:
@@ -83,6 +90,7 @@ class DataExchangeApi:
         self.state = build_state(config, env)
         self.pool = self._pool(config)
         self.limiter = RateLimiter()
+        self.tokens = TokenStore()  # survives reloads; retain() drops removed clients' tokens
         self._reload_lock = threading.Lock()
         self.app = self._build()
 
@@ -106,7 +114,9 @@ class DataExchangeApi:
                 pool, self.pool = self.pool, self._pool(config)
                 pool.close()
             self.state = state
-        log.info("api reloaded: %d entities, %d keys", len(state.entities), len(state.keys))
+            revoked = self.tokens.retain(state.clients)
+        log.info("api reloaded: %d entities, %d keys, %d clients (%d tokens revoked)",
+                 len(state.entities), len(state.keys), len(state.clients), revoked)
         return state
 
     def close(self) -> None:
@@ -115,11 +125,19 @@ class DataExchangeApi:
     # ---- request plumbing -------------------------------------------------------------------
 
     def _principal(self, request: Request) -> Principal:
-        principal = self.state.keys.authenticate(presented_key(request.headers))
-        request.state.key_id = principal.id
-        wait = self.limiter.take(principal.id, principal.rate)
+        state = self.state
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        bearer = bearer.strip()
+        if ("x-api-key" not in request.headers and scheme.lower() == "bearer"
+                and bearer.startswith(TOKEN_PREFIX)):
+            principal = self.tokens.authenticate(bearer, state.clients)
+            request.state.client_id = principal.id
+        else:
+            principal = state.keys.authenticate(presented_key(request.headers))
+            request.state.key_id = principal.id
+        wait = self.limiter.take(f"{principal.kind}:{principal.id}", principal.rate)
         if wait > 0:
-            raise fail("rate_limited", "too many requests for this key",
+            raise fail("rate_limited", f"too many requests for this {principal.kind}",
                        headers={"Retry-After": str(max(1, round(wait)))})
         return principal
 
@@ -135,9 +153,9 @@ class DataExchangeApi:
                        headers={"Allow": ", ".join(allowed)})
         scope = SCOPE_BY_METHOD[method]
         if not principal.knows(alias):
-            raise fail("forbidden", f"this key has no access to {alias}")
+            raise fail("forbidden", f"this {principal.kind} has no access to {alias}")
         if not principal.may(alias, scope):
-            raise fail("forbidden", f"this key may not {scope} {alias}")
+            raise fail("forbidden", f"this {principal.kind} may not {scope} {alias}")
         return entity
 
     @staticmethod
@@ -286,13 +304,15 @@ class DataExchangeApi:
                           call_next: Callable[[Request], Awaitable[Response]]) -> Response:
             start = time.perf_counter()
             request.state.key_id = None
+            request.state.client_id = None
             response = await call_next(request)
-            access_log.info("%s %s %d key=%s %.1fms", request.method, request.url.path,
-                            response.status_code, request.state.key_id or "-",
-                            (time.perf_counter() - start) * 1000,
+            client_id = request.state.client_id
+            who = f"client={client_id}" if client_id else f"key={request.state.key_id or '-'}"
+            access_log.info("%s %s %d %s %.1fms", request.method, request.url.path,
+                            response.status_code, who, (time.perf_counter() - start) * 1000,
                             extra={"method": request.method, "path": request.url.path,
                                    "status": response.status_code,
-                                   "key_id": request.state.key_id})
+                                   "key_id": request.state.key_id, "client_id": client_id})
             return response
 
         @app.get("/openapi.json", include_in_schema=False)
@@ -316,7 +336,31 @@ class DataExchangeApi:
                 state = await run_in_threadpool(api.reload)
             except DxError as err:
                 raise fail("invalid_config", str(err)) from None
-            return JSONResponse({"entities": sorted(state.entities), "keys": len(state.keys)})
+            return JSONResponse({"entities": sorted(state.entities), "keys": len(state.keys),
+                                 "clients": len(state.clients)})
+
+        @app.api_route("/oauth/token", methods=_ALL_METHODS, include_in_schema=False)
+        async def _token(request: Request) -> Response:
+            """OAuth2 client credentials (RFC 6749 §4.4); errors as in §5.2."""
+            no_store = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+            if request.method != "POST":
+                return JSONResponse({"error": "invalid_request",
+                                     "error_description": "use POST"}, status_code=405,
+                                    headers={"Allow": "POST", **no_store})
+            state = api.state
+
+            def seen(client_id: str) -> None:
+                request.state.client_id = client_id
+
+            try:
+                issued = token_request(
+                    content_type=request.headers.get("content-type", ""),
+                    authorization=request.headers.get("authorization", ""),
+                    raw=await request.body(), clients=state.clients, tokens=api.tokens,
+                    limiter=api.limiter, aliases=state.entities, on_client=seen)
+            except OAuthError as err:
+                return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+            return JSONResponse(issued.body, headers=no_store)
 
         async def handle(request: Request, alias: str, raw_id: str | None) -> Response:
             principal = api._principal(request)

@@ -125,18 +125,22 @@ def check_references(config: DxConfig) -> None:
                                         f"{child.alias!r}", *loc, "on", p)
     ids: set[str] = set()
     hashes: set[str] = set()
-    for i, k in enumerate(api.keys):
-        if k.id in ids:
-            raise _fail(config, f"key id {k.id!r} is used twice", "keys", i, "id")
-        ids.add(k.id)
-        secret = k.secret_env or k.secret_sha256 or ""
-        if secret in hashes:
-            raise _fail(config, f"key {k.id!r} has the same secret as another key", "keys", i)
-        hashes.add(secret)
-        for alias in k.scopes:
-            if alias != "*" and alias not in aliases:
-                raise _fail(config, f"key {k.id!r}: scope for unknown entity {alias!r}",
-                            "keys", i, "scopes", alias)
+    for section, creds in (("keys", api.keys), ("clients", api.clients)):
+        what = "key" if section == "keys" else "client"
+        for i, k in enumerate(creds):
+            if k.id in ids:
+                raise _fail(config, f"{what} id {k.id!r} is used twice (key and client ids "
+                                    "share one namespace)", section, i, "id")
+            ids.add(k.id)
+            secret = k.secret_env or k.secret_sha256 or ""
+            if secret in hashes:
+                raise _fail(config, f"{what} {k.id!r} has the same secret as another key or "
+                                    "client", section, i)
+            hashes.add(secret)
+            for alias in k.scopes:
+                if alias != "*" and alias not in aliases:
+                    raise _fail(config, f"{what} {k.id!r}: scope for unknown entity {alias!r}",
+                                section, i, "scopes", alias)
 
 
 def _read_table(conn: psycopg.Connection[Any], schema: str,

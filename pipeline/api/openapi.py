@@ -255,9 +255,33 @@ def document(entities: Mapping[str, Entity], *, title: str = "dx Data Exchange A
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
-                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key",
+                           "description": "an API key (api.keys); also accepted as "
+                                          "Authorization: Bearer"},
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "an API key or an OAuth2 access token"},
+                "oauth2": {"type": "oauth2",
+                           "description": "client credentials (api.clients, RFC 6749 §4.4): "
+                                          "POST /oauth/token with HTTP Basic or client_id/"
+                                          "client_secret, grant_type=client_credentials and an "
+                                          "optional space-separated scope; errors invalid_request"
+                                          ", invalid_client (401), unsupported_grant_type, "
+                                          "invalid_scope",
+                           "flows": {"clientCredentials": {"tokenUrl": "/oauth/token",
+                                                           "scopes": oauth_scopes(entities)}}},
             },
         },
-        "security": [{"apiKey": []}, {"bearer": []}],
+        "security": [{"apiKey": []}, {"bearer": []}, {"oauth2": []}],
     }
+
+
+def oauth_scopes(entities: Mapping[str, Entity]) -> dict[str, str]:
+    """The OAuth2 scopes: ``alias:read|write|delete`` per entity and ``*:...`` for all."""
+    out: dict[str, str] = {}
+    for alias in ["*", *sorted(entities)]:
+        what = "every entity" if alias == "*" else alias
+        methods = ["read", "write"] + (["delete"] if alias == "*" or entities[alias].delete
+                                       else [])
+        for m in methods:
+            out[f"{alias}:{m}"] = f"{m} {what}"
+    return out

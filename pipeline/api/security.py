@@ -2,7 +2,8 @@
 
 Keys come from the environment (``secret_env`` names the variable) or as a SHA-256 in dx.yaml
 (``secret_sha256``); either way only the hash is kept in memory and a presented key is hashed and
-compared in constant time. A key's ``scopes`` grant ``read``/``write``/``delete`` per entity
+compared in constant time (OAuth2 clients and their tokens: ``pipeline.api.oauth``). A key's
+``scopes`` grant ``read``/``write``/``delete`` per entity
 alias (``*`` for every entity). The request log carries the key id, never the secret.
 """
 
@@ -37,6 +38,7 @@ class Principal:
     scopes: Mapping[str, frozenset[str]]
     admin: bool
     rate: RateLimit
+    kind: str = "key"  # "key" (an API key) or "client" (an OAuth2 access token)
 
     def may(self, alias: str, scope: str) -> bool:
         granted = self.scopes.get(alias, self.scopes.get("*", frozenset()))

@@ -94,7 +94,8 @@ def check(config: Path = ConfigOption) -> None:
         typer.echo(f"/{alias} -> {e.qualified}: {len(e.fields)} fields, key "
                    f"{','.join(e.key)}, {' '.join(ops)}"
                    + (f", relations {', '.join(e.relations)}" if e.relations else ""))
-    typer.echo(f"api: ok ({len(state.entities)} entities, {len(state.keys)} keys)")
+    typer.echo(f"api: ok ({len(state.entities)} entities, {len(state.keys)} keys, "
+               f"{len(state.clients)} clients)")
 
 
 @api_app.command("openapi")
@@ -107,7 +108,8 @@ def openapi(config: Path = ConfigOption) -> None:
 
 @api_app.command("hash-key")
 def hash_key() -> None:
-    """Read an API key on stdin and print its SHA-256 (for api.keys[].secret_sha256)."""
+    """Read an API key or client secret on stdin and print its SHA-256 (for
+    api.keys[].secret_sha256 and api.clients[].secret_sha256)."""
     secret = sys.stdin.readline().rstrip("\r\n")
     if not secret:
         raise typer.BadParameter("no key on stdin")

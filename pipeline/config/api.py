@@ -3,8 +3,8 @@
 Entities are declared, not coded: an ``alias`` (the URL segment) over one table, the exposed
 ``fields`` keyed by their public name (an allow-list: no other column is readable, writable or
 filterable), per-field ``creatable``/``editable`` and validation rules, whether deletes are
-allowed, and child ``relations`` by foreign-key field mapping. Keys name the *environment
-variable* holding the secret (or a SHA-256 of it), never the secret itself.
+allowed, and child ``relations`` by foreign-key field mapping. Keys and OAuth2 clients name the
+*environment variable* holding the secret (or a SHA-256 of it), never the secret itself.
 
 Shape checks live here (unknown keys rejected, file and line in every error); everything that
 needs the live catalog (columns exist, types fit the rules, the key is exposed) is checked when
@@ -27,7 +27,8 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 #: Query parameters of list endpoints; a field cannot be called like one of them.
 RESERVED_FIELDS = frozenset({"offset", "limit", "sort", "include", "data"})
 #: Path segments the API serves itself; an entity cannot be called like one of them.
-RESERVED_ALIASES = frozenset({"docs", "redoc", "openapi", "healthz", "readyz", "metrics"})
+RESERVED_ALIASES = frozenset({"docs", "redoc", "openapi", "healthz", "readyz", "metrics",
+                              "oauth"})
 
 Scope = Literal["read", "write", "delete"]
 
@@ -164,26 +165,26 @@ class ApiEntity(_Base):
 
 
 class RateLimit(_Base):
-    """A token bucket per API key: ``requests`` per ``per_s`` seconds, bursts up to ``requests``."""
+    """A token bucket per API key or client: ``requests`` per ``per_s`` seconds, bursts up to
+    ``requests``."""
 
     requests: int = Field(100, ge=1, description="requests allowed per window (burst size)")
     per_s: float = Field(1.0, gt=0, description="window length in seconds")
 
 
-class ApiKey(_Base):
-    """One API client: the system it speaks for (the origin of its writes) and its scopes."""
+class _Credential(_Base):
+    """What API keys and OAuth2 clients share: id, system, secret (by name or hash), scopes."""
 
-    id: str = Field(description="key id: logged with every request (the secret never is)")
+    id: str = Field(description="id: logged with every request (the secret never is)")
     system: str = Field(description="origin recorded for its writes (dx.origin); routes never "
                                     "deliver a change back to its origin")
     secret_env: str | None = Field(None, description="NAME of the environment variable holding "
-                                                     "the key (hashed at start, never stored)")
-    secret_sha256: str | None = Field(None, description="hex SHA-256 of the key "
+                                                     "the secret (hashed at start, never stored)")
+    secret_sha256: str | None = Field(None, description="hex SHA-256 of the secret "
                                                         "(`dx api hash-key`)")
     scopes: dict[str, list[Scope]] = Field(
         default_factory=dict, description="entity alias (or '*') -> read, write, delete"
     )
-    admin: bool = Field(False, description="may call POST /-/reload")
     rate_limit: RateLimit | None = Field(None, description="default api.rate_limit")
 
     @field_validator("id")
@@ -208,10 +209,25 @@ class ApiKey(_Base):
         return v
 
     @model_validator(mode="after")
-    def _secret(self) -> ApiKey:
+    def _secret(self) -> _Credential:
         if (self.secret_env is None) == (self.secret_sha256 is None):
             raise ValueError("set exactly one of secret_env and secret_sha256")
         return self
+
+
+class ApiKey(_Credential):
+    """One API key: the system it speaks for (the origin of its writes) and its scopes."""
+
+    admin: bool = Field(False, description="may call POST /-/reload")
+
+
+class ApiClient(_Credential):
+    """One OAuth2 client (client-credentials grant, ``POST /oauth/token``): its secret, the
+    system it speaks for and the scopes its tokens may carry."""
+
+    token_lifetime_s: int | None = Field(None, ge=1, le=86_400,
+                                         description="access token lifetime; default "
+                                                     "api.token_lifetime_s")
 
 
 class ApiConfig(_Base):
@@ -226,6 +242,11 @@ class ApiConfig(_Base):
     statement_timeout_ms: int = Field(30_000, ge=0, description="per statement; 0: none")
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="default per-key limit")
     keys: list[ApiKey] = Field(default_factory=list, description="API keys and their scopes")
+    clients: list[ApiClient] = Field(default_factory=list,
+                                     description="OAuth2 clients (client credentials) and "
+                                                 "their scopes")
+    token_lifetime_s: int = Field(3600, ge=1, le=86_400,
+                                  description="lifetime of OAuth2 access tokens")
     entities: list[ApiEntity] = Field(default_factory=list, description="exposed resources")
 
     @model_validator(mode="after")

@@ -40,9 +40,11 @@ KEYS = {
     "TEST_API_KEY_PIM": "pim-secret-0123456789",
     "TEST_API_KEY_READER": "reader-secret-0123456789",
     "TEST_API_KEY_ADMIN": "admin-secret-0123456789",
+    "TEST_API_CLIENT_ERP": "erp-client-secret-0123456789",
 }
 WMS_SECRET = "wms-secret-0123456789"
 SLOW_SECRET = "slow-secret-0123456789"
+BRIEF_SECRET = "brief-client-secret-0123456789"
 
 API_SECTION = f"""
 api:
@@ -71,6 +73,17 @@ api:
       system: ops
       secret_env: TEST_API_KEY_ADMIN
       admin: true
+  clients:
+    - id: erp-client
+      system: erp
+      secret_env: TEST_API_CLIENT_ERP
+      scopes: {{products: [read, write], variants: [read]}}
+    - id: brief-client
+      system: brief
+      secret_sha256: {hashlib.sha256(BRIEF_SECRET.encode()).hexdigest()}
+      scopes: {{"*": [read]}}
+      token_lifetime_s: 1
+      rate_limit: {{requests: 1000, per_s: 1}}
   entities:
     - alias: products
       table: public.products

@@ -116,3 +116,102 @@ def test_rate_limiter_is_a_token_bucket() -> None:
     rate = RateLimit(requests=2, per_s=10)
     assert [limiter.take("k", rate) == 0 for _ in range(3)] == [True, True, False]
     assert limiter.take("other", rate) == 0
+
+
+CLIENTS = BASE.replace("  entities:\n", """\
+  clients:
+    - id: erp
+      system: erp
+      secret_env: ERP_SECRET
+      scopes: {products: [read]}
+      token_lifetime_s: 60
+  entities:
+""")
+
+
+def test_clients_section() -> None:
+    cfg = parse_config(CLIENTS, env={})
+    check_references(cfg)
+    c = cfg.api.clients[0]
+    assert (c.id, c.secret_env, c.token_lifetime_s) == ("erp", "ERP_SECRET", 60)
+    assert cfg.api.token_lifetime_s == 3600
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "fragment"),
+    [
+        ("token_lifetime_s: 60", "token_lifetime_s: 0", 18, "greater than or equal to 1"),
+        ("token_lifetime_s: 60", "lifetime: 60", 18, "unknown key 'lifetime'"),
+        ("secret_env: ERP_SECRET", "secret_env: $${ERP_SECRET}", 16, "the NAME of an"),
+        ("      secret_env: ERP_SECRET\n", "", 14, "exactly one of secret_env"),
+        ("scopes: {products: [read]}\n      token", "scopes: {products: [own]}\n      token",
+         17, "scopes.products"),
+        ("      token_lifetime_s: 60\n", "      admin: true\n", 18, "unknown key 'admin'"),
+    ],
+)
+def test_client_shape_errors_name_the_line(old: str, new: str, line: int, fragment: str) -> None:
+    assert old in CLIENTS
+    with pytest.raises(ConfigError) as err:
+        parse_config(CLIENTS.replace(old, new), file="dx.yaml", env={})
+    assert str(err.value).startswith(f"dx.yaml:{line}: "), str(err.value)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "fragment"),
+    [
+        ("    - id: erp\n", "    - id: pim\n", 14, "id 'pim' is used twice"),
+        ("secret_env: ERP_SECRET", "secret_env: PIM_KEY", 14, "same secret"),
+        ("scopes: {products: [read]}\n      token", "scopes: {prods: [read]}\n      token",
+         17, "client 'erp': scope for unknown entity 'prods'"),
+    ],
+)
+def test_client_reference_errors_name_the_line(old: str, new: str, line: int,
+                                               fragment: str) -> None:
+    cfg = parse_config(CLIENTS.replace(old, new), file="dx.yaml", env={})
+    with pytest.raises(ConfigError) as err:
+        check_references(cfg)
+    assert str(err.value).startswith(f"dx.yaml:{line}: "), str(err.value)
+    assert fragment in str(err.value)
+
+
+def test_client_secrets_are_hashed_and_tokens_kept_as_hashes() -> None:
+    from pipeline.api.oauth import ClientRing, TokenStore
+
+    cfg = parse_config(CLIENTS, env={})
+    ring = ClientRing(cfg.api, {"ERP_SECRET": "s3cret"})
+    assert ring.authenticate("erp", "s3cret") is not None
+    assert ring.authenticate("erp", "other") is None and ring.authenticate("x", "s3cret") is None
+    assert "s3cret" not in repr(ring.__dict__)
+    with pytest.raises(ConfigError, match="ERP_SECRET is not set"):
+        ClientRing(cfg.api, {})
+    client = ring.get("erp")
+    assert client is not None
+    store = TokenStore()
+    token = store.issue(client, dict(client.principal.scopes))
+    assert token.startswith("dxat_") and token not in repr(store.tokens)
+    p = store.authenticate(token, ring)
+    assert (p.id, p.kind, p.may("products", "read"), p.may("products", "write")) == (
+        "erp", "client", True, False)
+    assert store.retain(ClientRing(parse_config(BASE, env={}).api, {})) == 1
+    with pytest.raises(ApiError) as err:
+        store.authenticate(token, ring)
+    assert err.value.status == 401
+
+
+def test_scope_words_narrow_and_intersect() -> None:
+    from pipeline.api.oauth import OAuthError, format_scopes, intersect, parse_scope
+
+    allowed = {"*": frozenset({"read"}), "products": frozenset({"read", "write"})}
+    aliases = {"products", "variants"}
+    assert parse_scope("products:write  variants:read", allowed, aliases) == {
+        "products": frozenset({"write"}), "variants": frozenset({"read"})}
+    assert format_scopes(parse_scope("*:read", allowed, aliases)) == "*:read"
+    for bad in ("variants:write", "*:write", "x:read", "products", "products:all", ""):
+        with pytest.raises(OAuthError) as err:
+            parse_scope(bad, allowed, aliases)
+        assert err.value.error == "invalid_scope" and err.value.status == 400
+    token = {"*": frozenset({"read", "write"})}
+    assert intersect(token, allowed) == {"*": frozenset({"read"}),
+                                         "products": frozenset({"read", "write"})}
+    assert intersect({"variants": frozenset({"read"})}, {"products": frozenset({"read"})}) == {}
