@@ -26,6 +26,7 @@ from pipeline.cli.common import (
 )
 from pipeline.db import connection
 from pipeline.errors import TerminalError
+from pipeline.observability.logging import redact
 from pipeline.tasks.store import STATUSES, TaskFilter, TaskStore, ensure_schema
 
 sink_app = typer.Typer(help="Outbound routes: deliver changes to third-party systems.",
@@ -169,7 +170,7 @@ def tasks_show(task_id: int = typer.Argument(..., help="task id"),
     for name in ("import_log", "export_log"):
         if row[name]:
             console.rule(name.replace("_", " "))
-            console.print_json(json.dumps(row[name], default=str))
+            console.print_json(redact(json.dumps(row[name], default=str)))
 
 
 def _ids_or_filter(ids: list[int] | None, all_matching: bool, status: list[str],
@@ -247,6 +248,8 @@ def tasks_export(fmt: str = typer.Option("csv", "--format", help="csv or jsonl")
             for r in TaskStore(conn).iter_full(f):
                 exp = r["export_log"] or {}
                 values = {**r, "http_status": exp.get("status"), "response": exp.get("response")}
+                # for people without access: no credential a target echoed back, ever
+                values = {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
                 if writer is not None:
                     writer.writerow(["" if values[c] is None else values[c]
                                      for c in EXPORT_COLUMNS])

@@ -122,3 +122,19 @@ def test_retry_after_parsing() -> None:
     assert retry_after_seconds("3") == 3
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 10) == 10
     assert retry_after_seconds("soon") is None
+
+
+def test_export_log_masks_credentials_in_headers_and_url() -> None:
+    import httpx
+
+    from connectors.http.connector import _describe
+
+    request = httpx.Request(
+        "POST", "https://user:pa55@erp.example/x?api_key=abc123&page=1",
+        headers={"X-Api-Key": "k1", "Ocp-Apim-Subscription-Key": "s1",
+                 "Idempotency-Key": "e-1", "Content-Type": "application/json"},
+        content=b'{"a":1}')
+    text = _describe(request)
+    for secret in ("pa55", "abc123", "k1", "s1"):
+        assert secret not in text
+    assert "idempotency-key: e-1" in text and "page=1" in text and '{"a":1}' in text
