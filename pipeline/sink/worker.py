@@ -428,12 +428,14 @@ class Lane(threading.Thread):
         self.redrive_queued.discard(key)
         while not self.w.stop.is_set():
             self.w.writer.flush()
-            rows = self.store.pending_of_key(self.w.route.name, key)
+            rows = self.store.pending_of_key(self.w.route.name, key, self.w.owned())
             if not rows:
                 if not self._has_dead(key):
                     self.blocked.discard(key)
                 return
             for r in rows:
+                if (r["topic"], r["partition"]) not in self.w.partitions:
+                    return  # revoked meanwhile: the partition's new owner redrives the rest
                 headers = [(str(k), str(v).encode()) for k, v in (r["raw_headers"] or [])]
                 raw_key = bytes(r["raw_key"]) if r["raw_key"] is not None else None
                 w = Work(topic=r["topic"], partition=r["partition"], offset=r["offset"],
@@ -679,6 +681,14 @@ class SinkWorker:
         self._readiness()
         self.assigned.set()
 
+    def owned(self) -> list[tuple[str, int]]:
+        """The (topic, partition) pairs this worker currently owns (a snapshot, any thread)."""
+        while True:
+            try:
+                return list(self.partitions)
+            except RuntimeError:  # changed size during iteration (a rebalance): read again
+                continue
+
     def _readiness(self) -> None:
         self.server.set_assignment(len(self.partitions), stopping=self.stop.is_set())
 
@@ -803,7 +813,7 @@ class SinkWorker:
     def _poll_redrives(self, store: TaskStore) -> None:
         """Hand keys whose dead task was retried or skipped to their lane."""
         try:
-            keys = set(store.redrive_candidates(self.route.name))
+            keys = set(store.redrive_candidates(self.route.name, self.owned()))
             blocked = [k for lane in self.lanes for k in list(lane.blocked)]
             if blocked:
                 rows = store.conn.execute(

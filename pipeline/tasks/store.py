@@ -28,7 +28,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString
 
@@ -355,29 +355,48 @@ class TaskStore:
         self.conn.commit()
         return {str(r[0]) for r in rows}
 
-    def redrive_candidates(self, route: str) -> list[str]:
-        """Keys whose pending tasks can go now: no dead task holds them back."""
+    def redrive_candidates(self, route: str, owned: Iterable[tuple[str, int]]) -> list[str]:
+        """Keys whose pending tasks can go now: no dead task holds them back. Only tasks of the
+        ``owned`` (topic, partition) pairs count: with several workers on a route, each one
+        redrives the keys of the partitions it owns, so a task is redelivered once, in order."""
+        topics, partitions = _owned(owned)
+        if not topics:
+            return []
         rows = self.conn.execute(
             "SELECT key FROM dx.task t WHERE route = %s AND status = 'pending' "
-            "AND key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM dx.task d WHERE d.route = t.route "
+            "AND key IS NOT NULL AND (topic, partition) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::int[])) "
+            "AND NOT EXISTS (SELECT 1 FROM dx.task d WHERE d.route = t.route "
             "AND d.key = t.key AND d.status = 'dead') GROUP BY key ORDER BY min(id)",
-            (route,)).fetchall()
+            (route, topics, partitions)).fetchall()
         self.conn.commit()
         return [str(r[0]) for r in rows]
 
-    def pending_of_key(self, route: str, key: str) -> list[dict[str, Any]]:
-        """The pending tasks of one key in arrival order, with their original messages."""
+    def pending_of_key(self, route: str, key: str,
+                       owned: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:
+        """The pending tasks of one key in arrival order, with their original messages (only
+        those of the ``owned`` (topic, partition) pairs)."""
+        topics, partitions = _owned(owned)
+        if not topics:
+            return []
         with self.conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
                 "raw_headers, redrive FROM dx.task WHERE route = %s AND key = %s "
-                "AND status = 'pending' ORDER BY id", (route, key))
+                "AND status = 'pending' AND (topic, partition) IN "
+                "(SELECT * FROM unnest(%s::text[], %s::int[])) ORDER BY id",
+                (route, key, topics, partitions))
             rows = list(cur.fetchall())
         blocked = self.conn.execute(
             "SELECT 1 FROM dx.task WHERE route = %s AND key = %s AND status = 'dead' LIMIT 1",
             (route, key)).fetchone()
         self.conn.commit()
         return [] if blocked else rows
+
+
+def _owned(owned: Iterable[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    pairs = sorted(set(owned))
+    return [t for t, _ in pairs], [p for _, p in pairs]
 
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?|"
