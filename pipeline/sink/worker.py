@@ -29,6 +29,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -239,8 +240,7 @@ class Lane(threading.Thread):
             op=w.event.op if w.event is not None else None, attempts=w.attempts,
             error=error, import_log=import_log, export_log=export_log,
             raw_key=w.raw_key if keep_raw else None, raw_value=w.raw_value if keep_raw else None,
-            raw_headers=[[k, v.decode("utf-8", "replace")] for k, v in w.headers]
-            if keep_raw else None,
+            raw_headers=[_header_row(k, v) for k, v in w.headers] if keep_raw else None,
             dlq=dlq)
 
     def _record(self, w: Work, status: str, **kwargs: Any) -> None:
@@ -436,7 +436,7 @@ class Lane(threading.Thread):
             for r in rows:
                 if (r["topic"], r["partition"]) not in self.w.partitions:
                     return  # revoked meanwhile: the partition's new owner redrives the rest
-                headers = [(str(k), str(v).encode()) for k, v in (r["raw_headers"] or [])]
+                headers = [_header_value(h) for h in (r["raw_headers"] or [])]
                 raw_key = bytes(r["raw_key"]) if r["raw_key"] is not None else None
                 w = Work(topic=r["topic"], partition=r["partition"], offset=r["offset"],
                          raw_key=raw_key, raw_value=bytes(r["raw_value"] or b""),
@@ -468,6 +468,25 @@ def _headers(msg: Message) -> list[tuple[str, bytes]]:
     for k, v in raw:
         out.append((k, v if isinstance(v, bytes) else (v or "").encode()))
     return out
+
+
+def _header_row(name: str, value: bytes) -> list[str]:
+    """A header as the task store keeps it: ``[name, text]``, or ``[name, base64, "base64"]``
+    when the value is not UTF-8 text that PostgreSQL can hold (binary, or with a NUL)."""
+    try:
+        text = value.decode("utf-8")
+        if "\x00" not in text:
+            return [name, text]
+    except UnicodeDecodeError:
+        pass
+    return [name, base64.b64encode(value).decode(), "base64"]
+
+
+def _header_value(row: list[str]) -> tuple[str, bytes]:
+    """The header from its ``_header_row`` form."""
+    if len(row) > 2 and row[2] == "base64":
+        return str(row[0]), base64.b64decode(row[1])
+    return str(row[0]), str(row[1]).encode()
 
 
 def _header(headers: list[tuple[str, bytes]], name: str) -> str | None:
@@ -751,6 +770,8 @@ class SinkWorker:
                 if now >= next_lag:
                     self._report_lag(consumer)
                     next_lag = now + self.lag_interval_s
+                if self.writer.fatal is not None:
+                    raise self.writer.failure()
                 if self.writer.error is not None:
                     log.warning("task store unavailable: %s", self.writer.error)
         finally:

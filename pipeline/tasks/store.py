@@ -22,6 +22,7 @@ offset only after the task's outcome is durable here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import queue
@@ -38,7 +39,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pipeline.db import connect
-from pipeline.errors import ServiceUnavailable
+from pipeline.errors import ServiceUnavailable, TerminalError
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,35 @@ class TaskRow:
     redrive: bool = False
 
     def params(self) -> tuple[Any, ...]:
-        return (self.route, self.topic, self.partition, self.offset, self.key, self.event_id,
-                self.op, self.status, self.attempts, self.error,
-                None if self.import_log is None else Jsonb(self.import_log),
-                None if self.export_log is None else Jsonb(self.export_log),
+        """The UPSERT's parameters. PostgreSQL text and jsonb cannot hold NUL (``\\x00``): one
+        in an error text, a header or a log would fail the whole batch, so NULs are removed
+        from every text and JSON field (the raw key and value are bytea and kept as they are)."""
+        return (self.route, self.topic, self.partition, self.offset, _clean(self.key),
+                _clean(self.event_id), _clean(self.op), self.status, self.attempts,
+                _clean(self.error),
+                None if self.import_log is None else Jsonb(_clean(self.import_log)),
+                None if self.export_log is None else Jsonb(_clean(self.export_log)),
                 self.raw_key, self.raw_value,
-                None if self.raw_headers is None else Jsonb(self.raw_headers),
-                None if self.dlq is None else Jsonb(self.dlq), self.redrive)
+                None if self.raw_headers is None else Jsonb(_clean(self.raw_headers)),
+                None if self.dlq is None else Jsonb(_clean(self.dlq)), self.redrive)
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with NUL characters removed from every string in it (dict keys too), and
+    unpaired surrogates (not valid UTF-8, refused by PostgreSQL) replaced."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 # A parked row (pending) must never overwrite a task that already reached a verdict: that happens
@@ -144,6 +167,9 @@ class TaskWriter:
 
     A failing database stalls the writer (it retries with backoff) rather than dropping rows:
     unacknowledged rows keep their offsets uncommitted, so nothing is lost if the worker dies.
+    Any other failure (the database rejects the rows) stops the writer for good: ``fatal`` is
+    set, ``flush`` raises :meth:`failure`, and the worker stops with that one line rather than
+    running on with nothing recorded or committed.
     """
 
     def __init__(self, url: str, *, max_rows: int = 2000, max_wait_s: float = 0.05) -> None:
@@ -152,7 +178,8 @@ class TaskWriter:
         self.max_wait_s = max_wait_s
         self.queue: queue.Queue[tuple[TaskRow, Ack | None] | threading.Event] = queue.Queue()
         self.stopping = threading.Event()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last write failure (cleared on success)
+        self.fatal: BaseException | None = None  # what stopped the writer thread, for good
         self.conn = connect(url, autocommit=False, application_name="dx-task-writer")
         self.thread = threading.Thread(target=self._run, name="task-writer", daemon=True)
         self.rows_written = 0
@@ -167,8 +194,19 @@ class TaskWriter:
         """Block until everything put so far is committed."""
         done = threading.Event()
         self.queue.put(done)
-        if not done.wait(timeout):
-            raise ServiceUnavailable("postgresql", "task store", "task writer did not flush")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.1):
+            if self.fatal is not None:
+                raise self.failure()
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServiceUnavailable("postgresql", "task store",
+                                         "task writer did not flush")
+
+    def failure(self) -> TerminalError:
+        """The error that stopped the writer, as the one line the worker stops with."""
+        err = self.fatal
+        return TerminalError(f"task store rejected a write, stopping (nothing more is recorded "
+                             f"or committed): {type(err).__name__}: {err}")
 
     def close(self) -> None:
         self.stopping.set()
@@ -177,6 +215,14 @@ class TaskWriter:
         self.conn.close()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # the worker sees ``fatal`` and stops
+            log.exception("task writer failed")
+            self.fatal = err
+            self.error = err
+
+    def _loop(self) -> None:
         while True:
             batch: list[tuple[TaskRow, Ack | None]] = []
             events: list[threading.Event] = []
@@ -225,6 +271,10 @@ class TaskWriter:
                                         application_name="dx-task-writer")
                 except ServiceUnavailable:
                     continue
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self.conn.rollback()
+                raise
         self.error = None
         self.rows_written += len(batch)
         for _, ack in batch:
