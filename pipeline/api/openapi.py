@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.api.catalog import Entity, Field
-from pipeline.api.query import OPS, filterable, render
+from pipeline.api.query import MAX_OFFSET, OPS, filterable, render
 from pipeline.api.validate import json_kind
 
 TRANSACTION_HEADER = "X-Dx-Transaction"
@@ -133,7 +133,8 @@ def _ok(status: str, schema: str, description: str) -> dict[str, Any]:
 
 def _list_params(e: Entity, entities: Mapping[str, Entity]) -> list[dict[str, Any]]:
     params: list[dict[str, Any]] = [
-        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                     "maximum": MAX_OFFSET}},
         {"name": "limit", "in": "query",
          "schema": {"type": "integer", "minimum": 1, "maximum": e.max_limit}},
         {"name": "sort", "in": "query", "schema": {"type": "string"},

@@ -33,6 +33,8 @@ from pipeline.api.errors import ApiError, Problem, fail
 
 OPS = ("eq", "ne", "in", "gt", "gte", "lt", "lte", "null")
 RESERVED = ("offset", "limit", "sort", "include")
+#: PostgreSQL's OFFSET is a bigint; a larger one is a bad query, not a database error.
+MAX_OFFSET = 2**63 - 1
 _PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?"
                     r"(?:\[([a-z]+)\])?$")
 _CMP = {"eq": "=", "ne": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
@@ -101,7 +103,7 @@ def parse_list(entity: Entity, entities: Mapping[str, Entity],
                     raise fail("bad_query", f"{name} is given twice", name)
                 seen.add(name)
                 if name == "offset":
-                    q.offset = _int_param(name, raw, 0, None)
+                    q.offset = _int_param(name, raw, 0, MAX_OFFSET)
                 elif name == "limit":
                     q.limit = _int_param(name, raw, 1, entity.max_limit)
                 elif name == "sort":

@@ -150,6 +150,8 @@ def test_list_filters_sort_pagination_and_include(served: Served) -> None:
         body = r.json()
         assert body["meta"] == {"offset": 1, "limit": 3, "total": 8}  # 10..19 without 10, 15
         assert [p["price"] for p in body["data"]] == [18, 17, 16]
+        r = c.get("/products", params={"offset": str(2**63)})  # beyond PostgreSQL's bigint
+        assert r.status_code == 400 and _codes(r) == [("bad_query", "offset")]
 
         r = c.get("/products", params={"id[in]": f"{ids[3]},{ids[4]}", "include": "variants",
                                        "sort": "id"})

@@ -99,7 +99,7 @@ def test_token_issued_by_basic_and_form_and_used_for_read_and_write(served: Serv
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["token_type"] == "Bearer" and body["expires_in"] == 3600
-    assert body["scope"] == "products:read products:write variants:read"
+    assert body["scope"] == "*:read products:read products:write"
     assert r.headers["cache-control"] == "no-store"
     token = body["access_token"]
     with _bearer(served, token) as c:
@@ -154,7 +154,7 @@ def test_scope_narrowing_and_scope_beyond_the_client(served: Served) -> None:
         assert c.get("/products").status_code == 200
         assert c.post("/products", json=_product()).status_code == 403
         assert c.get("/variants").status_code == 403
-    for scope in ("products:delete", "*:read", "variants:write", "products:admin", "nope:read",
+    for scope in ("products:delete", "*:write", "variants:write", "products:admin", "nope:read",
                   "products"):
         r = _token(served, scope=scope)
         assert r.status_code == 400 and r.json()["error"] == "invalid_scope", (scope, r.text)
@@ -218,9 +218,10 @@ def test_request_log_names_the_client_never_the_secret_or_token(
 def test_rate_limit_is_per_client(served: Served, config_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "dx.yaml"
     path.write_text(config_path.read_text().replace(
-        "      scopes: {products: [read, write], variants: [read]}\n",
-        "      scopes: {products: [read, write], variants: [read]}\n"
+        '      scopes: {products: [read, write], "*": [read]}\n',
+        '      scopes: {products: [read, write], "*": [read]}\n'
         "      rate_limit: {requests: 3, per_s: 60}\n"))
+    assert path.read_text().count("requests: 3, per_s: 60") == 2  # slow-key's and erp's
     with serve(path) as other:
         token = _token(other).json()["access_token"]  # 1 of 3
         with _bearer(other, token) as c:

@@ -77,7 +77,7 @@ api:
     - id: erp-client
       system: erp
       secret_env: TEST_API_CLIENT_ERP
-      scopes: {{products: [read, write], variants: [read]}}
+      scopes: {{products: [read, write], "*": [read]}}
     - id: brief-client
       system: brief
       secret_sha256: {hashlib.sha256(BRIEF_SECRET.encode()).hexdigest()}
