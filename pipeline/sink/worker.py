@@ -241,7 +241,7 @@ class Lane(threading.Thread):
             error=error, import_log=import_log, export_log=export_log,
             raw_key=w.raw_key if keep_raw else None, raw_value=w.raw_value if keep_raw else None,
             raw_headers=[_header_row(k, v) for k, v in w.headers] if keep_raw else None,
-            dlq=dlq)
+            dlq=dlq, redrive=w.redrive and status in ("pending", "retrying", "failed"))
 
     def _record(self, w: Work, status: str, **kwargs: Any) -> None:
         """Queue the task row; its offset becomes committable once the row is durable."""
@@ -401,15 +401,26 @@ class Lane(threading.Thread):
                 else:
                     todo.append(w)
             if todo and wait > 0 and self.w.stop.wait(wait):
-                for w in todo:
-                    if w.attempts:
-                        self._record(w, "failed", error=f"worker stopped before retrying: "
-                                     f"{w.last.error if w.last else ''}", outcome=w.last)
+                self._interrupted(todo)
                 return
             if todo and self.w.stop.is_set():
+                self._interrupted(todo)
                 return
         if batch:
             self.w.metrics.batch(len(batch), time.perf_counter() - started)
+
+    def _interrupted(self, todo: list[Work]) -> None:
+        """The worker stops with these still undecided. A fresh event is ``failed`` (Kafka
+        redelivers it: its offset is not committed); a redriven one goes back to ``pending``
+        (its offset was committed long ago: it is redriven again, its key stays parked)."""
+        for w in todo:
+            if w.redrive:
+                if w.status is not None:
+                    self._record(w, "pending", error=f"worker stopped before retrying the "
+                                 f"redrive: {w.last.error if w.last else ''}", outcome=w.last)
+            elif w.attempts:
+                self._record(w, "failed", error=f"worker stopped before retrying: "
+                             f"{w.last.error if w.last else ''}", outcome=w.last)
 
     def _dead(self, w: Work, err: DxError, *, outcome: Outcome | None = None) -> None:
         """Dead-letter first (durably), then record the task; the key parks."""
@@ -839,7 +850,8 @@ class SinkWorker:
             if blocked:
                 rows = store.conn.execute(
                     "SELECT k FROM unnest(%s::text[]) k EXCEPT SELECT key FROM dx.task "
-                    "WHERE route = %s AND status IN ('dead', 'pending')",
+                    "WHERE route = %s AND (status IN ('dead', 'pending') "
+                    "OR (redrive AND status IN ('retrying', 'failed')))",
                     (blocked, self.route.name)).fetchall()
                 store.conn.commit()
                 keys.update(str(r[0]) for r in rows)

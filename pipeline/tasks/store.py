@@ -7,7 +7,9 @@ offset was committed) updates its task instead of creating a second one. Statuse
                for redelivery after ``dx tasks retry``
 ``retrying``   the last attempt failed transiently; the worker is backing off
 ``failed``     an attempt failed and the worker stopped before retrying (it will be redelivered
-               from Kafka, its offset was not committed)
+               from Kafka, its offset was not committed). A *redriven* task (``redrive``, its
+               offset committed long ago) goes back to ``pending`` instead; one left
+               ``retrying``/``failed`` by a killed worker is redriven again and parks its key.
 ``succeeded``  delivered
 ``dead``       a terminal error, or retries exhausted; dead-lettered; its key is parked
 ``skipped``    filtered out, echo-suppressed, or skipped by an operator
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("pending", "retrying", "failed", "succeeded", "dead", "skipped")
 UNRESOLVED = ("pending", "retrying", "failed", "dead")
+
+# Parking (blocked_keys) and redrivable (redrive_candidates, pending_of_key) tasks include a
+# redriven task left ``retrying``/``failed`` by a worker that stopped or died mid-retry: its
+# offset was committed long ago, Kafka will not redeliver it, so it is redriven again.
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS dx;
@@ -401,7 +407,8 @@ class TaskStore:
         """Keys of ``route`` that have unresolved tasks: new events of these keys must park."""
         rows = self.conn.execute(
             "SELECT DISTINCT key FROM dx.task WHERE route = %s "
-            "AND status IN ('dead', 'pending') AND key IS NOT NULL", (route,)).fetchall()
+            "AND (status IN ('dead', 'pending') OR (redrive AND status IN ('retrying', 'failed'))) "
+            "AND key IS NOT NULL", (route,)).fetchall()
         self.conn.commit()
         return {str(r[0]) for r in rows}
 
@@ -413,7 +420,8 @@ class TaskStore:
         if not topics:
             return []
         rows = self.conn.execute(
-            "SELECT key FROM dx.task t WHERE route = %s AND status = 'pending' "
+            "SELECT key FROM dx.task t WHERE route = %s "
+            "AND (status = 'pending' OR (redrive AND status IN ('retrying', 'failed'))) "
             "AND key IS NOT NULL AND (topic, partition) IN "
             "(SELECT * FROM unnest(%s::text[], %s::int[])) "
             "AND NOT EXISTS (SELECT 1 FROM dx.task d WHERE d.route = t.route "
@@ -433,7 +441,8 @@ class TaskStore:
             cur.execute(
                 'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
                 "raw_headers, redrive FROM dx.task WHERE route = %s AND key = %s "
-                "AND status = 'pending' AND (topic, partition) IN "
+                "AND (status = 'pending' OR (redrive AND status IN ('retrying', 'failed'))) "
+                "AND (topic, partition) IN "
                 "(SELECT * FROM unnest(%s::text[], %s::int[])) ORDER BY id",
                 (route, key, topics, partitions))
             rows = list(cur.fetchall())

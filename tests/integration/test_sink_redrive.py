@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.integration.test_sink_support import (
@@ -95,3 +96,54 @@ def test_two_workers_redrive_each_parked_event_once_in_order(
             time.sleep(1.5)  # more redrive polls: a second worker redriving a key shows now
         got = accepted(srv.received())
         assert got == {k: list(range(1, per_key + 1)) for k in range(n_keys)}, got
+
+
+def test_an_interrupted_redrive_stays_parked_and_is_redriven_after_a_restart(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic)
+    mode = {"seq1": "400"}
+
+    def script(r: Req, n: int) -> Resp:
+        if (r.json or {}).get("seq") == 1 and (r.json or {}).get("id") == 1:
+            if mode["seq1"] == "400":
+                return Resp(400, '{"error": "sku missing"}')
+            if mode["seq1"] == "500":
+                return Resp(500, '{"error": "down"}')
+        return Resp(200)
+
+    with target(script) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, route_yaml(
+            srv.url, topic).replace("max_attempts: 3, backoff_base_s: 0.05, backoff_max_s: 0.2",
+                                    "max_attempts: 50, backoff_base_s: 2, backoff_max_s: 3"))
+        prod = EventProducer(stack, topic, topic_prefix)
+        prod.send(1, seq=1)
+        prod.send(2, seq=1)
+        prod.flush()
+
+        def first() -> dict[str, Any] | None:  # key 1's first event, at offset 0
+            return next((r for r in tasks(pg_db, "redrive") if r["offset"] == 0), None)
+
+        with sink_thread(cfg, "redrive"):
+            wait_for(lambda: (r := first()) and r["status"] == "dead", 30,
+                     what="the dead task")
+            mode["seq1"] = "500"
+            out = dx(cfg, "tasks", "retry", "--all", "--route", "redrive", "--status", "dead")
+            assert out.returncode == 0, out.stderr
+            wait_for(lambda: (r := first()) and r["status"] == "retrying", 30,
+                     what="the redrive to back off")
+        # stopped mid-backoff: not 'failed' (Kafka will not redeliver it), pending again
+        row = first()
+        assert row is not None and row["status"] == "pending" and row["redrive"], row
+
+        # a kill -9 mid-backoff leaves it 'retrying': the key must still park after a restart
+        with psycopg.connect(pg_db) as conn:
+            conn.execute("UPDATE dx.task SET status = 'retrying' WHERE id = %s", (row["id"],))
+        prod.send(1, seq=2)
+        prod.flush()
+        mode["seq1"] = "ok"
+        with sink_thread(cfg, "redrive"):
+            wait_for(lambda: len(rows := tasks(pg_db, "redrive")) == 3
+                     and all(r["status"] == "succeeded" for r in rows), 30,
+                     what="the interrupted redrive and the event behind it")
+        assert accepted(srv.received())[1] == [1, 2]
