@@ -430,6 +430,13 @@ class Lane(threading.Thread):
         self.w.metrics.failed("terminal")
         with tracing.attached(w.headers):
             dlq = self.w.dead_letter(w, reason, err)
+        if dlq is None:  # stopping before the dead letter was durable: not dead (yet)
+            if w.redrive:
+                self._record(w, "pending", error=f"worker stopped before dead-lettering: {reason}")
+            else:
+                self._record(w, "failed", error=f"worker stopped before dead-lettering: {reason}",
+                             outcome=outcome)
+            return
         self.blocked.add(w.key_text)
         self._record(w, "dead", error=reason, outcome=outcome, dlq=dlq)
 
@@ -577,43 +584,90 @@ class SinkWorker:
         except Undecodable:
             return {"raw": raw.hex() if raw else None}
 
-    def dead_letter(self, w: Work, reason: str, err: DxError) -> dict[str, Any]:
-        """Produce the original message to the dead-letter topic and wait for the broker."""
+    def dead_letter(self, w: Work, reason: str, err: DxError) -> dict[str, Any] | None:
+        """Produce the original message to the dead-letter topic and wait for the broker.
+
+        Retries until the broker acknowledges, or returns None when the worker stops first. A
+        message too large for Kafka is dead-lettered as a truncated copy: the value replaced by
+        a short marker, ``dx.dlq.truncated`` and ``dx.dlq.original_bytes`` headers (the original
+        stays in the task store)."""
         topic = self.route.dead_letter_topic(w.topic)
         self._ensure_topic(topic)
-        headers = [*w.headers,
-                   ("dx.dlq.route", self.route.name.encode()),
-                   ("dx.dlq.error", reason.encode()[:4000]),
-                   ("dx.dlq.error.class",
-                    f"{'transient' if err.transient else 'terminal'}:{type(err).__name__}"
-                    .encode()),
-                   ("dx.dlq.topic", w.topic.encode()),
-                   ("dx.dlq.partition", str(w.partition).encode()),
-                   ("dx.dlq.offset", str(w.offset).encode()),
-                   ("dx.dlq.attempts", str(w.attempts).encode()),
-                   ("dx.dlq.ts_ms", str(int(time.time() * 1000)).encode())]
+        dx_headers = [("dx.dlq.route", self.route.name.encode()),
+                      ("dx.dlq.error", reason.encode()[:4000]),
+                      ("dx.dlq.error.class",
+                       f"{'transient' if err.transient else 'terminal'}:{type(err).__name__}"
+                       .encode()),
+                      ("dx.dlq.topic", w.topic.encode()),
+                      ("dx.dlq.partition", str(w.partition).encode()),
+                      ("dx.dlq.offset", str(w.offset).encode()),
+                      ("dx.dlq.attempts", str(w.attempts).encode()),
+                      ("dx.dlq.ts_ms", str(int(time.time() * 1000)).encode())]
+        key, value = w.raw_key, w.raw_value
+        headers = [*w.headers, *dx_headers]
+        truncated = False
         result: dict[str, Any] = {}
         done = threading.Event()
 
         def delivered(kerr: KafkaError | None, msg: Message) -> None:
             if kerr is not None:
                 result["error"] = str(kerr)
+                result["code"] = kerr.code()
             else:
                 result.update(topic=msg.topic(), partition=msg.partition(), offset=msg.offset())
             done.set()
 
-        while True:
-            self.producer.produce(topic, key=w.raw_key, value=w.raw_value,
-                                  headers=list[tuple[str, str | bytes | None]](headers),
-                                  on_delivery=delivered)
-            while not done.is_set():
-                self.producer.poll(0.1)
-            if "error" not in result:
-                return result
-            log.warning("dead-letter produce to %s failed (%s); retrying", topic, result["error"])
+        def too_large(code: int) -> bool:
+            nonlocal key, value, headers, truncated
+            if code != KafkaError.MSG_SIZE_TOO_LARGE or truncated:
+                return False
+            size = len(w.raw_key or b"") + len(w.raw_value) + sum(
+                len(k) + len(v) for k, v in w.headers)
+            log.warning("dead letter of %s too large for %s (%d bytes); producing a truncated "
+                        "copy", w.coords(), topic, size)
+            own = [(k, v) for k, v in w.headers if len(k) + len(v) <= 1024][:32]
+            key = w.raw_key if len(w.raw_key or b"") <= 4096 else None
+            value = (f"[dx: value truncated, {len(w.raw_value)} bytes; the original is in the "
+                     f"task store]").encode()
+            headers = [*own, *dx_headers, ("dx.dlq.truncated", b"true"),
+                       ("dx.dlq.original_bytes", str(size).encode())]
+            truncated = True
+            return True
+
+        while not self.stop.is_set():
             result.clear()
             done.clear()
-            time.sleep(1)
+            try:
+                self.producer.produce(topic, key=key, value=value,
+                                      headers=list[tuple[str, str | bytes | None]](headers),
+                                      on_delivery=delivered)
+            except BufferError:  # the local queue is full: let it drain
+                self.producer.poll(0.5)
+                continue
+            except KafkaException as kexc:
+                kerr = kexc.args[0]
+                code = kerr.code() if isinstance(kerr, KafkaError) else None
+                if code is not None and too_large(code):
+                    continue
+                log.warning("dead-letter produce to %s failed (%s); retrying", topic, kexc)
+                self.stop.wait(1)
+                continue
+            stop_deadline: float | None = None
+            while not done.is_set():
+                self.producer.poll(0.1)
+                if self.stop.is_set():
+                    stop_deadline = stop_deadline or time.monotonic() + 10
+                    if time.monotonic() > stop_deadline:
+                        return None
+            if "error" not in result:
+                if truncated:
+                    result["truncated"] = True
+                return result
+            if too_large(result.get("code", 0)):
+                continue
+            log.warning("dead-letter produce to %s failed (%s); retrying", topic, result["error"])
+            self.stop.wait(1)
+        return None
 
     def _ensure_topic(self, topic: str) -> None:
         if topic in self._dlq_topics:
