@@ -148,7 +148,9 @@ def _clean(value: Any) -> Any:
 
 
 # A parked row (pending) must never overwrite a task that already reached a verdict: that happens
-# when a message is redelivered after a crash whose outcome was recorded but not committed.
+# when a message is redelivered after a crash whose outcome was recorded but not committed. And
+# nothing overwrites an operator's ``skipped``: a redrive that read the task before ``dx tasks
+# skip`` must not turn it back into ``succeeded``/``dead``/``pending``.
 UPSERT = """
 INSERT INTO dx.task (route, topic, partition, "offset", key, event_id, op, status, attempts,
                      error, import_log, export_log, raw_key, raw_value, raw_headers, dlq, redrive)
@@ -163,6 +165,7 @@ ON CONFLICT (route, topic, partition, "offset") DO UPDATE SET
     raw_headers = EXCLUDED.raw_headers, dlq = COALESCE(EXCLUDED.dlq, dx.task.dlq),
     redrive = EXCLUDED.redrive, updated_at = now()
 WHERE NOT (EXCLUDED.status = 'pending' AND dx.task.status IN ('dead', 'succeeded', 'skipped'))
+  AND NOT (dx.task.status = 'skipped' AND EXCLUDED.status <> 'skipped')
 """
 
 Ack = Callable[[], None]

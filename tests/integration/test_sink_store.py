@@ -100,3 +100,31 @@ def test_a_write_the_database_rejects_stops_the_writer_loudly(pg_db: str) -> Non
         assert not writer.thread.is_alive()
     finally:
         writer.close()
+
+
+def test_a_redrive_outcome_does_not_overwrite_an_operator_skip(pg_db: str) -> None:
+    from pipeline.db import connect
+    from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, TaskWriter, ensure_schema
+
+    with contextlib.closing(connect(pg_db, autocommit=True)) as conn:
+        ensure_schema(conn)
+    writer = TaskWriter(pg_db)
+    writer.start()
+    try:
+        row = TaskRow(route="r", topic="t", partition=0, offset=1, status="pending", key="k",
+                      raw_value=b"v", redrive=True)
+        writer.put(row)
+        writer.flush(10)
+        # the redrive read the pending task; meanwhile the operator skips it
+        with contextlib.closing(connect(pg_db)) as conn:
+            (task_id,) = TaskStore(conn).skip(TaskFilter(route="r"))
+        for status in ("retrying", "succeeded"):
+            writer.put(TaskRow(route="r", topic="t", partition=0, offset=1, status=status,
+                               key="k", attempts=1))
+        writer.flush(10)
+        with contextlib.closing(connect(pg_db)) as conn:
+            task = TaskStore(conn).get(task_id)
+        assert task is not None and task["status"] == "skipped"
+        assert task["error"] == "skipped by operator"
+    finally:
+        writer.close()
