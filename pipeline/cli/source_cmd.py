@@ -34,7 +34,11 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
         verbose: bool = typer.Option(False, "--verbose", "-v", envvar="DX_VERBOSE",
                                      help="log each batch and every failed event"),
         metrics_port: int = MetricsPortOption,
-        metrics_host: str = MetricsHostOption) -> None:
+        metrics_host: str = MetricsHostOption,
+        accept_retention_gap: bool = typer.Option(
+            False, "--accept-retention-gap",
+            help="continue when Kafka deleted messages (retention) before they were applied; "
+                 "without it the worker stops and names them")) -> None:
     """Consume ROUTE's topic and apply it to its table exactly once (Ctrl-C / SIGTERM stops
     after the current batch; a second signal aborts it, rolled back)."""
     from pipeline.source.worker import SourceWorker
@@ -44,7 +48,8 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
     cfg = config_from(config)
     server = worker_server(metrics_port, metrics_host)
     try:
-        stats = SourceWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server).run()
+        stats = SourceWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server,
+                             accept_retention_gap=accept_retention_gap).run()
     finally:
         server.close()
     typer.echo(f"route {route}: {stats.applied} applied, {stats.failed} dead, "

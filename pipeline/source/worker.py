@@ -43,7 +43,7 @@ from confluent_kafka import (
 
 from pipeline import db
 from pipeline.config.model import DxConfig
-from pipeline.errors import ServiceUnavailable, TransientError
+from pipeline.errors import EventError, ServiceUnavailable, TransientError
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
 from pipeline.observability.lag import report_lag
@@ -120,12 +120,14 @@ class SourceWorker:
     def __init__(self, config: DxConfig, route_name: str, *,
                  stop_when_idle_s: float | None = None,
                  on_batch: Callable[[int, list[Failure]], None] | None = None,
-                 server: WorkerServer | None = None, lag_interval_s: float = 2.0) -> None:
+                 server: WorkerServer | None = None, lag_interval_s: float = 2.0,
+                 accept_retention_gap: bool = False) -> None:
         self.config = config
         self.index, self.route = find_route(config, route_name)
         self.server = server if server is not None else WorkerServer(0)
         self.metrics = METRICS.worker("source", self.route.name)
         self.lag_interval_s = lag_interval_s
+        self.accept_retention_gap = accept_retention_gap
         self.assigned: set[int] = set()  # partitions of the current assignment
         self.stop_when_idle_s = stop_when_idle_s
         self.on_batch = on_batch
@@ -212,6 +214,25 @@ class SourceWorker:
 
     # ---- Kafka ------------------------------------------------------------------------------
 
+    def _check_retention_gap(self, c: Consumer, stored: dict[int, int]) -> None:
+        """A stored offset below the partition's log start means Kafka deleted messages
+        (retention) before they were applied. Kafka would silently resume at the log start;
+        dx stops instead, unless the operator accepted the loss for this run."""
+        topic = self.route.topic
+        for partition, offset in sorted(stored.items()):
+            low, _ = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
+                                             cached=False)
+            if offset >= low:
+                continue
+            lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
+            if not self.accept_retention_gap:
+                raise EventError(f"route {self.route.name}: {lost}; restore them from their "
+                                 "source, or accept the loss with 'dx source run "
+                                 f"{self.route.name} --accept-retention-gap'",
+                                 topic=topic, partition=partition, offset=offset)
+            log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
+                        self.route.name, topic, partition, lost, low)
+
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
         conf = {
@@ -229,6 +250,7 @@ class SourceWorker:
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
             stored = offsets.load(conn, route.name, route.topic, [p.partition for p in parts])
             conn.rollback()
+            self._check_retention_gap(c, stored)
             start = OFFSET_BEGINNING if route.start == "earliest" else OFFSET_END
             for p in parts:
                 s = stored.get(p.partition)
