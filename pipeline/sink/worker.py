@@ -22,6 +22,12 @@ Guarantees:
   key are recorded as ``pending`` tasks with their original message (so their offsets can be
   committed) until an operator retries or skips the dead one; then the worker redelivers that
   key's pending tasks in order. Other keys keep flowing.
+* **Rebalances**: each assigned partition has a generation (bumped on assign and revoke) and work
+  carries the one it was polled under. A revoke stops new attempts on the partition, waits (up to
+  the connector's timeout) for calls already on the wire, records and commits their outcomes,
+  then bumps the generation: work still queued, retrying or backing off for it is abandoned (not
+  delivered, not recorded, offset not committed) and the new owner redelivers it, so the old
+  owner never delivers or records an event of the partition after the hand-over.
 * **SIGTERM** sets a stop flag: polling stops, lanes abandon backoffs (those tasks become
   ``failed``, not acknowledged), in-flight requests finish, durable outcomes are committed,
   nothing else is.
@@ -48,7 +54,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from connectors import registry
 from connectors.base import NOT_ATTEMPTED, Backpressure, Connector, Outcome, Record, key_text
 from pipeline.config.model import DxConfig
-from pipeline.config.sinks import SinkRoute
+from pipeline.config.sinks import RetryPolicy, SinkRoute
 from pipeline.db import connect
 from pipeline.errors import (
     ConfigError,
@@ -244,9 +250,11 @@ class Lane(threading.Thread):
             dlq=dlq, redrive=w.redrive and status in ("pending", "retrying", "failed"))
 
     def _record(self, w: Work, status: str, **kwargs: Any) -> None:
-        """Queue the task row; its offset becomes committable once the row is durable."""
+        """Queue the task row; its offset becomes committable once the row is durable.
+
+        Nothing is written for work whose partition was revoked since it was polled: the
+        partition's new owner records that event (writing here could overwrite its outcome)."""
         row = self._row(w, status, **kwargs)
-        w.status = status
         final = status not in ("retrying", "failed")
         ack: Callable[[], None] | None = None
         if final and not w.redrive:
@@ -254,7 +262,11 @@ class Lane(threading.Thread):
 
             def ack() -> None:
                 tracker.done(t, p, o)
-        self.w.writer.put(row, ack)
+        with self.w.ownership:  # a revoke bumps the generation under this lock, then flushes
+            if not self.w.current(w):
+                return
+            self.w.writer.put(row, ack)
+        w.status = status
         self.w.count(status, w.topic)
 
     # -- main loop ------------------------------------------------------------------------------
@@ -289,7 +301,7 @@ class Lane(threading.Thread):
                     self._deliver_all(batch)
                     batch = []
                     self._redrive(it.key_text)
-                elif it.generation == self.w.generation.get((it.topic, it.partition)):
+                elif self.w.live(it):
                     if self.w.stop.is_set():
                         continue  # abandoned: not recorded, not acked, redelivered later
                     if self._prepare(it):
@@ -342,57 +354,23 @@ class Lane(threading.Thread):
         return False
 
     def _deliver_all(self, batch: list[Work]) -> None:
-        """Deliver with retries until every work item has a verdict (or the worker stops)."""
+        """Deliver with retries until every work item has a verdict (or the worker stops, or its
+        partition is revoked: then it is abandoned, unrecorded and uncommitted, for the new
+        owner to redeliver)."""
         policy = self.w.route.retry
         todo = batch
         started = time.perf_counter()
         while todo:
-            now = time.monotonic()
-            for w in todo:
-                self.w.overhead(now - w.consumed_at)
+            # before every attempt (so also after every backoff): drop work whose partition is
+            # no longer owned under the generation it was polled in, and register the call so a
+            # revoke waits for it to return before handing the partition over
+            todo, tps = self.w.begin_call(todo)
+            if not todo:
+                break
             try:
-                with self.w.metrics.timed_call():
-                    outcomes = self.w.connector.deliver([w.record for w in todo if w.record])
-            except DxError as err:
-                outcomes = [Outcome.failed(err)] * len(todo)
-            except Exception as err:
-                outcomes = [Outcome.failed(TransientError(f"{type(err).__name__}: {err}"))
-                            ] * len(todo)
-            if len(outcomes) != len(todo):
-                outcomes = [Outcome.failed(TransientError(
-                    f"connector returned {len(outcomes)} outcomes for {len(todo)} records"))
-                ] * len(todo)
-            again: list[Work] = []
-            wait = 0.0
-            for w, o in zip(todo, outcomes, strict=True):
-                w.last = o
-                if o.error is NOT_ATTEMPTED:
-                    again.append(w)
-                    continue
-                if w.key_text in self.blocked and not w.redrive:
-                    # an earlier event of this key went dead in this very batch
-                    self._record(w, "pending", error="waiting behind a dead task of the same key")
-                    continue
-                throttled = isinstance(o.error, Backpressure)
-                if not throttled:
-                    w.attempts += 1
-                if o.error is None:
-                    self._record(w, "succeeded", outcome=o)
-                    self.w.commit_latency(w)
-                elif not o.error.transient:
-                    self._dead(w, o.error, outcome=o)
-                elif w.attempts >= policy.max_attempts and not throttled:
-                    self._dead(w, TerminalError(
-                        f"gave up after {w.attempts} attempts: {o.error}"), outcome=o)
-                else:
-                    self._record(w, "retrying", error=str(o.error), outcome=o)
-                    self.w.metrics.failed("transient")
-                    self.w.metrics.retried()
-                    again.append(w)
-                    delay = policy.delay(max(1, w.attempts), self.rnd.random())
-                    if isinstance(o.error, Backpressure) and o.error.retry_after is not None:
-                        delay = max(delay, min(o.error.retry_after, policy.backoff_max_s))
-                    wait = max(wait, delay)
+                again, wait = self._attempt(todo, policy)
+            finally:
+                self.w.end_call(tps)
             # events left behind a key that just went dead must park, in order
             todo = []
             for w in again:
@@ -400,7 +378,7 @@ class Lane(threading.Thread):
                     self._record(w, "pending", error="waiting behind a dead task of the same key")
                 else:
                     todo.append(w)
-            if todo and wait > 0 and self.w.stop.wait(wait):
+            if todo and wait > 0 and self._backoff(todo, wait):
                 self._interrupted(todo)
                 return
             if todo and self.w.stop.is_set():
@@ -408,6 +386,69 @@ class Lane(threading.Thread):
                 return
         if batch:
             self.w.metrics.batch(len(batch), time.perf_counter() - started)
+
+    def _backoff(self, todo: list[Work], wait: float) -> bool:
+        """Wait ``wait`` seconds; True when the worker stops meanwhile. Returns early once none
+        of ``todo`` is owned any more (a revoke: the next attempt abandons it)."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.w.stop.wait(min(left, 0.1)):
+                return True
+            if not any(self.w.live(w) for w in todo):
+                return False
+
+    def _attempt(self, todo: list[Work], policy: RetryPolicy) -> tuple[list[Work], float]:
+        """One delivery call and its outcomes recorded: the work to try again, and the backoff."""
+        now = time.monotonic()
+        for w in todo:
+            self.w.overhead(now - w.consumed_at)
+        try:
+            with self.w.metrics.timed_call():
+                outcomes = self.w.connector.deliver([w.record for w in todo if w.record])
+        except DxError as err:
+            outcomes = [Outcome.failed(err)] * len(todo)
+        except Exception as err:
+            outcomes = [Outcome.failed(TransientError(f"{type(err).__name__}: {err}"))
+                        ] * len(todo)
+        if len(outcomes) != len(todo):
+            outcomes = [Outcome.failed(TransientError(
+                f"connector returned {len(outcomes)} outcomes for {len(todo)} records"))
+            ] * len(todo)
+        again: list[Work] = []
+        wait = 0.0
+        for w, o in zip(todo, outcomes, strict=True):
+            w.last = o
+            if o.error is NOT_ATTEMPTED:
+                again.append(w)
+                continue
+            if w.key_text in self.blocked and not w.redrive:
+                # an earlier event of this key went dead in this very batch
+                self._record(w, "pending", error="waiting behind a dead task of the same key")
+                continue
+            throttled = isinstance(o.error, Backpressure)
+            if not throttled:
+                w.attempts += 1
+            if o.error is None:
+                self._record(w, "succeeded", outcome=o)
+                self.w.commit_latency(w)
+            elif not o.error.transient:
+                self._dead(w, o.error, outcome=o)
+            elif w.attempts >= policy.max_attempts and not throttled:
+                self._dead(w, TerminalError(
+                    f"gave up after {w.attempts} attempts: {o.error}"), outcome=o)
+            else:
+                self._record(w, "retrying", error=str(o.error), outcome=o)
+                self.w.metrics.failed("transient")
+                self.w.metrics.retried()
+                again.append(w)
+                delay = policy.delay(max(1, w.attempts), self.rnd.random())
+                if isinstance(o.error, Backpressure) and o.error.retry_after is not None:
+                    delay = max(delay, min(o.error.retry_after, policy.backoff_max_s))
+                wait = max(wait, delay)
+        return again, wait
 
     def _interrupted(self, todo: list[Work]) -> None:
         """The worker stops with these still undecided. A fresh event is ``failed`` (Kafka
@@ -427,6 +468,8 @@ class Lane(threading.Thread):
         reason = str(err)
         if not isinstance(err, EventError) and w.coords() not in reason:
             reason = f"{w.coords()}: {reason}"
+        if not self.w.current(w):
+            return  # revoked: the partition's new owner decides about this event
         self.w.metrics.failed("terminal")
         with tracing.attached(w.headers):
             dlq = self.w.dead_letter(w, reason, err)
@@ -437,6 +480,8 @@ class Lane(threading.Thread):
                 self._record(w, "failed", error=f"worker stopped before dead-lettering: {reason}",
                              outcome=outcome)
             return
+        if not self.w.current(w):
+            return  # revoked while dead-lettering: not recorded (the new owner redelivers it)
         self.blocked.add(w.key_text)
         self._record(w, "dead", error=reason, outcome=outcome, dlq=dlq)
 
@@ -537,7 +582,13 @@ class SinkWorker:
         self.db_url = config.database.url.get_secret_value()
         self.stop = threading.Event()
         self.tracker = OffsetTracker()
+        # ownership: a partition's generation is bumped on assign and revoke; work carries the
+        # generation it was polled under and is abandoned once that is not current any more.
+        # ``revoking``: partitions whose revoke waits for their in-flight calls (``inflight``)
         self.generation: dict[tuple[str, int], int] = {}
+        self.ownership = threading.Condition()
+        self.revoking: set[tuple[str, int]] = set()
+        self.inflight: dict[tuple[str, int], int] = {}
         self.logic = RouteLogic(self.route)
         self.metrics: WorkerMetrics = METRICS.worker("sink", self.route.name)
         self.keep_overheads = keep_overheads
@@ -573,6 +624,39 @@ class SinkWorker:
         ts_ms = (value.get("source") or {}).get("ts_ms") or value.get("ts_ms")
         if isinstance(ts_ms, int | float):
             self.metrics.latency_since(ts_ms)
+
+    def current(self, w: Work) -> bool:
+        """The work's partition is still owned under the generation it was polled in (redriven
+        work checks ownership itself, before each task)."""
+        return w.redrive or self.generation.get((w.topic, w.partition)) == w.generation
+
+    def live(self, w: Work) -> bool:
+        """Current, and no revoke of its partition under way: a new attempt may start."""
+        return self.current(w) and (w.topic, w.partition) not in self.revoking
+
+    def begin_call(self, todo: list[Work]) -> tuple[list[Work], list[tuple[str, int]]]:
+        """The work that may be delivered now (the rest is abandoned: not delivered, not
+        recorded, its offset left uncommitted), and the partitions registered as in flight."""
+        with self.ownership:
+            keep = [w for w in todo if self.live(w)]
+            tps = sorted({(w.topic, w.partition) for w in keep})
+            for tp in tps:
+                self.inflight[tp] = self.inflight.get(tp, 0) + 1
+        dropped = len(todo) - len(keep)
+        if dropped:
+            log.info("route %s: %d event(s) of revoked partitions abandoned (their new owner "
+                     "delivers them)", self.route.name, dropped)
+        return keep, tps
+
+    def end_call(self, tps: list[tuple[str, int]]) -> None:
+        with self.ownership:
+            for tp in tps:
+                n = self.inflight.get(tp, 0) - 1
+                if n > 0:
+                    self.inflight[tp] = n
+                else:
+                    self.inflight.pop(tp, None)
+            self.ownership.notify_all()
 
     def overhead(self, seconds: float) -> None:
         if self.keep_overheads:
@@ -751,9 +835,10 @@ class SinkWorker:
         return self.stats
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        for p in parts:
-            key = (p.topic, p.partition)
-            self.generation[key] = self.generation.get(key, 0) + 1
+        with self.ownership:
+            for p in parts:
+                key = (p.topic, p.partition)
+                self.generation[key] = self.generation.get(key, 0) + 1
         # keys parked by the partitions' previous owner (it flushed its tasks before letting go)
         try:
             with contextlib.closing(connect(self.db_url)) as conn:
@@ -777,14 +862,30 @@ class SinkWorker:
         self.server.set_assignment(len(self.partitions), stopping=self.stop.is_set())
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        """Commit what is durable for the revoked partitions; work still queued for them is
-        abandoned (the new owner redelivers it)."""
+        """Let calls already under way for the revoked partitions return (bounded by the
+        connector's timeout), record and commit what is durable, then let go: work still queued
+        or retrying for them is abandoned (the new owner redelivers it)."""
+        keys = {(p.topic, p.partition) for p in parts}
+        timeout = float(getattr(self.connector.settings, "timeout_s", None) or 10.0) + 2.0
+        deadline = time.monotonic() + timeout
+        with self.ownership:
+            self.revoking |= keys  # no new attempt starts on them
+            while any(self.inflight.get(k) for k in keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("route %s: calls for revoked partitions still running after "
+                                "%.0fs; letting go (their outcomes are not recorded)",
+                                self.route.name, timeout)
+                    break
+                self.ownership.wait(left)
+            for key in keys:  # from here on, nothing of the old generation is recorded
+                self.generation[key] = self.generation.get(key, 0) + 1
+            self.revoking -= keys
         with contextlib.suppress(Exception):
             self.writer.flush(10)
         self._commit(consumer)
         for p in parts:
             key = (p.topic, p.partition)
-            self.generation[key] = self.generation.get(key, 0) + 1
             self.tracker.forget(p.topic, p.partition)
             self.partitions.discard(key)
             self.metrics.forget_partition(p.topic, p.partition)

@@ -1,0 +1,165 @@
+"""Sink workers across a rebalance: work of a partition that moved to another worker is abandoned
+by its old owner (not delivered again, not recorded, offset not committed) so the new owner's
+deliveries of a key are never overtaken by the old owner's, and a copy that would have gone dead
+at the old owner does not dead-letter or overwrite the new owner's ``succeeded`` task."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.base import key_text
+from tests.integration.test_sink_support import (
+    EventProducer,
+    Req,
+    Resp,
+    create_topic,
+    read_topic,
+    sink_thread,
+    target,
+    tasks,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+LANES = 4
+
+
+def keys_one_per_lane() -> dict[int, int]:
+    """Key id -> partition: one key per lane of a worker (as ``SinkWorker.lane_for`` hashes),
+    lanes 0-1 holding keys of partition 0 and lanes 2-3 keys of partition 1, so the worker is
+    retrying an event of each partition at once whatever order Kafka hands them over in."""
+    by_lane: dict[int, int] = {}
+    k = 0
+    while len(by_lane) < LANES:
+        by_lane.setdefault(zlib.crc32(key_text({"id": k}).encode()) % LANES, k)
+        k += 1
+    return {k: 0 if lane < LANES // 2 else 1 for lane, k in by_lane.items()}
+
+
+def send(prod: EventProducer, id: int, partition: int, seq: int) -> dict[str, Any]:
+    env = prod.envelope(id, seq=seq)
+    prod.producer.produce(prod.topic, key=prod.key.encode({"id": id}),
+                          value=prod.value.encode(env), partition=partition,
+                          headers=[("dx.event_id", env["event_id"].encode())])
+    prod.producer.poll(0)
+    return env
+
+
+def route_yaml(url: str, topic: str, group: str, backoff_s: float) -> str:
+    return f"""
+  - name: reb
+    topics: [{topic}]
+    group_id: {group}
+    concurrency: {LANES}
+    batch_size: 10
+    retry: {{max_attempts: 1000, backoff_base_s: {backoff_s}, backoff_max_s: {backoff_s},
+             jitter: 0}}
+    connector: {{type: http, url: "{url}", timeout_s: 5}}
+"""
+
+
+@pytest.mark.parametrize("old_owner_answer", [200, 400], ids=["old-would-succeed",
+                                                              "old-would-go-dead"])
+def test_a_moved_partition_is_not_delivered_by_its_old_owner(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path,
+        old_owner_answer: int) -> None:
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic, partitions=2)
+    group = f"{topic_prefix}-reb"
+    keys, per_key = keys_one_per_lane(), 3
+    state: dict[str, Any] = {"healthy": False, "moved": set()}
+    partition_of: dict[str, int] = {}  # event_id -> partition
+    lock = threading.Lock()
+
+    def script(r: Req, n: int) -> Resp:
+        with lock:
+            healthy, moved = state["healthy"], state["moved"]
+            part = partition_of.get(r.headers.get("idempotency-key", ""))
+        old = r.path.startswith("/a/")
+        if not healthy:  # slow failures: the old owner's lanes are mid-call or backing off
+            return Resp(503, '{"error": "maintenance"}', delay_s=0.3 if old else 0.0)
+        if old and part in moved:
+            return Resp(old_owner_answer, '{"error": "rejected"}')
+        return Resp(200)
+
+    with target(script) as srv:
+        # the old owner ("a") backs off long, the new owner ("b") retries fast: without the fix
+        # the old owner's retry lands after the new owner has delivered the key
+        cfg_a = write_config(tmp_path / "a.yaml", stack, pg_db, topic_prefix,
+                             route_yaml(f"{srv.url}/a/items/{{$key.id}}", topic, group, 2.0))
+        cfg_b = write_config(tmp_path / "b.yaml", stack, pg_db, topic_prefix,
+                             route_yaml(f"{srv.url}/b/items/{{$key.id}}", topic, group, 0.05))
+        prod = EventProducer(stack, topic, topic_prefix)
+        for seq in range(per_key):
+            for k, part in keys.items():
+                send(prod, k, part, seq)
+        prod.flush()
+        messages = read_topic(stack, topic, len(keys) * per_key)
+        assert len(messages) == len(keys) * per_key
+        with lock:
+            partition_of.update({dict(m.headers())["dx.event_id"].decode(): m.partition()
+                                 for m in messages})
+        assert set(partition_of.values()) == {0, 1}, "every partition should hold some keys"
+        event_ids = set(partition_of)
+
+        with sink_thread(cfg_a, "reb") as a:
+            wait_for(lambda: len(a.owned()) == 2, 60, what="worker a to own both partitions")
+            wait_for(lambda: {partition_of[r.headers["idempotency-key"]]
+                              for r in srv.received() if r.path.startswith("/a/")} == {0, 1},
+                     60, what="worker a to be retrying events of both partitions")
+            with sink_thread(cfg_b, "reb") as b:
+                wait_for(lambda: b.owned(), 60, what="a partition to move to worker b")
+                handed_over = time.monotonic()
+                moved = {p for _, p in b.owned()}
+                assert len(moved) == 1 and {p for _, p in a.owned()} == {0, 1} - moved
+                with lock:
+                    state["moved"] = moved
+                    state["healthy"] = True
+
+                def all_succeeded() -> bool:
+                    rows = tasks(pg_db, "reb")
+                    return len(rows) == len(event_ids) and all(
+                        r["status"] == "succeeded" for r in rows)
+
+                wait_for(all_succeeded, 90, what="every event to succeed")
+                time.sleep(2.5)  # longer than the old owner's backoff: a late retry would show
+
+    received = srv.received()
+    moved_ids = {e for e, p in partition_of.items() if p in moved}
+    # the old owner sent nothing of the moved partition after handing it over
+    late = [(r.path, r.json) for r in received if r.path.startswith("/a/")
+            and r.headers["idempotency-key"] in moved_ids and r.at >= handed_over]
+    assert late == []
+    # per key of the moved partition: no request of the old owner after the new owner's first
+    first_new: dict[str, float] = {}
+    for r in received:
+        if r.path.startswith("/b/"):
+            first_new.setdefault(r.path, r.at)
+    overtaken = [(r.path, r.json) for r in received if r.path.startswith("/a/")
+                 and r.headers["idempotency-key"] in moved_ids
+                 and r.at >= first_new.get(r.path.replace("/a/", "/b/", 1), float("inf"))]
+    assert overtaken == []
+    assert first_new, "the new owner delivered the moved partition's keys"
+
+    ok = [r for r in received if r.status == 200]
+    assert {r.headers["idempotency-key"] for r in ok} == event_ids  # every event delivered
+    # per key, successful first deliveries in order (a redelivery repeats an earlier event)
+    first: dict[int, list[int]] = defaultdict(list)
+    seen: set[str] = set()
+    for r in ok:
+        if r.headers["idempotency-key"] not in seen:
+            seen.add(r.headers["idempotency-key"])
+            first[r.json["id"]].append(r.json["seq"])
+    assert all(seqs == list(range(per_key)) for seqs in first.values()), first
+    if old_owner_answer != 200:
+        assert not [r for r in received if r.status == old_owner_answer]
+        assert read_topic(stack, f"{topic}.dlq", 1, timeout=3) == []
