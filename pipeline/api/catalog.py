@@ -23,7 +23,7 @@ from psycopg import sql
 from pipeline.config.api import ApiEntity, ApiField
 from pipeline.config.model import DxConfig
 from pipeline.errors import ConfigError
-from pipeline.source.catalog import _COLUMNS, _ENUM, _UNIQUE, Column, _typmod
+from pipeline.source.catalog import Column, read_columns
 from pipeline.source.validate import Coercer, coercer
 
 _TEXT = {"text", "varchar", "bpchar", "name", "citext"}
@@ -143,29 +143,6 @@ def check_references(config: DxConfig) -> None:
                                 section, i, "scopes", alias)
 
 
-def _read_table(conn: psycopg.Connection[Any], schema: str,
-                table: str) -> tuple[dict[str, Column], list[tuple[bool, list[str]]]] | None:
-    row = conn.execute(
-        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-        (schema, table)).fetchone()
-    if row is None:
-        return None
-    oid = int(row[0])
-    columns: dict[str, Column] = {}
-    for (name, typ, not_null, is_array, typmod, category, has_default, generated,
-         type_oid) in conn.execute(_COLUMNS, (oid,)).fetchall():
-        precision, scale = _typmod(typ, typmod)
-        labels: tuple[str, ...] = ()
-        if category == "E":
-            labels = tuple(r[0] for r in conn.execute(_ENUM, (type_oid,)))
-        columns[name] = Column(name=name, type=typ, not_null=not_null, is_array=is_array,
-                               precision=precision, scale=scale, category=category,
-                               has_default=has_default, generated=generated, enum_labels=labels)
-    uniques = [(bool(p), list(cols)) for p, cols in conn.execute(_UNIQUE, (oid,)).fetchall()]
-    return columns, uniques
-
-
 def _is_text(col: Column) -> bool:
     return not col.is_array and (col.type in _TEXT or col.category == "E")
 
@@ -236,7 +213,7 @@ def load_entities(conn: psycopg.Connection[Any], config: DxConfig) -> dict[str, 
     api = config.api
     out: dict[str, Entity] = {}
     for i, e in enumerate(api.entities):
-        found = _read_table(conn, e.schema_name, e.table_name)
+        found = read_columns(conn, e.schema_name, e.table_name)
         if found is None:
             raise _fail(config, f"entity {e.alias!r}: table {e.qualified} does not exist",
                         "entities", i, "table")

@@ -97,6 +97,31 @@ def find_route(config: DxConfig, name: str) -> tuple[int, SourceRoute]:
     raise CatalogError(f"source route {name!r} is not configured (configured: {known})")
 
 
+def read_columns(conn: psycopg.Connection[Any], schema: str, table: str
+                 ) -> tuple[dict[str, Column], list[tuple[bool, list[str]]]] | None:
+    """Every column of a table (or partitioned table) with what validation needs, and its
+    unique indexes as (is primary key, columns); None when there is no such table."""
+    row = conn.execute(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (schema, table)).fetchone()
+    if row is None:
+        return None
+    oid = int(row[0])
+    columns: dict[str, Column] = {}
+    for (name, typ, not_null, is_array, typmod, category, has_default, generated,
+         type_oid) in conn.execute(_COLUMNS, (oid,)).fetchall():
+        precision, scale = _typmod(typ, typmod)
+        labels: tuple[str, ...] = ()
+        if category == "E":
+            labels = tuple(r[0] for r in conn.execute(_ENUM, (type_oid,)))
+        columns[name] = Column(name=name, type=typ, not_null=not_null, is_array=is_array,
+                               precision=precision, scale=scale, category=category,
+                               has_default=has_default, generated=generated, enum_labels=labels)
+    uniques = [(bool(p), list(cols)) for p, cols in conn.execute(_UNIQUE, (oid,)).fetchall()]
+    return columns, uniques
+
+
 def read_target(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> Target:
     """Check ``config.sources[index]`` against the catalog; CatalogError names the dx.yaml line."""
     route = config.sources[index]
@@ -105,24 +130,10 @@ def read_target(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
         file, line = config.where("sources", index, *loc)
         return CatalogError(f"{file}:{line}: {msg}" if line else f"{file}: {msg}")
 
-    row = conn.execute(
-        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-        (route.schema_name, route.table_name),
-    ).fetchone()
-    if row is None:
+    found = read_columns(conn, route.schema_name, route.table_name)
+    if found is None:
         raise fail(f"table {route.qualified} does not exist in the database", "table")
-    oid = int(row[0])
-    every: dict[str, Column] = {}
-    for (name, typ, not_null, is_array, typmod, category, has_default, generated,
-         type_oid) in conn.execute(_COLUMNS, (oid,)).fetchall():
-        precision, scale = _typmod(typ, typmod)
-        labels: tuple[str, ...] = ()
-        if category == "E":
-            labels = tuple(r[0] for r in conn.execute(_ENUM, (type_oid,)))
-        every[name] = Column(name=name, type=typ, not_null=not_null, is_array=is_array,
-                             precision=precision, scale=scale, category=category,
-                             has_default=has_default, generated=generated, enum_labels=labels)
+    every, uniques = found
     wanted = route.columns or [c for c, col in every.items() if not col.generated]
     writable: dict[str, Column] = {}
     for i, c in enumerate(wanted):
@@ -140,7 +151,6 @@ def read_target(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
         if dst not in writable:
             raise fail(f"field {src!r} maps to column {dst!r}, which is not writable",
                        "fields", src)
-    uniques = conn.execute(_UNIQUE, (oid,)).fetchall()
     if route.key:
         key = tuple(route.key)
         for i, k in enumerate(key):
