@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -42,6 +39,8 @@ from fastapi.responses import JSONResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_stack import fresh_db, services  # noqa: E402
 
 from pipeline.api.app import create_app  # noqa: E402
 from pipeline.api.query import render_row  # noqa: E402
@@ -60,23 +59,6 @@ FROM generate_series(1, 20000) i;
 """
 COLUMNS = ("id", "sku", "name", "price", "status")
 KEY = "bench-key-0123456789"
-
-
-def services() -> dict[str, str]:
-    if os.environ.get("DX_DATABASE_URL"):
-        return {k: v for k, v in os.environ.items() if k.startswith("DX_")}
-    subprocess.run([str(ROOT / "deploy/local/stack"), "up"], check=True,
-                   stdout=subprocess.DEVNULL)
-    out = subprocess.run([str(ROOT / "deploy/local/stack"), "env"], check=True,
-                         capture_output=True, text=True).stdout
-    return dict(re.findall(r"export (\w+)=(\S+)", out))
-
-
-def fresh_db(admin_url: str) -> str:
-    name = f"bench_api_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
 def config(db: str, env: dict[str, str]) -> str:
@@ -216,7 +198,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=200, help="rows per batch POST")
     args = ap.parse_args()
     env = services()
-    db = fresh_db(env["DX_DATABASE_URL"])
+    db = fresh_db(env["DX_DATABASE_URL"], "bench_api")
     with psycopg.connect(db) as conn:
         conn.execute(TABLE)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as tmp:

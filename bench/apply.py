@@ -24,8 +24,6 @@ import datetime as dt
 import io
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,8 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_stack import fresh_db, services  # noqa: E402
 
 from pipeline.config.loader import load_config  # noqa: E402
 from pipeline.source.decode import AvroDecoder  # noqa: E402
@@ -74,24 +74,6 @@ ON CONFLICT (id) DO UPDATE SET sku = excluded.sku, name = excluded.name, price =
     qty = excluded.qty, version = excluded.version, updated_at = excluded.updated_at
 WHERE t.version < excluded.version
 """
-
-
-def services() -> dict[str, str]:
-    keys = ("DX_DATABASE_URL", "DX_KAFKA_BOOTSTRAP", "DX_SCHEMA_REGISTRY_URL")
-    if all(os.environ.get(k) for k in keys):
-        return {k: os.environ[k] for k in keys}
-    subprocess.run([str(ROOT / "deploy/local/stack"), "up"], check=True,
-                   stdout=subprocess.DEVNULL)
-    out = subprocess.run([str(ROOT / "deploy/local/stack"), "env"], check=True,
-                         capture_output=True, text=True).stdout
-    return dict(re.findall(r"export (\w+)=(\S+)", out))
-
-
-def fresh_db(admin_url: str) -> str:
-    name = f"bench_apply_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
 def produce_events(env: dict[str, str], topic: str, n: int) -> None:
@@ -201,7 +183,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=5000)
     args = ap.parse_args()
     env = services()
-    db = fresh_db(env["DX_DATABASE_URL"])
+    db = fresh_db(env["DX_DATABASE_URL"], "bench_apply")
     with psycopg.connect(db) as conn:
         conn.execute(TABLE)  # type: ignore[arg-type]
     topic = f"bench.apply.{uuid.uuid4().hex[:8]}"

@@ -31,28 +31,12 @@ from confluent_kafka import Consumer, Producer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_stack import fresh_db, services  # noqa: E402
+
 from pipeline.config.loader import load_config  # noqa: E402
 from pipeline.relay.runner import Relay  # noqa: E402
 
 ROWS = 10_000
-
-
-def services() -> dict[str, str]:
-    keys = ("DX_DATABASE_URL", "DX_KAFKA_BOOTSTRAP", "DX_SCHEMA_REGISTRY_URL")
-    if all(os.environ.get(k) for k in keys):
-        return {k: os.environ[k] for k in keys}
-    subprocess.run([str(ROOT / "deploy/local/stack"), "up"], check=True,
-                   stdout=subprocess.DEVNULL)
-    out = subprocess.run([str(ROOT / "deploy/local/stack"), "env"], check=True,
-                         capture_output=True, text=True).stdout
-    return dict(re.findall(r"export (\w+)=(\S+)", out))
-
-
-def fresh_db(admin_url: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
 def write_config(tmp: Path, env: dict[str, str], db: str, prefix: str, mode: str,
