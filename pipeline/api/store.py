@@ -34,7 +34,7 @@ from pipeline.api.errors import ApiError, Problem, fail, join_path
 from pipeline.api.query import Row, get_row, key_condition, to_row
 from pipeline.capture.ddl import ORIGIN_GUC
 from pipeline.db import connect
-from pipeline.source.apply import _is_row_error, _reason
+from pipeline.source.apply import is_row_error, row_error_reason
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class RowProblem(Exception):
 
 def db_problem(entity: Entity, err: psycopg.Error, path: str) -> Problem:
     """PostgreSQL's refusal of one row as an API problem at the offending field."""
-    reason, column = _reason(err)
+    reason, column = row_error_reason(err)
     state = err.sqlstate or ""
     code = _CODE_BY_STATE.get(state, "invalid_value")
     name = next((f.name for f in entity.fields.values() if f.col == column), None)
@@ -274,7 +274,7 @@ class Writer:
             op.row = None
             return False
         except psycopg.Error as err:
-            if not _is_row_error(err):
+            if not is_row_error(err):
                 raise
             self.conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(name))
             op.problems.append(db_problem(self.entity, err, op.path))

@@ -87,6 +87,7 @@ class Relay:
         self._errors: list[tuple[Record | None, KafkaError]] = []
         self._system_id = 0
         self._producer: Producer | None = None
+        self._txn_failed = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -252,7 +253,9 @@ class Relay:
                 self.hooks.retry()
                 if self.stop.is_set() or attempt >= MAX_ATTEMPTS:
                     raise
-                if self.eos and self._recovered(new_cursor):
+                # only a Kafka transaction that may or may not have committed needs a new
+                # producer and a look at the state topic; a registry outage does not
+                if self.eos and self._txn_failed and self._recovered(new_cursor):
                     reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
                     break
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
@@ -282,6 +285,7 @@ class Relay:
         except TransientError as err:
             log.warning("relay could not re-establish its producer yet: %s", err)
             return False
+        self._txn_failed = False
         return cursor >= new_cursor
 
     def _on_delivery(self, rec: Record | None, err: Any, msg: Any) -> None:
@@ -342,6 +346,7 @@ class Relay:
         producer = self._producer
         assert producer is not None
         self._errors.clear()
+        self._txn_failed = True  # until the commit returns: _recovered() must settle it
         try:
             producer.begin_transaction()
         except KafkaException as exc:
@@ -354,6 +359,7 @@ class Relay:
             producer.flush(60)
             self._check_delivered(0)
             producer.commit_transaction(60)
+            self._txn_failed = False
         except BaseException as exc:
             # whatever failed, this transaction must not stay open: abort it (a later
             # begin_transaction would fail forever otherwise); if even that fails, the caller

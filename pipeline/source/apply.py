@@ -60,12 +60,12 @@ class RowRejected(Exception):
     """PostgreSQL refused one key's plan (raised only for a single-key attempt)."""
 
 
-def _is_row_error(err: psycopg.Error) -> bool:
+def is_row_error(err: psycopg.Error) -> bool:
     state = err.sqlstate or ""
     return state.startswith(("22", "23")) or state in ("42804", "P0001")
 
 
-def _reason(err: psycopg.Error) -> tuple[str, str | None]:
+def row_error_reason(err: psycopg.Error) -> tuple[str, str | None]:
     diag = err.diag
     msg = diag.message_primary or str(err).strip().splitlines()[0]
     if diag.message_detail:
@@ -226,7 +226,7 @@ class Applier:
 
     def _fail_last(self, plan: Plan, err: psycopg.Error, failures: list[Failure]) -> None:
         """Fail the plan's last event with PostgreSQL's reason and apply the rest of the key."""
-        reason, column = _reason(err)
+        reason, column = row_error_reason(err)
         last = plan.events[-1]
         failures.append(self._fail(last, "dead", reason,
                                    field=self._field(column) if column else None))
@@ -253,7 +253,7 @@ class Applier:
         try:
             fn()
         except psycopg.Error as err:
-            if not _is_row_error(err):
+            if not is_row_error(err):
                 raise
             self.conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(name))
             raise RowRejected(str(err)) from err
