@@ -110,13 +110,14 @@ def avro_converter(schema_registry_url: str, prefix: str = "value.converter") ->
         f"{prefix}.apicurio.registry.use-id": "contentId",
         f"{prefix}.apicurio.registry.headers.enabled": "false",
         f"{prefix}.apicurio.registry.auto-register": "true",
-        f"{prefix}.apicurio.registry.find-latest": "true",
     }
 
 
-def worker_properties(name: str, bootstrap: str, registry_url: str, port: int) -> dict[str, str]:
+def worker_properties(name: str, bootstrap: str, registry_url: str, port: int,
+                      exactly_once: bool = False) -> dict[str, str]:
     """A one-worker distributed cluster with its own group and internal topics (per start, so a
-    restarted worker does not resume connectors a crashed run left behind)."""
+    restarted worker does not resume connectors a crashed run left behind). With
+    `exactly_once`, source connectors write in Kafka transactions (KIP-618)."""
     cluster = f"dx-connect-{name}-{uuid.uuid4().hex[:8]}"
     props = {
         "bootstrap.servers": bootstrap,
@@ -135,7 +136,7 @@ def worker_properties(name: str, bootstrap: str, registry_url: str, port: int) -
         "rest.advertised.port": str(port),
         "plugin.path": str(PLUGINS),
         "plugin.discovery": "hybrid_warn",
-        "exactly.once.source.support": "enabled",
+        "exactly.once.source.support": "enabled" if exactly_once else "disabled",
         "scheduled.rebalance.max.delay.ms": "0",
         "task.shutdown.graceful.timeout.ms": "5000",
     }
@@ -238,7 +239,8 @@ def _group(name: str) -> str:
     raise ConnectError(f"{_home(name) / 'worker.properties'} has no group.id")
 
 
-def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None = None) -> Worker:
+def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None = None, *,
+          exactly_once: bool = False) -> Worker:
     """Start worker NAME (or return it when it runs) and wait until it serves requests with every
     plugin in REQUIRED_PLUGINS loaded."""
     home = _home(name)
@@ -253,7 +255,7 @@ def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None 
         tools = stack.ensure_tools()
         fetch(tools)
         home.mkdir(parents=True, exist_ok=True)
-        props = worker_properties(name, bootstrap, schema_registry_url, port)
+        props = worker_properties(name, bootstrap, schema_registry_url, port, exactly_once)
         (home / "worker.properties").write_text(
             "# Written by deploy/local/connect_worker.py on every start.\n"
             + "".join(f"{k}={v}\n" for k, v in props.items())
