@@ -7,6 +7,7 @@ compatibility and registered the first time a row of that version appears.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import uuid
@@ -41,6 +42,13 @@ class _Entity:
     value: RegisteredSchema
     convert: Callable[[dict[str, Any]], dict[str, Any]]
     convert_key: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _micros(at: datetime.datetime) -> int:
+    return (at - _EPOCH) // datetime.timedelta(microseconds=1)
 
 
 class Encoder:
@@ -108,9 +116,12 @@ class Encoder:
                 "table": spec.table,
                 "txId": row.xid,
                 "sequence": f"{row.seq}:{row.id}",
+                "ts_us": _micros(row.committed_at),
+                "lsn": getattr(row, "lsn", None),
             },
             "op": row.op,
             "ts_ms": int(time.time() * 1000),
+            "ts_us": time.time_ns() // 1000,
             "event_id": event_id,
             "origin": row.origin,
         }

@@ -19,6 +19,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from pipeline.errors import EventError, ServiceUnavailable
+from pipeline.events.avro import Converter, python_values
 from pipeline.events.wire import decode_header
 from pipeline.sink.mapping import Event
 
@@ -33,7 +34,7 @@ class Decoder:
     def __init__(self, client: SchemaRegistryClient, url: str) -> None:
         self.client = client
         self.url = url
-        self._schemas: dict[int, Any] = {}
+        self._schemas: dict[int, tuple[Any, Converter | None]] = {}
         self._lock = threading.Lock()
 
     def _schema(self, schema_id: int) -> Any:
@@ -52,7 +53,8 @@ class Decoder:
                 raise ServiceUnavailable("schema registry", self.url,
                                          f"{type(err).__name__}: {err}") from None
             try:
-                parsed = fastavro.parse_schema(json.loads(sch.schema_str or ""))
+                raw = json.loads(sch.schema_str or "")
+                parsed = (fastavro.parse_schema(raw), python_values(raw))
             except Exception as err:
                 raise Undecodable(f"schema id {schema_id} is not an Avro schema: {err}") from None
             self._schemas[schema_id] = parsed
@@ -63,9 +65,10 @@ class Decoder:
             schema_id = decode_header(data)
         except ValueError as err:
             raise Undecodable(f"undecodable bytes: {err}") from None
-        schema = self._schema(schema_id)
+        schema, to_python = self._schema(schema_id)
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
+            datum = fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
+            return datum if to_python is None else to_python(datum)
         except Exception as err:
             raise Undecodable(f"undecodable bytes: not Avro of schema id {schema_id} "
                               f"({type(err).__name__})") from None
