@@ -190,6 +190,16 @@ def fetch(tools: Any) -> None:
 # --------------------------------------------------------------------------- the worker
 
 
+def tools() -> Any:
+    """Java 17+ and Maven (the stack's check would also demand PostgreSQL, which a worker does
+    not need: the services may be containers)."""
+    java = os.environ.get("DX_STACK_JAVA") or shutil.which("java")
+    mvn = shutil.which("mvn")
+    if java and mvn and stack.java_major(java) >= 17:
+        return stack.Tools(pg_bin=Path("/nonexistent"), java=java, mvn=mvn)
+    return stack.ensure_tools()  # installs what is missing, or says how
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -252,8 +262,8 @@ def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None 
         port = port or _env_port() or free_port()
         svc = _service(name, port)
         svc.check_ports_free()
-        tools = stack.ensure_tools()
-        fetch(tools)
+        found = tools()
+        fetch(found)
         home.mkdir(parents=True, exist_ok=True)
         props = worker_properties(name, bootstrap, schema_registry_url, port, exactly_once)
         (home / "worker.properties").write_text(
@@ -265,7 +275,7 @@ def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None 
         stack.say(f"starting Kafka Connect worker {name} on {HOST}:{port}")
         svc.spawn(
             [
-                tools.java,
+                found.java,
                 f"-Xmx{os.environ.get('DX_CONNECT_HEAP', '512m')}",
                 "-Xms128m",
                 "-XX:+UseG1GC",
@@ -434,7 +444,7 @@ def main(argv: list[str]) -> int:
     name = rest[0] if rest else "default"
     if command == "fetch":
         with stack.state_lock():
-            fetch(stack.ensure_tools())
+            fetch(tools())
         return 0
     if command == "up":
         missing = [v for v in ("DX_KAFKA_BOOTSTRAP", "DX_SCHEMA_REGISTRY_URL")
