@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -163,49 +164,73 @@ def _consumer(env: dict[str, str], topic: str) -> Consumer:
     return c
 
 
-def _timestamps(env: dict[str, str], topic: str, expected: int, timeout: float) -> list[int]:
-    """Kafka timestamps (ms, set by Connect's producer) of the first `expected` records."""
-    c = _consumer(env, topic)
-    stamps: list[int] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(stamps) < expected and time.monotonic() < deadline:
-            for msg in c.consume(10_000, 0.5):
-                if msg.error() is None:
-                    stamps.append(msg.timestamp()[1])
-    finally:
-        c.close()
-    if len(stamps) < expected:
-        raise RuntimeError(f"{topic}: {len(stamps)} of {expected} events after {timeout:.0f}s")
-    return stamps[:expected]
+class Receiver:
+    """Counts a topic's records as a consumer receives them, in a thread, with the receive time
+    of each (Kafka's record timestamps will not do: Debezium stamps records with the commit
+    time, so they measure the writer, not the connector)."""
+
+    def __init__(self, env: dict[str, str], topic: str) -> None:
+        self.consumer = _consumer(env, topic)
+        self.times: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                for msg in self.consumer.consume(10_000, 0.1):
+                    if msg.error() is None:
+                        self.times.append(time.time())
+        finally:
+            self.consumer.close()
+
+    def wait_quiet(self, quiet: float = 3, timeout: float = 300) -> list[float]:
+        """Every record, once none arrived for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (not self.times
+                                               or time.time() - self.times[-1] < quiet):
+            time.sleep(0.1)
+        self.stop.set()
+        self.thread.join(30)
+        return self.times
+
+    def wait_for(self, count: int, timeout: float) -> list[float]:
+        deadline = time.monotonic() + timeout
+        while len(self.times) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.stop.set()
+        self.thread.join(30)
+        if len(self.times) < count:
+            raise RuntimeError(f"{len(self.times)} of {count} events after {timeout:.0f}s")
+        return self.times
 
 
 def drain_rate(peer: Peer, backlog: int) -> float:
     """Events/s over a backlog of `backlog` single-row changes written before the connector
-    starts: first to last record's Kafka timestamp (start-up time excluded)."""
+    starts: first to last record received (start-up time excluded)."""
     from capture_relay import fill_backlog
 
     with capture(peer, backlog) as cap:
         fill_backlog(cap.db, backlog)
+        receiver = Receiver(peer.env, cap.topic)
         cap.start()
-        stamps = _timestamps(peer.env, cap.topic, backlog, 300)
-    span_s = max(1, stamps[-1] - stamps[0]) / 1000
-    return (backlog - 1) / span_s
+        times = receiver.wait_for(backlog, 300)
+    return (backlog - 1) / max(1e-3, times[backlog - 1] - times[0])
 
 
 def concurrent_rate(peer: Peer, seconds: int) -> tuple[float, float]:
-    """(events/s reaching Kafka while pgbench runs 50-row UPDATEs with 2 clients, rows/s it
-    wrote): events whose Kafka timestamp falls inside pgbench's run, over its length."""
+    """(events/s received while pgbench runs 50-row UPDATEs with 2 clients, rows/s it wrote)."""
     from capture_relay import BULK, ROWS, pgbench
 
     with capture(peer, ROWS) as cap:
         cap.start()
+        receiver = Receiver(peer.env, cap.topic)
         t0 = time.time()
         tps = pgbench(cap.db, BULK.replace("500", "50").replace("499", "49"), seconds)
         t1 = time.time()
-        written = int(tps * (t1 - t0) * 0.95) * 50  # what surely committed; counted below
-        stamps = _timestamps(peer.env, cap.topic, written, 300)
-    inside = sum(1 for ts in stamps if t0 * 1000 <= ts <= t1 * 1000)
+        times = receiver.wait_quiet()
+    inside = sum(1 for t in times if t0 <= t <= t1)
     return inside / (t1 - t0), tps * 50
 
 
