@@ -47,7 +47,13 @@ from pipeline import db
 from pipeline.config.auth import OAuth2ClientCredentials
 from pipeline.config.inbound import PullConfig
 from pipeline.config.model import DxConfig
-from pipeline.errors import ConfigError, DxError, TerminalError, TransientError
+from pipeline.errors import (
+    ConfigError,
+    DxError,
+    ServiceUnavailable,
+    TerminalError,
+    TransientError,
+)
 from pipeline.inbound import state
 from pipeline.inbound.entities import Mapper, MappingError, canonical, event_id
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
@@ -178,6 +184,9 @@ class Puller:
             conn.rollback()
             try:
                 self._pages(conn, cursor, stats)
+            except psycopg.OperationalError as err:
+                raise ServiceUnavailable("postgresql", db.redact(self.url),
+                                         str(err).strip()) from None
             except DxError as err:
                 conn.rollback()
                 with conn.transaction():

@@ -16,6 +16,8 @@ from typing import Any
 
 import psycopg
 
+from pipeline.tasks.store import ensure_schema as tasks_schema
+
 DDL = """
 CREATE SCHEMA IF NOT EXISTS dx;
 CREATE TABLE IF NOT EXISTS dx.inbound_state (
@@ -60,7 +62,9 @@ CREATE TABLE IF NOT EXISTS dx.inbound_file (
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create the inbound tables (idempotent; ``dx init`` and every inbound command call it)."""
+    """Create the inbound tables and the task table (idempotent; every inbound command calls
+    it)."""
+    tasks_schema(conn)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('dx.inbound ensure_schema'))")
         for stmt in DDL.split(";"):
@@ -94,20 +98,22 @@ def record(conn: psycopg.Connection[Any], route: str, kind: str, counts: Counts,
         INSERT INTO dx.inbound_state AS s (route, kind, cursor, last_run_at, last_ok_at, pages,
             entities, requests, refused, errors, files_done, files_failed, last_error,
             last_error_at)
-        VALUES (%(route)s, %(kind)s, %(cursor)s, CASE WHEN %(ok)s IS NULL THEN NULL ELSE now() END,
-            CASE WHEN %(ok)s THEN now() END, %(pages)s, %(entities)s, %(requests)s,
-            %(refused)s, %(errors)s, %(files_done)s, %(files_failed)s, %(error)s,
-            CASE WHEN %(error)s IS NOT NULL THEN now() END)
+        VALUES (%(route)s, %(kind)s, %(cursor)s::text,
+            CASE WHEN %(ok)s::boolean IS NULL THEN NULL ELSE now() END,
+            CASE WHEN %(ok)s::boolean THEN now() END, %(pages)s, %(entities)s, %(requests)s,
+            %(refused)s, %(errors)s, %(files_done)s, %(files_failed)s, %(error)s::text,
+            CASE WHEN %(error)s::text IS NOT NULL THEN now() END)
         ON CONFLICT (route, kind) DO UPDATE SET
-            cursor = CASE WHEN %(set_cursor)s THEN %(cursor)s ELSE s.cursor END,
-            last_run_at = CASE WHEN %(ok)s IS NULL THEN s.last_run_at ELSE now() END,
-            last_ok_at = CASE WHEN %(ok)s THEN now() ELSE s.last_ok_at END,
+            cursor = CASE WHEN %(set_cursor)s::boolean THEN %(cursor)s::text ELSE s.cursor END,
+            last_run_at = CASE WHEN %(ok)s::boolean IS NULL THEN s.last_run_at ELSE now() END,
+            last_ok_at = CASE WHEN %(ok)s::boolean THEN now() ELSE s.last_ok_at END,
             pages = s.pages + %(pages)s, entities = s.entities + %(entities)s,
             requests = s.requests + %(requests)s, refused = s.refused + %(refused)s,
             errors = s.errors + %(errors)s, files_done = s.files_done + %(files_done)s,
             files_failed = s.files_failed + %(files_failed)s,
-            last_error = COALESCE(%(error)s, s.last_error),
-            last_error_at = CASE WHEN %(error)s IS NOT NULL THEN now() ELSE s.last_error_at END,
+            last_error = COALESCE(%(error)s::text, s.last_error),
+            last_error_at = CASE WHEN %(error)s::text IS NOT NULL THEN now()
+                                 ELSE s.last_error_at END,
             updated_at = now()
         """,
         {"route": route, "kind": kind, "cursor": cursor, "set_cursor": set_cursor, "ok": ok,
