@@ -237,6 +237,8 @@ class WebhookServer:
         route = r.route.name
         claim = await run_in_threadpool(self._claim, route, key, len(messages))
         if claim == "accepted":
+            with self._lock:
+                r.counts.requests += 1
             return JSONResponse({"status": "duplicate", "accepted": 0,
                                  "message": "this request was accepted before; nothing sent"})
         if claim == "pending":

@@ -115,7 +115,7 @@ def test_paged_pull_survives_kill_9_applies_once_and_then_only_changes(
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        pages_before, cursor = pull_state(pg_db)
+        _, cursor = pull_state(pg_db)
         assert cursor is not None and json.loads(cursor)["next"] is not None  # mid-run
         catalog.slow_from = None
 
