@@ -106,11 +106,12 @@ class PullConfig(_Base):
     params: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="fixed query parameters")
     headers: dict[str, str] = Field(default_factory=dict, description="extra headers (no secrets)")
-    auth: PullAuth | None = None
+    auth: PullAuth | None = Field(None, description="bearer, basic, oauth2 (client "
+                                  "credentials) or api_key; secrets from ${VAR}")
     items: str | None = Field(None, description="response path of the list (e.g. data); "
                               "default: the response is the list")
-    pagination: Pagination = Field(default_factory=Pagination)
-    incremental: Incremental | None = None
+    pagination: Pagination = Field(default_factory=Pagination, description="how to page")
+    incremental: Incremental | None = Field(None, description="ask only for changes")
     interval_s: float = Field(60, gt=0, le=86_400, description="seconds between runs")
     retry: RetryPolicy = Field(default_factory=RetryPolicy,
                                description="transient failures (5xx, 429, timeouts) per request")
@@ -150,16 +151,18 @@ class FilesConfig(_Base):
 
 
 class InboundConfig(_Base):
-    """Inbound kinds of one source route (see module docstring)."""
+    """Systems that do not speak Kafka feeding this route's topic: ``webhook`` (``dx inbound
+    serve``), ``pull`` (``dx inbound pull ROUTE``) and ``files`` (``dx inbound watch ROUTE``),
+    any combination. The route's worker (``dx source run``) applies what they receive."""
 
     mapping: MappingConfig | None = Field(
         None, description="system fields -> route fields (the sink mapping language)")
     id_fields: list[str] | None = Field(
         None, description="route fields identifying one entity version (event id); default "
         "the record's content")
-    webhook: WebhookConfig | None = None
-    pull: PullConfig | None = None
-    files: FilesConfig | None = None
+    webhook: WebhookConfig | None = Field(None, description="receive webhooks")
+    pull: PullConfig | None = Field(None, description="pull a REST endpoint on a schedule")
+    files: FilesConfig | None = Field(None, description="pick up dropped CSV / JSON-lines files")
 
     @model_validator(mode="after")
     def _some(self) -> InboundConfig:

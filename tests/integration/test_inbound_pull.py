@@ -49,6 +49,23 @@ PULL = """      id_fields: [id, seq]
 """
 
 
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def pull_once(config: Any) -> Any:
+    """One run of the route's puller in this process (its RunStats)."""
+    puller = Puller(config, "products")
+    try:
+        return puller.run(once=True)
+    finally:
+        puller.close()
+
+
+def dx_pull(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "inbound", "pull", "products", "--once",
+            "-c", str(cfg)]
+
+
 class Catalog:
     """The third party: products with a change sequence, ``GET /products?updated_since=S
     &page=P&limit=L`` (changes after S, oldest first). ``failures[page]`` answers that many
@@ -107,10 +124,8 @@ def test_paged_pull_survives_kill_9_applies_once_and_then_only_changes(
         cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
                              PULL.format(url=catalog.server.url))
         catalog.slow_from = 3
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "inbound", "pull", "products", "--once",
-             "-c", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        proc = subprocess.Popen(dx_pull(cfg), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
         wait_for("two pages stored", lambda: pull_state(pg_db)[0] >= 2 or proc.poll() is not None)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         os.kill(proc.pid, signal.SIGKILL)
@@ -120,11 +135,7 @@ def test_paged_pull_survives_kill_9_applies_once_and_then_only_changes(
         catalog.slow_from = None
 
         config = load_config(cfg)
-        puller = Puller(config, "products")
-        try:
-            stats = puller.run(once=True)
-        finally:
-            puller.close()
+        stats = pull_once(config)
         assert stats.pages >= 1
         # at most the page in flight at the kill was read twice; every other page once
         counts = catalog.pages_requested()
@@ -142,11 +153,7 @@ def test_paged_pull_survives_kill_9_applies_once_and_then_only_changes(
         for i in (3, 7, 42):
             catalog.change(i, f"renamed {i}", f"{i}.75")
         catalog.server.requests.clear()
-        puller = Puller(config, "products")
-        try:
-            stats = puller.run(once=True)
-        finally:
-            puller.close()
+        stats = pull_once(config)
         assert stats.entities == 3
         assert {q.get("updated_since") for _, _, q in catalog.server.requests} == {"50"}
         run_worker(cfg, "products")
@@ -168,11 +175,7 @@ def test_pull_waits_out_5xx_and_429_storms_and_bad_entities_become_dead_tasks(
     try:
         cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
                              PULL.format(url=catalog.server.url))
-        puller = Puller(load_config(cfg), "products")
-        try:
-            stats = puller.run(once=True)
-        finally:
-            puller.close()
+        stats = pull_once(load_config(cfg))
         assert stats.pages == 3 and stats.entities == 24 and stats.failed == 1
         assert stats.retries == 11
         run_worker(cfg, "products")
@@ -193,5 +196,35 @@ def test_pull_waits_out_5xx_and_429_storms_and_bad_entities_become_dead_tasks(
         map_task = by_field["page 3 item 4"]
         assert map_task[0] == -1
         assert "mapping price: cannot convert 'not a price' to decimal" in map_task[2]
+    finally:
+        catalog.server.close()
+
+
+def test_a_failing_pull_is_one_error_line_and_a_status_problem(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    products_table(pg_db)
+    catalog = Catalog(3)
+    try:
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                             PULL.format(url=catalog.server.url))
+        assert pull_once(load_config(cfg)).entities == 3
+        cfg.write_text(cfg.read_text().replace("/products\n", "/missing\n"))
+        catalog.server.handler = lambda *a: (404, {}, {"error": "no such collection"})
+        done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
+                              env=ENV)
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines() == [
+            f"dx: error: pull products: GET {catalog.server.url}/missing?updated_since=3&limit=10"
+            f"&page=1: HTTP 404: {{\"error\": \"no such collection\"}}"]
+        from pipeline.status import collect
+
+        with psycopg.connect(pg_db) as conn:
+            st = collect(conn, load_config(cfg))
+        route = next(r for r in st.routes if r.name == "products")
+        (pull,) = route.incoming
+        assert (pull.kind, pull.pages, pull.entities, pull.errors, pull.failing) == (
+            "pull", 1, 3, 1, True)
+        assert any("products (source): the last pull failed: pull products: GET" in p
+                   for p in st.problems)
     finally:
         catalog.server.close()
