@@ -43,8 +43,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_stack import fresh_db, services  # noqa: E402
 from api import serve  # noqa: E402
+from bench_stack import fresh_db, services  # noqa: E402
 
 from pipeline.api.app import create_app  # noqa: E402
 from pipeline.config.loader import load_config  # noqa: E402
