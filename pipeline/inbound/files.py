@@ -36,8 +36,11 @@ from pipeline.config.model import DxConfig
 from pipeline.csvio.importer import import_csv
 from pipeline.errors import ConfigError, ServiceUnavailable, TerminalError
 from pipeline.inbound import state
-from pipeline.inbound.entities import Mapper, MappingError
+from pipeline.inbound.entities import Mapper, MappingError, canonical
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
+from pipeline.inbound.rejects import rejected
+from pipeline.source.events import Failure
+from pipeline.source.tasks import recorder
 from pipeline.source.validate import FieldError, RowValidator
 
 log = logging.getLogger(__name__)
@@ -173,7 +176,9 @@ class Watcher:
         except (TerminalError, OSError, UnicodeDecodeError, csv.Error) as err:
             outcome, sent = FileOutcome(path.name, "failed", error=str(err)), 0
             (failed / f"{path.name}.error.txt").write_text(f"{err}\n", encoding="utf-8")
+        failures = self._reject_tasks(path.name, rejects, outcome)
         with self._db() as conn, conn.transaction():
+            recorder().record(conn, self.route.name, failures)
             conn.execute("INSERT INTO dx.inbound_file (route, sha256, name, status, rows, "
                          "rejected, error) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                          "ON CONFLICT DO NOTHING",
@@ -190,6 +195,28 @@ class Watcher:
                 outcome.status, outcome.rows, outcome.rejected,
                 f" ({outcome.error})" if outcome.error else "")
         return outcome
+
+    def _reject_tasks(self, name: str, rejects: Path, outcome: FileOutcome) -> list[Failure]:
+        """A dead task per rejected line (read back from the reject file, whichever format
+        wrote it: line, field, reason, then the line's cells or text), or one for a file that
+        could not be read."""
+        route, topic = self.route.name, self.route.topic
+        if outcome.error is not None:
+            return [rejected(route, topic, name.encode(), {"kind": "file", "file": name},
+                             f"file {name}: {outcome.error}")]
+        if not outcome.rejected or not rejects.exists():
+            return []
+        out = []
+        with rejects.open(newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            header = next(rows)[3:]
+            for line, field, reason, *cells in rows:
+                raw = cells[0] if header == ["record"] else canonical(
+                    dict(zip(header, cells, strict=False)))
+                out.append(rejected(route, topic, raw.encode(),
+                                    {"kind": "file", "file": name, "line": line},
+                                    f"{reason} (file {name} line {line})", field or None))
+        return out
 
     def _finish(self, path: Path, folder: Path) -> None:
         _move(path, folder)

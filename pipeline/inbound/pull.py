@@ -26,7 +26,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -55,10 +54,11 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.inbound import state
-from pipeline.inbound.entities import Mapper, MappingError, canonical, event_id
+from pipeline.inbound.entities import Mapper, MappingError, canonical
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
+from pipeline.inbound.rejects import rejected
 from pipeline.observability.logging import redact
-from pipeline.source.events import Failure, RawMessage
+from pipeline.source.events import Failure
 from pipeline.source.tasks import recorder
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,6 @@ def _larger(a: str | None, b: Any, compare: str) -> str | None:
         except InvalidOperation:
             return a
     return text if text > a else a
-
-
-def _stable_offset(event_id: str) -> int:
-    """A task row needs an offset; an entity that never reached Kafka gets one derived from its
-    event id (partition -1 says it is not a Kafka position), so a re-read page updates the same
-    task instead of adding one."""
-    return uuid.UUID(event_id).int >> 65
 
 
 class Puller:
@@ -189,6 +182,8 @@ class Puller:
                                          str(err).strip()) from None
             except DxError as err:
                 conn.rollback()
+                if self.stop.is_set():  # stopped mid-run: the cursor says where to go on
+                    return stats
                 with conn.transaction():
                     state.record(conn, self.route.name, "pull", state.Counts(errors=1),
                                  ok=False, error=str(err))
@@ -257,13 +252,9 @@ class Puller:
                     raise MappingError(f"expected an object, got {type(item).__name__}")
                 record = self.mapper(item)
             except MappingError as err:
-                raw = canonical(item).encode()
-                eid = event_id(self.route.name, {"": item}, None)
-                msg = RawMessage(self.route.topic, -1, _stable_offset(eid), None, raw,
-                                 tuple((f"dx.inbound.{k}", str(v).encode())
-                                       for k, v in provenance.items()))
-                failures.append(Failure(msg, "dead", f"page {page_no} item {i}: {err}",
-                                        event_id=eid))
+                failures.append(rejected(self.route.name, self.route.topic,
+                                         canonical(item).encode(), provenance,
+                                         f"page {page_no} item {i}: {err}"))
                 continue
             messages.append(self.producer.message(record, provenance))
         return messages, failures

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from pipeline.config.loader import load_config
@@ -71,6 +72,11 @@ def test_dropped_files_apply_once_partial_files_wait_and_bad_lines_are_rejected(
                                                              ("5", "colour")]
     assert "expected a number" in rejects[0][2] and "not JSON" in rejects[1][2]
     assert (drop / "failed" / "more.jsonl").exists()
+    assert tasks(pg_db) == [  # rejected lines are dead tasks too: the task log, the alerts
+        (-1, "field 'colour': unknown field (not a writable column of public.products) "
+             "(file more.jsonl line 5)"),
+        (-1, "field 'price': expected a number, got 'abc' (file more.jsonl line 3)"),
+        (-1, "not JSON: Expecting value: line 1 column 17 (char 16) (file more.jsonl line 4)")]
 
     stats = run_worker(cfg, "products")
     assert stats.applied == 5 and stats.failed == 0  # the duplicates never reached Kafka
@@ -96,3 +102,12 @@ def test_marker_mode_reads_a_file_only_once_its_done_marker_exists(
     (drop / "bad.csv.done").touch()
     assert scan(cfg) == [("bad.csv", "failed", 0, 0)]
     assert "'nope' is not a field" in (drop / "failed" / "bad.csv.error.txt").read_text()
+    ((partition, error),) = tasks(pg_db)
+    assert partition == -1 and error.startswith("file bad.csv: ") and "'nope'" in error
+
+
+def tasks(db_url: str) -> list[tuple[int, str]]:
+    with psycopg.connect(db_url) as conn:
+        return [(int(p), str(e)) for p, e in conn.execute(
+            "SELECT partition, error FROM dx.task WHERE route = 'products' AND status = 'dead' "
+            "ORDER BY error").fetchall()]
