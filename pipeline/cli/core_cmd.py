@@ -299,12 +299,13 @@ def _print_incoming(routes: list[Any]) -> None:
     if not kinds:
         return
     t = Table("route", "kind", "last run", "pages", "requests", "entities", "refused",
-              "files ok/failed", "errors", "cursor", title="incoming (dx inbound)")
+              "files ok/failed", "errors", "since", title="incoming (dx inbound)")
     for name, i in kinds:
         last = age_text(i.last_run_age_s) + " ago" if i.last_run_age_s is not None else "-"
+        since = json.loads(i.cursor).get("since") if i.cursor else None
         t.add_row(name, i.kind, f"[red]{last}[/red]" if i.failing else last, str(i.pages),
                   str(i.requests), str(i.entities), str(i.refused),
-                  f"{i.files_done}/{i.files_failed}", str(i.errors), (i.cursor or "-")[:40])
+                  f"{i.files_done}/{i.files_failed}", str(i.errors), str(since or "-")[:32])
     console.print(t)
 
 
