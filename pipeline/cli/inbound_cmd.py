@@ -55,6 +55,8 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
          config: Path = ConfigOption,
          once: bool = typer.Option(False, "--once", envvar="DX_INBOUND_ONCE",
                                    help="one run (every page since the cursor), then exit"),
+         reset: bool = typer.Option(False, "--reset",
+                                    help="forget the stored cursor first: read everything again"),
          verbose: bool = VerboseOption) -> None:
     """GET the route's endpoint every interval, page by page, from the stored cursor; each page
     is acknowledged by Kafka before the cursor moves (a crash re-reads at most one page)."""
@@ -66,6 +68,8 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
     puller = Puller(config_from(config), route, stop=stop)
     install_signal_handlers(stop)
     try:
+        if reset:
+            puller.reset()
         stats = puller.run(once=once)
     finally:
         puller.close()

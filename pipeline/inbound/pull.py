@@ -77,8 +77,12 @@ class Cursor:
     def loads(text: str | None, initial: str | None) -> Cursor:
         if not text:
             return Cursor(since=initial)
-        d = json.loads(text)
-        return Cursor(d.get("since"), d.get("max"), d.get("next"))
+        try:
+            d = json.loads(text)
+            return Cursor(d.get("since"), d.get("max"), d.get("next"))
+        except (ValueError, AttributeError):
+            raise TerminalError(f"the stored pull cursor {text[:80]!r} is not readable; start "
+                                "again with 'dx inbound pull ROUTE --reset'") from None
 
 
 @dataclass
@@ -141,6 +145,15 @@ class Puller:
     def close(self) -> None:
         self.producer.close()
         self.client.close()
+
+    def reset(self) -> None:
+        """Forget the cursor: the next run reads everything again (the same entities are the
+        same events; the apply writes nothing for rows it already holds)."""
+        with db.connection(self.url, application_name=f"dx-inbound-pull-{self.route.name}",
+                           connect_timeout_s=self.config.database.connect_timeout_s) as conn, \
+                conn.transaction():
+            state.record(conn, self.route.name, "pull", state.Counts(), cursor=None,
+                         set_cursor=True)
 
     # ---- the loop ---------------------------------------------------------------------------
 

@@ -154,7 +154,10 @@ class WebhookServer:
         if hasattr(self, "_stop"):
             self._stop.set()
             self._flusher.join(5)
-            self._flush()
+            try:
+                self._flush()
+            except (DxError, ApiError, psycopg.Error) as err:
+                log.warning("webhook statistics not stored: %s", err)
             self.pool.close()
         for r in self.receivers.values():
             r.producer.close()
@@ -245,8 +248,10 @@ class WebhookServer:
             raise fail("duplicate", "an identical request is being processed; retry shortly",
                        headers={"Retry-After": "1"})
         try:
-            await asyncio.wrap_future(r.producer.submit(messages))
-        except DxError as err:
+            # produce() may wait for room in the local queue: not on the event loop
+            acked = await run_in_threadpool(r.producer.submit, messages)
+            await asyncio.wait_for(asyncio.wrap_future(acked), r.hook.ack_timeout_s + 5)
+        except (DxError, TimeoutError) as err:
             await run_in_threadpool(self._release, route, key)
             with self._lock:
                 r.counts.errors += 1

@@ -161,6 +161,14 @@ def test_paged_pull_survives_kill_9_applies_once_and_then_only_changes(
         assert {i for i, n in w.items() if n == 2} == {3, 7, 42}
         assert set(w.values()) <= {1, 2}
         assert rows(pg_db)[42][1:] == ("renamed 42", pytest.approx(42.75), 53)
+
+        # --reset reads everything again: the same events, and the apply writes nothing
+        puller = Puller(config, "products")
+        puller.reset()
+        puller.close()
+        assert pull_once(config).entities == 50
+        run_worker(cfg, "products")
+        assert writes(pg_db) == w
     finally:
         catalog.server.close()
 
