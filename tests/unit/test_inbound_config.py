@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from pipeline.api.errors import ApiError
@@ -139,3 +141,52 @@ def test_incremental_watermark_orders_text_or_numbers() -> None:
     assert _larger("9", 10, "number") == "10"
     assert _larger("10", "9", "number") == "10"
     assert _larger("10", None, "number") == "10"
+
+
+def _pull(pagination: dict[str, object], **extra: object) -> SimpleNamespace:
+    from pipeline.config.inbound import PullConfig
+
+    return SimpleNamespace(pull=PullConfig.model_validate(
+        {"url": "https://pim.example/p", "params": {"lang": "en"}, "pagination": pagination,
+         **extra}))
+
+
+def test_pagination_kinds_request_and_next_position() -> None:
+    from pipeline.inbound.pull import Cursor, Puller
+
+    resp = httpx.Response(200, request=httpx.Request("GET", "https://pim.example/p?x=1"),
+                          headers={"Link": '<https://pim.example/p?page=9>; rel="next"'})
+    inc = {"incremental": {"param": "since", "field": "ts"}}
+    page = _pull({"kind": "page", "size_param": "limit", "size": 2}, **inc)
+    c = Cursor(since="2024-01-01", next=1)
+    assert Puller._request(page, c) == ("https://pim.example/p", {
+        "lang": "en", "since": "2024-01-01", "limit": 2, "page": 1})
+    assert Puller._next(page, c, {}, [1, 2], resp) == 2
+    assert Puller._next(page, c, {}, [1], resp) is None  # a short page is the last
+    offset = _pull({"kind": "offset", "param": "skip", "size_param": "take", "size": 2})
+    c = Cursor(next=4)
+    assert Puller._request(offset, c)[1] == {"lang": "en", "take": 2, "skip": 4}
+    assert Puller._next(offset, c, {}, [1, 2], resp) == 6
+    cursor = _pull({"kind": "cursor", "token_path": "meta.after", "param": "after"})
+    assert "after" not in Puller._request(cursor, Cursor())[1]  # the first page: no token
+    assert Puller._request(cursor, Cursor(next="tok"))[1]["after"] == "tok"
+    assert Puller._next(cursor, Cursor(), {"meta": {"after": "t2"}}, [1], resp) == "t2"
+    assert Puller._next(cursor, Cursor(), {"meta": {"after": None}}, [1], resp) is None
+    nxt = _pull({"kind": "next", "token_path": "links.next"})
+    assert Puller._next(nxt, Cursor(), {"links": {"next": "/p?page=2"}}, [1], resp) == \
+        "https://pim.example/p?page=2"  # relative to the page's URL
+    assert Puller._request(nxt, Cursor(next="https://pim.example/p?page=2")) == (
+        "https://pim.example/p?page=2", {})
+    link = _pull({"kind": "next"})
+    assert Puller._next(link, Cursor(), {}, [1], resp) == "https://pim.example/p?page=9"
+    assert Puller._next(_pull({"kind": "none"}), Cursor(), {}, [1], resp) is None
+
+
+def test_pull_auth_headers_reuse_the_http_connector() -> None:
+    from connectors.http.connector import auth_headers
+    from pipeline.config.auth import ApiKeyAuth, BasicAuth
+
+    key = ApiKeyAuth.model_validate({"kind": "api_key", "key": "k1", "header": "X-Key"})
+    assert auth_headers(key, None, b"") == {"X-Key": "k1"}
+    basic = BasicAuth.model_validate({"kind": "basic", "username": "u", "password": "p"})
+    assert auth_headers(basic, None, b"") == {"Authorization": "Basic dTpw"}
