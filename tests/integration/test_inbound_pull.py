@@ -4,6 +4,7 @@ storms are waited out; a bad entity becomes a dead task naming its page and fiel
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -66,6 +67,11 @@ def dx_pull(cfg: Path) -> list[str]:
             "-c", str(cfg)]
 
 
+OAUTH = """        auth: {{kind: oauth2, token_url: "{url}/token", client_id: dx,
+               client_secret: "${{DX_TEST_PULL_SECRET}}"}}
+"""
+
+
 class Catalog:
     """The third party: products with a change sequence, ``GET /products?updated_since=S
     &page=P&limit=L`` (changes after S, oldest first). ``failures[page]`` answers that many
@@ -79,6 +85,9 @@ class Catalog:
             self.change(i, f"product {i}", f"{i}.50")
         self.failures: dict[int, list[int]] = {}
         self.slow_from: int | None = None
+        self.oauth_secret: str | None = None  # set: /token issues tokens, pages require one
+        self.tokens: list[str] = []
+        self.refuse_first_token = False
         self.server = ThirdParty(self.handle)
 
     def change(self, i: int, title: str, price: str) -> None:
@@ -89,6 +98,10 @@ class Catalog:
 
     def handle(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
                body: bytes) -> tuple[int, dict[str, str], Any]:
+        if self.oauth_secret is not None:
+            refused = self._oauth(path, headers, body)
+            if refused is not None:
+                return refused
         page, limit = int(query.get("page", 1)), int(query.get("limit", 10))
         with self.lock:
             pending = self.failures.get(page)
@@ -101,6 +114,21 @@ class Catalog:
         if self.slow_from is not None and page >= self.slow_from:
             threading.Event().wait(0.5)
         return 200, {}, {"data": changed[(page - 1) * limit:page * limit], "page": page}
+
+    def _oauth(self, path: str, headers: dict[str, str], body: bytes
+               ) -> tuple[int, dict[str, str], Any] | None:
+        """Client credentials at /token (HTTP basic, form body); bearer tokens on pages."""
+        if path == "/token":
+            basic = base64.b64encode(f"dx:{self.oauth_secret}".encode()).decode()
+            if headers.get("Authorization") != f"Basic {basic}" or \
+                    b"grant_type=client_credentials" not in body:
+                return 401, {}, {"error": "invalid_client"}
+            self.tokens.append(f"tok-{len(self.tokens) + 1}")
+            return 200, {}, {"access_token": self.tokens[-1], "expires_in": 3600}
+        token = headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in self.tokens or (self.refuse_first_token and token == "tok-1"):
+            return 401, {}, {"error": "invalid_token"}
+        return None
 
     def pages_requested(self) -> Counter[tuple[str, str]]:
         return Counter((q.get("updated_since", ""), q.get("page", ""))
@@ -174,18 +202,24 @@ def test_paged_pull_survives_kill_9_applies_once_and_then_only_changes(
 
 
 def test_pull_waits_out_5xx_and_429_storms_and_bad_entities_become_dead_tasks(
-        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also OAuth2 client credentials: a token refused once (401) is fetched again."""
     products_table(pg_db)
+    monkeypatch.setenv("DX_TEST_PULL_SECRET", "pull-secret")
     catalog = Catalog(25)
+    catalog.oauth_secret, catalog.refuse_first_token = "pull-secret", True
     catalog.change(14, "n" * 41, "14.00")  # page 2 of 3: too long for varchar(40)
     catalog.change(15, "product 15", "not a price")  # page 2: the mapping cannot convert it
     catalog.failures = {1: [503, 500, 502], 2: [429, 429, 429, 429, 429, 503], 3: [429, 500]}
     try:
         cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
-                             PULL.format(url=catalog.server.url))
+                             PULL.format(url=catalog.server.url) + OAUTH.format(
+                                 url=catalog.server.url))
         stats = pull_once(load_config(cfg))
         assert stats.pages == 3 and stats.entities == 24 and stats.failed == 1
-        assert stats.retries == 11
+        assert stats.retries == 12  # 11 injected failures and the refused token
+        assert catalog.tokens == ["tok-1", "tok-2"]
         run_worker(cfg, "products")
         assert len(rows(pg_db)) == 23  # 25 less the two bad ones
         with psycopg.connect(pg_db) as conn:
