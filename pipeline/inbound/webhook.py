@@ -148,7 +148,8 @@ class WebhookServer:
         self.app = Starlette(routes=[
             Route("/inbound/{route}", self.receive, methods=["POST"]),
             Route("/healthz", self.health, methods=["GET"]),
-        ], exception_handlers={ApiError: self._api_error})  # type: ignore[dict-item]
+        ], exception_handlers={ApiError: self._api_error,  # type: ignore[dict-item]
+                               DxError: self._unavailable, psycopg.Error: self._unavailable})
 
     def close(self) -> None:
         if hasattr(self, "_stop"):
@@ -175,6 +176,16 @@ class WebhookServer:
         log.info("webhook %s refused (%d): %s", name, err.status, err)
         return JSONResponse({"errors": [p.to_json() for p in err.problems]},
                             status_code=err.status, headers=err.headers)
+
+    async def _unavailable(self, request: Request, err: Exception) -> Response:
+        """The database (idempotency claims) failed: 503, never a 2xx. If Kafka had already
+        acknowledged, the sender's retry is a duplicate the apply ignores."""
+        log.warning("webhook %s: %s", request.path_params.get("route", ""),
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        return await self._api_error(request, fail(
+            "unavailable", "the request could not be confirmed (database unavailable); send it "
+            "again: a duplicate is applied once",
+            headers={"Retry-After": "5"}))
 
     async def receive(self, request: Request) -> Response:
         name = request.path_params["route"]

@@ -132,13 +132,18 @@ def test_webhook_refuses_bad_requests_and_a_resent_webhook_applies_once(
         nowhere = httpx.post(f"{url}/inbound/nope", content=one, headers=signed(one))
         assert (nowhere.status_code, codes(nowhere)) == (404, [("not_found", None)])
         wait_for("webhook counters", lambda: _state(pg_db) is not None, 30)
+        with psycopg.connect(pg_db, autocommit=True) as conn:  # idempotency claims fail
+            conn.execute("ALTER TABLE dx.inbound_request RENAME TO inbound_request_away")
+        claim_fails = json.dumps(product(10)).encode()
+        broken = post(url, claim_fails, signed(claim_fails))
+        assert (broken.status_code, codes(broken)) == (503, [("unavailable", None)])
 
     stats = run_worker(cfg, "products")
     assert stats.applied == 4 and stats.failed == 0  # nothing refused reached Kafka
     assert sorted(rows(pg_db)) == [1, 2, 3, 4]
     assert set(writes(pg_db).values()) == {1}
     requests, entities, refused_n = _state(pg_db) or (0, 0, 0)
-    assert (requests, entities, refused_n) == (4, 4, 8)
+    assert (requests, entities, refused_n) == (4, 4, 9)
 
 
 def _state(db_url: str) -> tuple[int, int, int] | None:
