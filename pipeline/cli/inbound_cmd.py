@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from pipeline.cli.common import ConfigOption, config_from
+from pipeline.errors import TerminalError
 
 inbound_app = typer.Typer(
     help="Inbound kinds feeding source routes: webhooks, scheduled pulls, file drops "
@@ -103,7 +104,8 @@ def watch(route: str = typer.Argument(..., help="source route with 'inbound: fil
                    + (f" ({o.error})" if o.error else ""), err=True)
     failed = [o for o in outcomes if o.status == "failed"]
     if once and failed:
-        raise typer.Exit(1)
+        raise TerminalError(f"{len(failed)} of {len(outcomes)} files failed: reasons in "
+                            f"{watcher.dir / 'failed'} (FILE.rejects.csv, FILE.error.txt)")
 
 
 def register(app: typer.Typer) -> None:
