@@ -215,8 +215,9 @@ class Puller:
             if page_no > self.pull.max_pages:
                 raise TerminalError(f"pull {self.route.name}: more than {self.pull.max_pages} "
                                     "pages in one run (raise pull.max_pages?)")
+            number = int(cursor.next) if p.kind == "page" else page_no  # after a resume too
             resp = self._get(cursor, stats)
-            where = f"{self.route.name} page {page_no} ({redact(str(resp.url))})"
+            where = f"{self.route.name} page {number} ({redact(str(resp.url))})"
             try:
                 body = resp.json()
             except ValueError:
@@ -225,7 +226,7 @@ class Puller:
             if not isinstance(items, list):
                 raise TerminalError(f"pull {where}: no list at "
                                     f"{self.pull.items or 'the top level'}")
-            messages, failures = self._page_messages(items, page_no, str(resp.url))
+            messages, failures = self._page_messages(items, number, str(resp.url))
             inc = self.pull.incremental
             if inc is not None:
                 for item in items:
@@ -249,7 +250,7 @@ class Puller:
             stats.failed += len(failures)
             log.info("pull %s: %d entities, %d unmappable", where, len(messages), len(failures))
             if self.on_page is not None:
-                self.on_page(page_no, cursor)
+                self.on_page(number, cursor)
             if nxt is None:
                 return
 

@@ -212,6 +212,8 @@ class WebhookServer:
                                             f"{r.hook.max_entities} per request")
         given = request.headers.get(r.hook.idempotency_header) if r.hook.idempotency_header \
             else None
+        if given is not None and not 0 < len(given) <= 255:
+            raise fail("bad_body", f"{r.hook.idempotency_header} must have 1 to 255 characters")
         messages = self._messages(r, items, given)
         key = given or hashlib.sha256(
             "\n".join(m.event_id for m in messages).encode()).hexdigest()
