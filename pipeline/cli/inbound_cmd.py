@@ -8,7 +8,13 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import ConfigOption, config_from
+from pipeline.cli.common import (
+    ConfigOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    config_from,
+    worker_server,
+)
 from pipeline.errors import TerminalError
 
 inbound_app = typer.Typer(
@@ -58,6 +64,7 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
                                    help="one run (every page since the cursor), then exit"),
          reset: bool = typer.Option(False, "--reset",
                                     help="forget the stored cursor first: read everything again"),
+         metrics_port: int = MetricsPortOption, metrics_host: str = MetricsHostOption,
          verbose: bool = VerboseOption) -> None:
     """GET the route's endpoint every interval, page by page, from the stored cursor; each page
     is acknowledged by Kafka before the cursor moves (a crash re-reads at most one page)."""
@@ -66,14 +73,19 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
 
     _verbose(verbose)
     stop = threading.Event()
-    puller = Puller(config_from(config), route, stop=stop)
-    install_signal_handlers(stop)
+    cfg = config_from(config)
+    server = worker_server(metrics_port, metrics_host)
     try:
-        if reset:
-            puller.reset()
-        stats = puller.run(once=once)
+        puller = Puller(cfg, route, stop=stop, server=server)
+        install_signal_handlers(stop)
+        try:
+            if reset:
+                puller.reset()
+            stats = puller.run(once=once)
+        finally:
+            puller.close()
     finally:
-        puller.close()
+        server.close()
     typer.echo(f"pull {route}: {stats.pages} pages, {stats.entities} entities sent, "
                f"{stats.failed} unmappable (dead tasks), {stats.retries} retried requests; "
                f"cursor {stats.cursor}", err=True)
@@ -84,6 +96,7 @@ def watch(route: str = typer.Argument(..., help="source route with 'inbound: fil
           config: Path = ConfigOption,
           once: bool = typer.Option(False, "--once", envvar="DX_INBOUND_ONCE",
                                     help="process the files that are ready, then exit"),
+          metrics_port: int = MetricsPortOption, metrics_host: str = MetricsHostOption,
           verbose: bool = VerboseOption) -> None:
     """Pick up complete CSV / JSON-lines files from the route's folder, check them like 'dx
     import' and move them to done/ or failed/ (with FILE.rejects.csv). A file dropped twice is
@@ -93,12 +106,17 @@ def watch(route: str = typer.Argument(..., help="source route with 'inbound: fil
 
     _verbose(verbose)
     stop = threading.Event()
-    watcher = Watcher(config_from(config), route, stop=stop)
-    install_signal_handlers(stop)
+    cfg = config_from(config)
+    server = worker_server(metrics_port, metrics_host)
     try:
-        outcomes = watcher.run(once=once)
+        watcher = Watcher(cfg, route, stop=stop, server=server)
+        install_signal_handlers(stop)
+        try:
+            outcomes = watcher.run(once=once)
+        finally:
+            watcher.close()
     finally:
-        watcher.close()
+        server.close()
     for o in outcomes:
         typer.echo(f"watch {route}: {o.name}: {o.status}, {o.rows} rows, {o.rejected} rejected"
                    + (f" ({o.error})" if o.error else ""), err=True)

@@ -39,6 +39,7 @@ from pipeline.inbound import state
 from pipeline.inbound.entities import Mapper, MappingError, canonical
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
 from pipeline.inbound.rejects import rejected
+from pipeline.observability.server import WorkerServer
 from pipeline.source.events import Failure
 from pipeline.source.tasks import recorder
 from pipeline.source.validate import FieldError, RowValidator
@@ -83,8 +84,10 @@ class Watcher:
     """One route's watched folder (see module docstring)."""
 
     def __init__(self, config: DxConfig, route_name: str, *,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 server: WorkerServer | None = None) -> None:
         self.config = config
+        self.server = server if server is not None else WorkerServer(0)
         index, self.route, self.target = read_route_target(config, route_name)
         inbound = self.route.inbound
         if inbound is None or inbound.files is None:
@@ -115,7 +118,9 @@ class Watcher:
     def run(self, *, once: bool = False) -> list[FileOutcome]:
         """Scan every ``poll_s`` until stopped (``once``: one scan)."""
         outcomes: list[FileOutcome] = []
+        self.server.set_ready(True, f"watching {self.dir}")
         while not self.stop.is_set():
+            self.server.heartbeat()
             try:
                 outcomes.extend(self.scan())
             except ServiceUnavailable as err:
@@ -125,6 +130,7 @@ class Watcher:
             if once:
                 break
             self.stop.wait(self.files.poll_s)
+        self.server.set_ready(False, "stopped")
         return outcomes
 
     def ready(self) -> list[Path]:
@@ -143,7 +149,13 @@ class Watcher:
         return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
     def scan(self) -> list[FileOutcome]:
-        return [self.process(p) for p in self.ready() if not self.stop.is_set()]
+        out = []
+        for p in self.ready():
+            if self.stop.is_set():
+                break
+            out.append(self.process(p))
+            self.server.heartbeat()
+        return out
 
     # ---- one file ---------------------------------------------------------------------------
 

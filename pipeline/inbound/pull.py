@@ -58,6 +58,7 @@ from pipeline.inbound.entities import Mapper, MappingError, canonical
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
 from pipeline.inbound.rejects import rejected
 from pipeline.observability.logging import redact
+from pipeline.observability.server import WorkerServer
 from pipeline.source.events import Failure
 from pipeline.source.tasks import recorder
 
@@ -116,8 +117,10 @@ class Puller:
 
     def __init__(self, config: DxConfig, route_name: str, *,
                  stop: threading.Event | None = None,
-                 on_page: Callable[[int, Cursor], None] | None = None) -> None:
+                 on_page: Callable[[int, Cursor], None] | None = None,
+                 server: WorkerServer | None = None) -> None:
         self.config = config
+        self.server = server if server is not None else WorkerServer(0)
         self.index, self.route, target = read_route_target(config, route_name)
         inbound = self.route.inbound
         if inbound is None or inbound.pull is None:
@@ -160,6 +163,7 @@ class Puller:
     def run(self, *, once: bool = False) -> RunStats:
         """Runs every ``interval_s`` until stopped; ``once``: one run, raising its failure."""
         total = RunStats()
+        self.server.set_ready(True, "pulling")
         while not self.stop.is_set():
             started = time.monotonic()
             try:
@@ -176,8 +180,19 @@ class Puller:
                 total.cursor = stats.cursor
                 if once:
                     break
-            self.stop.wait(max(0.0, self.pull.interval_s - (time.monotonic() - started)))
+            self._wait(self.pull.interval_s - (time.monotonic() - started))
+        self.server.set_ready(False, "stopped")
         return total
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep (a stop ends it), beating the /healthz heartbeat every second."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set():
+            self.server.heartbeat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.stop.wait(min(1.0, left))
 
     def run_once(self) -> RunStats:
         """Every page from the stored cursor on; a failure is recorded and raised."""
@@ -315,6 +330,7 @@ class Puller:
             if self.limiter is not None:
                 self.limiter.acquire()
             stats.requests += 1
+            self.server.heartbeat()
             wait: float | None = None
             try:
                 resp = self.client.get(url, params=params,
@@ -345,4 +361,4 @@ class Puller:
             stats.retries += 1
             log.warning("pull %s: GET %s: %s; again in %.1fs", self.route.name, redact(url),
                         problem, wait)
-            self.stop.wait(wait)
+            self._wait(wait)

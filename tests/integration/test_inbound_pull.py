@@ -15,11 +15,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
 from pipeline.config.loader import load_config
 from pipeline.inbound.pull import Puller
+from pipeline.observability.server import WorkerServer
 from tests.integration.test_inbound_support import (
     ThirdParty,
     inbound_config,
@@ -216,7 +218,16 @@ def test_pull_waits_out_5xx_and_429_storms_and_bad_entities_become_dead_tasks(
         cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
                              PULL.format(url=catalog.server.url) + OAUTH.format(
                                  url=catalog.server.url))
-        stats = pull_once(load_config(cfg))
+        server = WorkerServer.on_free_port()  # what --metrics-port serves
+        puller = Puller(load_config(cfg), "products", server=server)
+        try:
+            stats = puller.run(once=True)
+        finally:
+            puller.close()
+        health = httpx.get(f"{server.url}/healthz", timeout=10)
+        ready = httpx.get(f"{server.url}/readyz", timeout=10)
+        server.close()
+        assert health.status_code == 200 and ready.status_code == 503  # done: not ready
         assert stats.pages == 3 and stats.entities == 24 and stats.failed == 1
         assert stats.retries == 12  # 11 injected failures and the refused token
         assert catalog.tokens == ["tok-1", "tok-2"]
