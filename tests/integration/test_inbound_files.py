@@ -14,8 +14,15 @@ import psycopg
 import pytest
 
 from pipeline.config.loader import load_config
+from pipeline.errors import ServiceUnavailable
 from pipeline.inbound.files import Watcher
-from tests.integration.test_inbound_support import inbound_config, products_table, rows, writes
+from tests.integration.test_inbound_support import (
+    free_port,
+    inbound_config,
+    products_table,
+    rows,
+    writes,
+)
 from tests.integration.test_source_support import run_worker
 
 pytestmark = pytest.mark.integration
@@ -111,3 +118,25 @@ def tasks(db_url: str) -> list[tuple[int, str]]:
         return [(int(p), str(e)) for p, e in conn.execute(
             "SELECT partition, error FROM dx.task WHERE route = 'products' AND status = 'dead' "
             "ORDER BY error").fetchall()]
+
+
+def test_with_kafka_unreachable_a_file_stays_for_the_next_scan(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    products_table(pg_db)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                         f"      files: {{directory: {drop}, ack_timeout_s: 2}}\n")
+    cfg.write_text(cfg.read_text().replace(stack.kafka_bootstrap, f"127.0.0.1:{free_port()}"))
+    line = json.dumps({"id": 1, "sku": "a", "name": "one", "seq": 1})
+    (drop / "one.jsonl").write_text(line + "\n")
+    w = Watcher(load_config(cfg), "products")
+    try:
+        with pytest.raises(ServiceUnavailable, match="kafka unreachable"):
+            w.run(once=True)
+    finally:
+        w.close()
+    assert (drop / "one.jsonl").exists()  # not moved, not recorded: the next scan sends it
+    assert not (drop / "failed" / "one.jsonl.rejects.csv").exists()
+    with psycopg.connect(pg_db) as conn:
+        assert conn.execute("SELECT count(*) FROM dx.inbound_file").fetchone() == (0,)

@@ -24,6 +24,7 @@ from pipeline.inbound.pull import Puller
 from pipeline.observability.server import WorkerServer
 from tests.integration.test_inbound_support import (
     ThirdParty,
+    free_port,
     inbound_config,
     products_table,
     rows,
@@ -279,5 +280,28 @@ def test_a_failing_pull_is_one_error_line_and_a_status_problem(
             "pull", 1, 3, 1, True)
         assert any("products (source): the last pull failed: pull products: GET" in p
                    for p in st.problems)
+    finally:
+        catalog.server.close()
+
+
+def test_with_kafka_unreachable_the_cursor_does_not_move(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    products_table(pg_db)
+    catalog = Catalog(5)
+    try:
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                             PULL.format(url=catalog.server.url) + "        ack_timeout_s: 2\n")
+        cfg.write_text(cfg.read_text().replace(stack.kafka_bootstrap,
+                                               f"127.0.0.1:{free_port()}"))
+        done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
+                              env=ENV)
+        assert done.returncode == 1
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("dx: error: kafka unreachable at 127.0.0.1:")
+        assert "pim.products" in line
+        with psycopg.connect(pg_db) as conn:
+            row = conn.execute("SELECT cursor, pages, errors FROM dx.inbound_state "
+                               "WHERE route = 'products'").fetchone()
+        assert row == (None, 0, 1)  # nothing acknowledged: nothing moved on
     finally:
         catalog.server.close()
