@@ -41,6 +41,7 @@ PUBLICATION = "dx_capture"
 ORIGIN_PREFIX = "dx.origin"
 OUTBOX_PREFIX = "dx.outbox"
 SNAPSHOT_PREFIX = "dx.snapshot"
+SPEC_PREFIX = "dx.spec"
 
 SLOT_DDL = """
 CREATE TABLE IF NOT EXISTS dx.capture_slot (
@@ -147,6 +148,8 @@ def install_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -
         if not published(conn, spec):
             conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
                 sql.Identifier(PUBLICATION), table))
+        # the relay applies the new spec to exactly the changes committed after this one
+        conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (SPEC_PREFIX, spec.entity))
     return spec, version
 
 

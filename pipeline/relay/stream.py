@@ -109,6 +109,9 @@ class Resolver:
         self.tables = {(t.schema_name, t.table_name): t for t in config.tables}
 
     def table(self, rel: pgoutput.Relation) -> Table | None:
+        """The exposed columns are those of the latest installed spec: a column added to
+        dx.yaml takes effect with ``dx capture install`` (whose message in the stream makes
+        the relay call this again), as in trigger mode."""
         tcfg = self.tables.get((rel.schema, rel.name))
         if tcfg is None:
             log.warning("relay: %s.%s is in publication %s but not in dx.yaml; its changes "
@@ -124,7 +127,7 @@ class Resolver:
             _TYPES, ([c.type_oid for c in rel.columns],))}
         index = {c.name: i for i, c in enumerate(rel.columns)}
         cols: list[ColumnSpec] = []
-        for name in tcfg.columns:
+        for name in (c.name for c in installed.columns):
             if name not in index:
                 if name in installed.key:
                     raise CatalogError(f"{tcfg.qualified}: key column {name} was dropped")
@@ -163,6 +166,7 @@ class LogicalStream:
         self._conn: Any = None
         self._cur: Any = None
         self._tables: dict[int, Table | None] = {}
+        self._relations: dict[int, pgoutput.Relation] = {}
         self._in_txn = False
         self._lsn = 0  # final LSN of the transaction being read
         self._xid = 0
@@ -268,6 +272,7 @@ class LogicalStream:
             self._in_txn = False
         elif kind == 0x52:  # R
             rel = pgoutput.relation(buf)
+            self._relations[rel.relid] = rel
             self._tables[rel.relid] = self.resolver.table(rel)
         elif kind == 0x4D:  # M
             self._message(buf, rows)
@@ -323,6 +328,11 @@ class LogicalStream:
             self._emit(rows, data["aggregatetype"], 0, "e", data["aggregateid"], None,
                        data.get("payload"), data.get("origin") or self._origin,
                        event_id=uuid.UUID(data["event_id"]), event_type=data.get("type"))
+        elif prefix == logical.SPEC_PREFIX:  # dx capture install committed a new spec
+            entity = content.decode()
+            for relid, rel in self._relations.items():
+                if f"{rel.schema}.{rel.name}" == entity:
+                    self._tables[relid] = self.resolver.table(rel)
         elif prefix == logical.SNAPSHOT_PREFIX:
             data = json_loads_exact(content)
             # snapshot rows are the database's state, nobody's change: no origin

@@ -28,8 +28,9 @@ from pipeline.relay.runner import Relay
 
 def write_config(path: Path, stack: Any, db_url: str, prefix: str, tables: str,
                  mode: str = "exactly-once", extra: str = "",
-                 capture_mode: str | None = None) -> Path:
-    """A dx.yaml for one test; ``capture_mode`` None leaves capture.mode at its default."""
+                 capture_mode: str | None = "trigger") -> Path:
+    """A dx.yaml for one test: trigger capture unless the test asks for ``capture_mode``
+    (the ``capture_mode`` fixture runs it in both; None leaves capture.mode at its default)."""
     if capture_mode is not None:
         extra = f"capture:\n  mode: {capture_mode}\n{extra}"
     path.write_text(f"""
@@ -170,7 +171,7 @@ def execute(url: str, *statements: str, origin: str | None = None) -> None:
 
 
 def captured_items(stack: Any, db_url: str, prefix: str, tmp_path: Path,
-                   mode: str = "exactly-once", capture_mode: str | None = None) -> Path:
+                   mode: str = "exactly-once", capture_mode: str | None = "trigger") -> Path:
     """A table ``items (id, v)`` with capture installed (topic ``<prefix>.public.items``);
     returns the dx.yaml path."""
     execute(db_url, "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")

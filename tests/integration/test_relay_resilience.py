@@ -31,9 +31,11 @@ ITEMS = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)"
 TABLES = "  - name: items\n    columns: [id, v]\n"
 
 
-def _setup(stack: Any, pg_db: str, prefix: str, tmp_path: Path, mode: str) -> Path:
+def _setup(stack: Any, pg_db: str, prefix: str, tmp_path: Path, mode: str,
+           capture_mode: str = "trigger") -> Path:
     execute(pg_db, ITEMS)
-    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, prefix, TABLES, mode=mode)
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, prefix, TABLES, mode=mode,
+                       capture_mode=capture_mode)
     res = dx("capture", "install", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
     return cfg
@@ -55,13 +57,18 @@ def _writer(url: str, stop: threading.Event, committed: list[tuple[int, int]]) -
 
 
 def _wait_drained(url: str, timeout_s: float = 90) -> None:
+    """Until the outbox is empty (trigger) or the slot is confirmed past now (logical)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with psycopg.connect(url) as conn:
-            row = conn.execute("SELECT count(*) FROM dx.outbox").fetchone()
-        if row and row[0] == 0:
-            return
-        time.sleep(0.2)
+    with psycopg.connect(url, autocommit=True) as conn:
+        now = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) = 0 AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE "
+                "database = current_database() AND confirmed_flush_lsn < %s) FROM dx.outbox",
+                now).fetchone()
+            if row and row[0]:
+                return
+            time.sleep(0.2)
     raise AssertionError("the relay did not drain the outbox")
 
 
@@ -77,8 +84,8 @@ def _kill_and_restart(cfg: Path, url: str, rounds: int) -> None:
 
 @pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
 def test_kill_9_under_load(stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path,
-                           mode: str) -> None:
-    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, mode)
+                           mode: str, capture_mode: str) -> None:
+    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, mode, capture_mode)
     committed: list[tuple[int, int]] = []
     stop = threading.Event()
     w = threading.Thread(target=_writer, args=(pg_db, stop, committed))
@@ -138,8 +145,9 @@ class Output:
 
 def test_hot_standby_takes_over_when_the_active_relay_dies(stack: Any, pg_db: str,
                                                             topic_prefix: str,
-                                                            tmp_path: Path) -> None:
-    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once")
+                                                            tmp_path: Path,
+                                                            capture_mode: str) -> None:
+    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once", capture_mode)
     active = start_relay_process(cfg)
     Output(active).wait_for(": active")
     standby = start_relay_process(cfg)
@@ -166,8 +174,8 @@ def test_hot_standby_takes_over_when_the_active_relay_dies(stack: Any, pg_db: st
 
 
 def test_column_added_while_relay_runs(stack: Any, pg_db: str, topic_prefix: str,
-                                       tmp_path: Path) -> None:
-    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once")
+                                       tmp_path: Path, capture_mode: str) -> None:
+    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once", capture_mode)
     topic = f"{topic_prefix}.public.items"
     reader = TopicReader(stack, topic)
     with relay_thread(cfg) as relay:
