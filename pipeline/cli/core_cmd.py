@@ -283,6 +283,13 @@ def _print_status(st: Any) -> None:
     t.add_row("relay standbys", str(r.relay_standbys))
     t.add_row("last delivery", age_text(r.last_delivery_age_s) + " ago"
               if r.last_delivery_age_s is not None else "-")
+    t.add_row("capture mode", r.capture_mode)
+    if r.slot is not None:
+        t.add_row("slot", f"{r.slot['name']} ({'active' if r.slot['active'] else 'inactive'}, "
+                          f"{r.slot['wal_status']})")
+        t.add_row("slot retains (bytes)", str(r.slot["retained_bytes"]))
+        t.add_row("slot last confirmed", age_text(r.slot["confirmed_age_s"]) + " ago"
+                  if r.slot["confirmed_age_s"] is not None else "-")
     console.print(t)
     if st.routes:
         short = {"pending": "pend", "retrying": "retry", "failed": "fail",

@@ -62,8 +62,8 @@ def dx(*args: str, env: dict[str, str] | None = None, check: bool = False,
 
 
 @contextmanager
-def relay_thread(config_path: Path) -> Iterator[Relay]:
-    relay = Relay(load_config(config_path), keep_latencies=True)
+def relay_thread(config_path: Path, *, reset_state: bool = False) -> Iterator[Relay]:
+    relay = Relay(load_config(config_path), keep_latencies=True, reset_state=reset_state)
     errors: list[BaseException] = []
 
     def run() -> None:
