@@ -31,6 +31,8 @@ def producer_config(config: DxConfig) -> dict[str, Any]:
         # Java clients' default partitioner, so keys land where Kafka Connect/Streams expect.
         "partitioner": "murmur2_random",
         "message.timeout.ms": 60_000,
+        # the relay learns of failures from the one callback; successes need no Python call
+        "delivery.report.only.error": True,
     })
     if config.relay.mode == "exactly-once":
         conf["transactional.id"] = f"dx-relay-{config.relay.name}"

@@ -92,6 +92,7 @@ class Relay:
         self.eos = config.relay.mode == "exactly-once"
         self.reset_state = reset_state
         self._errors: list[tuple[Record | None, KafkaError]] = []
+        self._batch: list[Record] = []  # the records being produced (for error reports)
         self._system_id = 0
         self._producer: Producer | None = None
         self._txn_failed = False
@@ -374,9 +375,14 @@ class Relay:
         return (state.mode == "logical") == (self._epoch is not None) and \
             state.cursor >= new_cursor
 
-    def _on_delivery(self, rec: Record | None, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._errors.append((rec, err))
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        """One callback for every record (the producer reports only failures): the failed
+        record is looked up in the batch then, instead of a closure made per record."""
+        if err is None:
+            return
+        rec = next((r for r in self._batch if r.topic == msg.topic() and r.key == msg.key()
+                    and r.value == msg.value()), None)
+        self._errors.append((rec, err))
 
     def _too_large(self, rec: Record) -> OutboxRowError:
         row = rec.row
@@ -389,6 +395,7 @@ class Relay:
     def _produce_all(self, records: list[Record]) -> None:
         producer = self._producer
         assert producer is not None
+        self._batch = records
         # one span per batch; without an OpenTelemetry SDK it is a no-op and adds no headers
         with _TRACER.start_as_current_span("dx.relay.batch"):
             trace_headers = tracing.inject()
@@ -398,7 +405,7 @@ class Relay:
                     try:
                         producer.produce(rec.topic, value=rec.value, key=rec.key,
                                          headers=headers,
-                                         on_delivery=functools.partial(self._on_delivery, rec))
+                                         on_delivery=self._on_delivery)
                         break
                     except BufferError:
                         producer.poll(0.05)
@@ -442,7 +449,7 @@ class Relay:
             topic, key, value = kafka.state_record(self.config, new_cursor, self._system_id,
                                                    self._epoch)
             producer.produce(topic, key=key, value=value,
-                             on_delivery=functools.partial(self._on_delivery, None))
+                             on_delivery=self._on_delivery)
             producer.flush(60)
             self._check_delivered(0)
             producer.commit_transaction(60)
