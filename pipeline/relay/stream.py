@@ -44,6 +44,7 @@ from pipeline.db import json_loads_exact, redact
 from pipeline.errors import CatalogError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.relay import pgoutput
 from pipeline.relay.encoder import EVENT_ID_NAMESPACE
+from pipeline.relay.envelope import uuid5_text
 from pipeline.relay.reader import Cursor, OutboxRow
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,9 @@ class LogicalStream:
         self._confirmed = 0
         self._ids = self._event_ids()
 
-    def _event_ids(self) -> Callable[[int, int], uuid.UUID]:
-        ns = uuid.uuid5(EVENT_ID_NAMESPACE, f"slot:{self.epoch}")
-        return lambda lsn, n: uuid.uuid5(ns, f"{lsn}:{n}")
+    def _event_ids(self) -> Callable[[int, int], str]:
+        ns = uuid.uuid5(EVENT_ID_NAMESPACE, f"slot:{self.epoch}").bytes
+        return lambda lsn, n: uuid5_text(ns, f"{lsn}:{n}")
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class LogicalStream:
 
     def _emit(self, rows: list[OutboxRow], entity: str, version: int, op: str, key: Any,
               before: Any, after: Any, origin: str | None, *,
-              event_id: uuid.UUID | None = None, event_type: str | None = None) -> None:
+              event_id: uuid.UUID | str | None = None, event_type: str | None = None) -> None:
         self._ord += 1
         cursor = Cursor(self._lsn, self._ord)
         if cursor <= self.skip_upto:
