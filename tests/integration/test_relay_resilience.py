@@ -41,19 +41,26 @@ def _setup(stack: Any, pg_db: str, prefix: str, tmp_path: Path, mode: str,
     return cfg
 
 
-def _writer(url: str, stop: threading.Event, committed: list[tuple[int, int]]) -> None:
-    """Single-row transactions on 50 keys; records (key, v) of every commit, in commit order
-    per key (one writer, so per-key order is the order of this list)."""
-    rnd = random.Random(11)
-    with psycopg.connect(url, autocommit=True) as conn:
-        n = 0
+def _writer(url: str, stop: threading.Event, committed: list[tuple[int, int]],
+            seed: int = 11, keys: range = range(1, 51)) -> None:
+    """Two-row transactions on this writer's own keys, committing late (younger transactions
+    of other writers overtake them) and rolling back one in five; records (key, v) of every
+    commit in commit order (per key, only this writer writes it)."""
+    rnd = random.Random(seed)
+    with psycopg.connect(url) as conn:
+        n = seed * 1_000_000
         while not stop.is_set():
-            key = rnd.randint(1, 50)
+            pair = rnd.sample(keys, 2)
             n += 1
-            conn.execute("INSERT INTO items (id, v) VALUES (%s, %s) "
-                         "ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", (key, n))
-            committed.append((key, n))
-            time.sleep(0.002)
+            for key in pair:
+                conn.execute("INSERT INTO items (id, v) VALUES (%s, %s) "
+                             "ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", (key, n))
+                time.sleep(rnd.random() * 0.003)
+            if rnd.random() < 0.2:
+                conn.rollback()
+                continue
+            conn.commit()
+            committed.extend((key, n) for key in pair)
 
 
 def _wait_drained(url: str, timeout_s: float = 90) -> None:
@@ -88,13 +95,17 @@ def test_kill_9_under_load(stack: Any, pg_db: str, topic_prefix: str, tmp_path: 
     cfg = _setup(stack, pg_db, topic_prefix, tmp_path, mode, capture_mode)
     committed: list[tuple[int, int]] = []
     stop = threading.Event()
-    w = threading.Thread(target=_writer, args=(pg_db, stop, committed))
-    w.start()
+    writers = [threading.Thread(target=_writer, args=(pg_db, stop, committed, i + 1,
+                                                      range(1 + 20 * i, 21 + 20 * i)))
+               for i in range(3)]
+    for w in writers:
+        w.start()
     try:
         _kill_and_restart(cfg, pg_db, rounds=4)
     finally:
         stop.set()
-        w.join()
+        for w in writers:
+            w.join()
     proc = start_relay_process(cfg)
     try:
         _wait_drained(pg_db)
