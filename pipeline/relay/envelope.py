@@ -43,12 +43,15 @@ _DOUBLE = struct.Struct("<d").pack
 
 
 def _long(n: int) -> bytes:
+    """Avro long: zigzag, then base-128 varint."""
     n = (n << 1) ^ (n >> 63)
     if n < 128:
         return _SMALL[n]
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
+    if n < 16384:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    out = []
+    while n > 127:
+        out.append(n & 0x7F | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
@@ -56,7 +59,8 @@ def _long(n: int) -> bytes:
 
 def _string(s: str) -> bytes:
     b = s.encode()
-    return _long(len(b)) + b
+    n = len(b)
+    return (_SMALL[n << 1] if n < 64 else _long(n)) + b
 
 
 def _bytes(b: bytes) -> bytes:
@@ -107,22 +111,49 @@ def _type_writer(t: Any) -> Field | None:
     return lambda x: write(prepare(x, t))
 
 
+_INLINE = {"boolean": '(b"\\x01" if x else b"\\x00")', "int": "_long(x)", "long": "_long(x)",
+           "float": "_FLOAT(x)", "double": "_DOUBLE(x)", "string": "_string(x)",
+           "bytes": "_bytes(x)"}
+
+
+def _expression(t: Any, i: int, env: dict[str, Any]) -> str | None:
+    """Python source for the bytes of non-null ``x`` of type ``t`` (helpers go to ``env``)."""
+    if isinstance(t, str):
+        return _INLINE.get(t)
+    if isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"] in _INLINE \
+            and "logicalType" not in t:
+        return _INLINE[t["type"]]
+    writer = _type_writer(t)
+    if writer is None:
+        return None
+    env[f"_w{i}"] = writer
+    return f"_w{i}(x)"
+
+
 def record_writer(schema: Any) -> Field | None:
-    """bytes of one value of the record ``schema``; None when a field type is not covered."""
+    """bytes of one value of the record ``schema``: a function generated for the record, one
+    inline step per field; None when a field type is not covered (fastavro then)."""
     if not isinstance(schema, dict) or schema.get("type") != "record":
         return None
-    fields: list[tuple[str, Field]] = []
-    for f in schema.get("fields", []):
-        w = _type_writer(f["type"])
-        if w is None:
+    env: dict[str, Any] = {"_long": _long, "_string": _string, "_bytes": _bytes,
+                           "_FLOAT": _FLOAT, "_DOUBLE": _DOUBLE}
+    lines = ["def write(value):", "    get = value.get", "    out = []", "    a = out.append"]
+    for i, f in enumerate(schema.get("fields", [])):
+        t = f["type"]
+        nullable = isinstance(t, list) and len(t) == 2 and t[0] == "null"
+        expr = _expression(t[1] if nullable else t, i, env)
+        if expr is None:
             return None
-        fields.append((f["name"], w))
-
-    def write(value: dict[str, Any]) -> bytes:
-        get = value.get
-        return b"".join([w(get(name)) for name, w in fields])
-
-    return write
+        lines.append(f"    x = get({f['name']!r})")
+        if nullable:
+            lines += ["    if x is None:", '        a(b"\\x00")', "    else:",
+                      '        a(b"\\x02")', f"        a({expr})"]
+        else:
+            lines.append(f"    a({expr})")
+    lines.append('    return b"".join(out)')
+    exec(compile("\n".join(lines), f"<dx record writer {schema.get('name')}>", "exec"),  # noqa: S102
+         env)
+    return env["write"]  # type: ignore[no-any-return]
 
 
 def _plain(t: Any) -> Any:
