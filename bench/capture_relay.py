@@ -28,16 +28,34 @@ from pathlib import Path
 
 import psycopg
 from confluent_kafka import Consumer, Producer
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_stack import fresh_db, services  # noqa: E402
+from bench_stack import fresh_db as new_db  # noqa: E402
+from bench_stack import services  # noqa: E402
 
 from pipeline.config.loader import load_config  # noqa: E402
 from pipeline.relay.runner import Relay  # noqa: E402
 
 ROWS = 10_000
+#: databases this run created: dropped at the end, with their replication slots (a slot left
+#: behind keeps WAL and takes one of the server's max_replication_slots)
+CREATED: list[str] = []
+
+
+def fresh_db(admin_url: str) -> str:
+    url = new_db(admin_url)
+    CREATED.append(url)
+    return url
+
+
+def drop_created(admin_url: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        for url in CREATED:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(url.rsplit("/", 1)[1])))
 
 
 def write_config(tmp: Path, env: dict[str, str], db: str, prefix: str, mode: str,
@@ -327,14 +345,21 @@ def main() -> None:
     os.environ.update(env)
     seconds = 5 if args.quick else 15
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        print(f"# dx capture/relay benchmark ({os.cpu_count()} cores)")
-        if "writes" in parts:
-            bench_writes(env, tmp, seconds)
-        if "relay" in parts:
-            bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
-        if "latency" in parts:
-            bench_latency(env, tmp, 2000, seconds)
+        try:
+            run(args, parts, env, seconds, Path(d))
+        finally:
+            drop_created(env["DX_DATABASE_URL"])
+
+
+def run(args: argparse.Namespace, parts: set[str], env: dict[str, str], seconds: int,
+        tmp: Path) -> None:
+    print(f"# dx capture/relay benchmark ({os.cpu_count()} cores)")
+    if "writes" in parts:
+        bench_writes(env, tmp, seconds)
+    if "relay" in parts:
+        bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
+    if "latency" in parts:
+        bench_latency(env, tmp, 2000, seconds)
 
 
 if __name__ == "__main__":

@@ -169,7 +169,15 @@ def ensure_slot(conn: psycopg.Connection[Any]) -> tuple[str, bool]:
     name = current_slot(conn)
     if slot_info(conn) is not None:
         return name, False
-    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+    try:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+    except psycopg.errors.ConfigurationLimitExceeded:
+        raise CatalogError(f"cannot create replication slot {name}: all replication slots are "
+                           "in use; drop an unused one (pg_replication_slots) or raise "
+                           "max_replication_slots (and max_wal_senders)") from None
+    except psycopg.errors.InsufficientPrivilege as err:
+        raise CatalogError(f"cannot create replication slot {name}: {err.diag.message_primary}"
+                           "; the role needs REPLICATION") from None
     conn.execute("INSERT INTO dx.capture_slot (slot_name, epoch) VALUES (%s, %s) "
                  "ON CONFLICT (slot_name) DO UPDATE SET epoch = EXCLUDED.epoch, "
                  "created_at = now(), confirmed_lsn = NULL, confirmed_at = NULL",
