@@ -118,6 +118,9 @@ def capture_install_cmd(config: Path = ConfigOption,
             typer.echo(f"captured {spec.entity} -> {spec.topic} ({kind} trigger, "
                        f"schema v{version}, {len(spec.columns)} columns)")
         if mode == "logical":
+            if logical.slot_info(conn) is None:
+                typer.echo("creating the replication slot (PostgreSQL waits for the "
+                           "transactions running now to finish)")
             slot, created = logical.ensure_slot(conn)
             typer.echo(f"replication slot {slot} {'created' if created else 'in place'}")
         elif logical.drop_slot(conn):
