@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pipeline.errors import SchemaError
 from tests.integration.relay_support import TopicReader, dx, execute, relay_thread, write_config
 
 TYPES = """
@@ -137,3 +138,22 @@ def test_install_status_and_a_lost_slot(stack: Any, pg_db: str, topic_prefix: st
     reader.close()
     assert [(e.key["id"], e.value["op"]) for e in events[1:]  # type: ignore[index]
             ] == [(1, "r"), (2, "r")]
+
+
+def test_an_incompatible_column_change_stops_the_relay_with_one_line(
+        stack: Any, pg_db: str, topic_prefix: str, logical_items: Path) -> None:
+    """A type change arrives as a relation message: a new schema version, checked against the
+    registry like any other; refused, the relay stops there and publishes nothing after it."""
+    reader = TopicReader(stack, f"{topic_prefix}.public.items")
+    execute(pg_db, "INSERT INTO items VALUES (1, 1)")
+    with pytest.raises(SchemaError, match="not compatible"), relay_thread(logical_items):
+        assert len(reader.read(until=1)) == 1
+        execute(pg_db, "ALTER TABLE items ALTER COLUMN v TYPE text",
+                "UPDATE items SET v = 'x' WHERE id = 1")
+        reader.read(until=2, timeout_s=10)
+    assert len(reader.events) == 1
+    reader.close()
+    res = dx("relay", "-c", str(logical_items), timeout=60)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not compatible" in lines[0], lines
