@@ -142,9 +142,12 @@ def install_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -
         for rel in _relations(spec, parts):
             conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(rel))
         if installed_mode(conn) == "trigger":
-            conn.execute(sql.SQL(
-                "CREATE PUBLICATION {} WITH (publish = 'insert, update, delete', "
-                "publish_via_partition_root = true)").format(sql.Identifier(PUBLICATION)))
+            conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(PUBLICATION)))
+        # truncates too: the guard refuses them, but not under session_replication_role =
+        # replica, and the relay must say so rather than let consumers keep the rows
+        conn.execute(sql.SQL(
+            "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate', "
+            "publish_via_partition_root = true)").format(sql.Identifier(PUBLICATION)))
         if not published(conn, spec):
             conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
                 sql.Identifier(PUBLICATION), table))

@@ -133,6 +133,12 @@ def message(buf: bytes) -> tuple[bool, str, bytes]:
     return transactional, prefix, buf[pos + 4:pos + 4 + size]
 
 
+def truncate(buf: bytes) -> list[int]:
+    """Relation ids of a Truncate message."""
+    n = _I32.unpack_from(buf, 1)[0]
+    return [_I32.unpack_from(buf, 6 + 4 * i)[0] for i in range(n)]
+
+
 def lsn_text(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 

@@ -277,7 +277,15 @@ class LogicalStream:
             self._tables[rel.relid] = self.resolver.table(rel)
         elif kind == 0x4D:  # M
             self._message(buf, rows)
-        # Y (type), O (origin), T (truncate: refused by dx's guard) carry nothing for dx
+        elif kind == 0x54:  # T: got past dx's guard (session_replication_role = replica)
+            for relid in pgoutput.truncate(buf):
+                t = self._tables.get(relid)
+                if t is not None:
+                    log.error("relay: %s was truncated at %s (dx's TRUNCATE guard does not fire "
+                              "under session_replication_role = replica): consumers still hold "
+                              "its rows; re-snapshot it ('dx snapshot %s') after deleting them "
+                              "downstream", t.entity, pgoutput.lsn_text(self._lsn), t.entity)
+        # Y (type) and O (origin) carry nothing for dx
 
     def _emit(self, rows: list[OutboxRow], entity: str, version: int, op: str, key: Any,
               before: Any, after: Any, origin: str | None, *,

@@ -37,6 +37,7 @@ def test_begin_commit_message() -> None:
     msg = b"M\x01" + struct.pack(">Q", 9) + b"dx.origin\0" + struct.pack(">I", 3) + b"erp"
     assert pgoutput.message(msg) == (True, "dx.origin", b"erp")
     assert pgoutput.lsn_text(2 ** 32 + 255) == "1/FF"
+    assert pgoutput.truncate(b"T" + struct.pack(">IbII", 2, 0, 7, 8)) == [7, 8]
 
 
 def test_text_values_take_the_form_jsonb_gives_them() -> None:
