@@ -173,3 +173,34 @@ def test_a_truncate_past_the_guard_is_reported(stack: Any, pg_db: str, topic_pre
     reader.close()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "public.items was truncated" in errors[0], errors
+
+
+def test_partitioned_table_under_its_own_name(stack: Any, pg_db: str, topic_prefix: str,
+                                              tmp_path: Path) -> None:
+    """Changes written through a partition arrive as the partitioned table's (the publication
+    publishes via the root); every partition gets REPLICA IDENTITY FULL and the guard."""
+    execute(pg_db, "CREATE TABLE orders (id int, region text, v int, PRIMARY KEY (id, region)) "
+                   "PARTITION BY LIST (region)",
+            "CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu')",
+            "CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us')")
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                       "  - name: orders\n    columns: [id, region, v]\n",
+                       capture_mode="logical")
+    assert dx("capture", "install", "-c", str(cfg)).returncode == 0
+    execute(pg_db, "INSERT INTO orders VALUES (1, 'eu', 1), (2, 'us', 1)",
+            "UPDATE orders_eu SET v = 2 WHERE id = 1")
+    reader = TopicReader(stack, f"{topic_prefix}.public.orders")
+    with relay_thread(cfg):
+        events = reader.read(until=3, settle_s=0.5)
+    reader.close()
+    assert [(e.key["id"], e.value["op"]) for e in events  # type: ignore[index]
+            ] == [(1, "c"), (2, "c"), (1, "u")]
+    assert events[2].value["before"]["v"] == 1  # type: ignore[index]
+    with psycopg.connect(pg_db) as conn:
+        idents = dict(conn.execute("SELECT relname, relreplident FROM pg_class "
+                                   "WHERE relname LIKE 'orders_%%' AND relkind = 'r'"))
+        guarded = {r[0] for r in conn.execute(
+            "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE t.tgname = 'dx_refuse_truncate'")}
+    assert idents == {"orders_eu": "f", "orders_us": "f"}
+    assert guarded == {"orders", "orders_eu", "orders_us"}
