@@ -126,7 +126,8 @@ class CaptureConfig(Base):
         "auto",
         description="logical: read the WAL through a replication slot (no trigger on the write "
         "path); trigger: capture triggers and the dx.outbox table; auto: logical where "
-        "wal_level=logical and the role may replicate, else trigger",
+        "wal_level=logical and the role may replicate, else trigger (the earlier values row "
+        "and statement still mean trigger mode of that kind)",
     )
     trigger: Literal["row", "statement"] = Field(
         "row", description="trigger mode's kind: row triggers, or statement triggers with "
