@@ -27,6 +27,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
+from pipeline.capture import logical
 from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
@@ -70,6 +71,8 @@ class RelayStatus:
     last_delivery_age_s: float | None = None
     open_transactions: list[OpenTransaction] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    capture_mode: str = "trigger"  # as installed (logical: the publication exists)
+    slot: dict[str, Any] | None = None  # logical mode: the replication slot's state
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,7 +158,32 @@ def relay_status(conn: psycopg.Connection[Any], relay_name: str, *,
                            f"({st.committed_not_relayed} committed events not relayed)")
     if st.committed_not_relayed and st.relay_active is None:
         st.problems.append("no relay is active and committed events are waiting")
+    _slot_status(conn, st, backlog_age_s)
     return st
+
+
+def _slot_status(conn: psycopg.Connection[Any], st: RelayStatus, backlog_age_s: float) -> None:
+    """Logical mode: the slot keeps WAL until the relay confirms it; say how much and since
+    when, and that a missing or invalidated slot needs the runbook."""
+    st.capture_mode = logical.installed_mode(conn)
+    if st.capture_mode != "logical":
+        conn.commit()
+        return
+    info = logical.slot_info(conn)
+    conn.commit()
+    if info is None:
+        st.problems.append(f"replication slot {logical.current_slot(conn)} is missing: see the "
+                           "README runbook 'lost replication slot'")
+        return
+    st.slot = asdict(info)
+    if info.lost:
+        st.problems.append(f"replication slot {info.name} was invalidated (WAL it needed is "
+                           "gone): see the README runbook 'lost replication slot'")
+    elif info.unconfirmed_bytes and info.confirmed_age_s is not None \
+            and info.confirmed_age_s > backlog_age_s:
+        st.problems.append(f"replication slot {info.name} not confirmed for "
+                           f"{info.confirmed_age_s:.0f}s; it retains {info.retained_bytes} bytes "
+                           "of WAL (is the relay running?)")
 
 
 # -- routes -------------------------------------------------------------------------------------

@@ -302,6 +302,12 @@ def pg_db(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
     try:
         yield _with_database(stack.database_url, name)
     finally:
+        # a relay a failed test left running still reads the database's replication slot, and
+        # PostgreSQL refuses to drop a database with an active slot (FORCE or not); inactive
+        # slots go with the database
+        admin(sql.SQL("SELECT pg_terminate_backend(active_pid), pg_sleep(0.2) "
+                      "FROM pg_replication_slots WHERE database = {} AND active_pid IS NOT NULL"
+                      ).format(sql.Literal(name)))
         admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 

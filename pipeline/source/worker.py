@@ -42,6 +42,7 @@ from confluent_kafka import (
 )
 
 from pipeline import db
+from pipeline.capture.origin import mark_origin
 from pipeline.config.model import DxConfig
 from pipeline.errors import EventError, ServiceUnavailable, TransientError
 from pipeline.events.wire import registry_client
@@ -358,7 +359,7 @@ class SourceWorker:
         expected = {p: self.expected.get(p) for p in next_offsets}
         try:
             with conn.transaction():
-                conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
+                mark_origin(conn, route.system)
                 offsets.lock_and_check(conn, route.name, route.topic, expected)
                 failures.extend(applier.apply(events))
                 failures.sort(key=lambda f: (f.message.partition, f.message.offset))
@@ -433,7 +434,7 @@ class SourceWorker:
                 attempts[(part, off)] = int(n) + 1
                 out = convert(raw)
                 (events if isinstance(out, Event) else failures).append(out)  # type: ignore[arg-type]
-            conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
+            mark_origin(conn, route.system)
             failures.extend(applier.apply(events))
             failed = {(f.message.partition, f.message.offset) for f in failures}
             self.recorder.record(conn, route.name, failures,
