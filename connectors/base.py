@@ -70,6 +70,10 @@ class Record:
     table: str = ""
     origin: str | None = None
     ts_ms: int | None = None
+    #: the change's per-key monotonic position (text order = change order): a target that
+    #: keeps the last position it applied per key drops a write with a lower one (a request
+    #: that timed out and was applied late, after the next version of the key)
+    position: str | None = None
 
     @property
     def is_delete(self) -> bool:
@@ -129,6 +133,13 @@ class Connector(abc.ABC, Generic[S]):
         """Largest batch ``deliver`` accepts; the route's ``batch_size`` is capped by it."""
         return 1_000
 
+    @property
+    def sends_one_at_a_time(self) -> bool:
+        """True when ``deliver`` sends record by record: the worker then calls it with one
+        record at a time, checking partition ownership and the route's circuit breaker before
+        each (a revoke waits for one request, not for a whole batch)."""
+        return False
+
     @abc.abstractmethod
     def deliver(self, batch: Sequence[Record]) -> list[Outcome]:
         """Send ``batch`` and return one outcome per record, in order.
@@ -147,6 +158,10 @@ class RecordConnector(Connector[S]):
     attempted (the target is probably down; the worker backs off). After a terminal failure the
     remaining records of *other* keys still go.
     """
+
+    @property
+    def sends_one_at_a_time(self) -> bool:
+        return True
 
     @abc.abstractmethod
     def send(self, record: Record) -> Outcome:

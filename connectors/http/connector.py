@@ -33,6 +33,8 @@ from connectors.templating import Part, parse, record_resolver, render
 from pipeline.errors import DxError, TerminalError, TransientError
 from pipeline.observability.logging import redact
 
+#: every request carries the change's per-key position (see ``Record.position``)
+POSITION_HEADER = "Dx-Position"
 _CE_VERB = {"c": "created", "u": "updated", "d": "deleted", "r": "read"}
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 
@@ -144,6 +146,10 @@ class HttpConnector(RecordConnector[HttpSettings]):
     def max_batch(self) -> int:
         return self.settings.bulk.max_batch if self.settings.bulk else 1_000
 
+    @property
+    def sends_one_at_a_time(self) -> bool:
+        return self.settings.bulk is None
+
     def close(self) -> None:
         self.client.close()
 
@@ -185,6 +191,7 @@ class HttpConnector(RecordConnector[HttpSettings]):
             "ce-subject": json.dumps(record.key, sort_keys=True, separators=(",", ":"),
                                      default=str),
             "ce-time": ts.isoformat().replace("+00:00", "Z"),
+            **({"ce-dxposition": record.position} if record.position else {}),
         }
 
     def request_for(self, record: Record) -> httpx.Request:
@@ -197,6 +204,8 @@ class HttpConnector(RecordConnector[HttpSettings]):
         headers = {"Content-Type": "application/json"} if body else {}
         if s.idempotency_header:
             headers[s.idempotency_header] = record.event_id
+        if record.position:
+            headers[POSITION_HEADER] = record.position
         if s.cloudevents:
             headers.update(self._ce_headers(record))
         headers.update(self._auth_headers(body))

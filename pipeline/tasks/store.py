@@ -45,8 +45,11 @@ from pipeline.errors import ServiceUnavailable, TerminalError
 
 log = logging.getLogger(__name__)
 
+#: The one task-status vocabulary (sink and source tasks, the CLI, alerts, status).
 STATUSES = ("pending", "retrying", "failed", "succeeded", "dead", "skipped")
 UNRESOLVED = ("pending", "retrying", "failed", "dead")
+#: tasks that keep their original Kafka message (for a redrive)
+KEEPS_RAW = UNRESOLVED
 
 # Parking (blocked_keys) and redrivable (redrive_candidates, pending_of_key) tasks include a
 # redriven task left ``retrying``/``failed`` by a worker that stopped or died mid-retry: its
@@ -111,7 +114,7 @@ class TaskRow:
     export_log: dict[str, Any] | None = None
     raw_key: bytes | None = None
     raw_value: bytes | None = None
-    raw_headers: list[list[str]] | None = None
+    raw_headers: list[list[str | None]] | None = None
     dlq: dict[str, Any] | None = None
     redrive: bool = False
 
@@ -338,8 +341,33 @@ class TaskStore:
     COLUMNS: LiteralString = ('id, route, topic, partition, "offset", key, event_id, op, '
                               'status, attempts, error, created_at, updated_at')
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, url: str | None = None,
+                 application_name: str = "dx") -> None:
         self.conn = conn
+        self.url = url
+        self.application_name = application_name
+
+    @classmethod
+    def open(cls, url: str, application_name: str) -> TaskStore:
+        """A store that reconnects (:meth:`reconnect`) after its connection was lost."""
+        return cls(connect(url, application_name=application_name), url=url,
+                   application_name=application_name)
+
+    def reconnect(self) -> None:
+        """After a failure: roll back, or open a new connection when the old one is gone (a
+        PostgreSQL restart). Raises ServiceUnavailable while the database is still down."""
+        if not self.conn.closed and not self.conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.rollback()
+                return
+        if self.url is None:
+            return
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
+        self.conn = connect(self.url, application_name=self.application_name)
+
+    def close(self) -> None:
+        self.conn.close()
 
     def find(self, f: TaskFilter) -> list[dict[str, Any]]:
         where, params = f.where()
@@ -430,6 +458,26 @@ class TaskStore:
             "AND NOT EXISTS (SELECT 1 FROM dx.task d WHERE d.route = t.route "
             "AND d.key = t.key AND d.status = 'dead') GROUP BY key ORDER BY min(id)",
             (route, topics, partitions)).fetchall()
+        self.conn.commit()
+        return [str(r[0]) for r in rows]
+
+    def has_dead(self, route: str, key: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM dx.task WHERE route = %s AND key = %s AND status = 'dead' LIMIT 1",
+            (route, key)).fetchone()
+        self.conn.commit()
+        return row is not None
+
+    def unblocked(self, route: str, keys: Sequence[str]) -> list[str]:
+        """Those of ``keys`` (parked in a worker) with no unresolved task left: an operator
+        skipped or purged what held them."""
+        if not keys:
+            return []
+        rows = self.conn.execute(
+            "SELECT k FROM unnest(%s::text[]) k EXCEPT SELECT key FROM dx.task "
+            "WHERE route = %s AND (status IN ('dead', 'pending') "
+            "OR (redrive AND status IN ('retrying', 'failed')))",
+            (list(keys), route)).fetchall()
         self.conn.commit()
         return [str(r[0]) for r in rows]
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from pipeline.sink.worker import OffsetTracker
+from pipeline.sink.offsets import OffsetTracker
 from pipeline.tasks.store import TaskFilter, parse_time
 
 
