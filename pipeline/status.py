@@ -30,6 +30,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
+from pipeline.tasks import health
 
 RouteKind = Literal["sink", "source", "unconfigured"]
 #: Task statuses in the order ``dx status`` shows them (dead last, it is what needs a person).
@@ -385,6 +386,12 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
             st.problems.append(f"{st.kafka_error}; consumer lag unknown")
     for r in routes:
         st.problems.extend(route_problems(r, limits))
+    down = health.read(conn)  # a sink worker's circuit breaker: "target down since ..."
+    for r in routes:
+        h = down.get(r.name)
+        if r.kind == "sink" and h is not None and h.target_down:
+            r.note = f"{r.note}; {h.text()}" if r.note else h.text()
+            st.problems.append(f"route {r.name} (sink): {h.text()}")
     return st
 
 
