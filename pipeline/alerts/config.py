@@ -49,6 +49,7 @@ class RulesConfig(_Base):
     dead_tasks: int | None = Field(1, ge=1, description="dead tasks of one route, at least")
     backlog_age_s: float | None = Field(300, gt=0, description="oldest outbox row, seconds")
     consumer_lag: int | None = Field(None, ge=1, description="messages behind, per sink route")
+    target_down: bool = Field(True, description="a sink route paused by its circuit breaker")
 
 
 class AlertsConfig(_Base):

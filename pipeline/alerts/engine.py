@@ -21,6 +21,7 @@ from pipeline.alerts.notify import Channel, EmailChannel, WebhookChannel
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import DxError
+from pipeline.tasks import health
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,14 @@ class AlertEngine:
                     "failure_rate", route, total >= fr.min_tasks and rate >= fr.threshold,
                     f"route {route}: {rate:.1%} of {total} tasks failing in the last "
                     f"{fr.window_s:g}s (threshold {fr.threshold:.1%})"))
+        if rules.target_down:
+            down = health.read(conn)
+            for route in routes:
+                h = down.get(route)
+                obs.append(Observation(
+                    "target_down", route, h is not None and h.target_down,
+                    f"route {route}: {h.text()}; deliveries paused, probing"
+                    if h is not None and h.target_down else f"route {route}: target answers"))
         if rules.backlog_age_s is not None:
             a = self._backlog_age(conn) or 0.0  # no outbox (yet) or empty: no backlog
             obs.append(Observation("backlog_age", "outbox", a >= rules.backlog_age_s,
