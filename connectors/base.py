@@ -116,6 +116,10 @@ class Connector(abc.ABC, Generic[S]):
     #: the settings model validated from dx.yaml (``connector:`` block)
     settings_model: ClassVar[type[ConnectorSettings]]
 
+    #: whether outcomes of successful deliveries carry ``request``/``response`` (the worker
+    #: turns it off unless the route's task log keeps them): building them costs per record
+    log_successes: bool = True
+
     def __init__(self, settings: S, *, route: str) -> None:
         self.settings = settings
         self.route = route

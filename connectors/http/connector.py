@@ -238,7 +238,6 @@ class HttpConnector(RecordConnector[HttpSettings]):
         deadline = started + s.timeout_s
         request.extensions["timeout"] = httpx.Timeout(
             s.timeout_s, connect=min(s.connect_timeout_s, s.timeout_s)).as_dict()
-        logged = _describe(request)
         chunks: list[bytes] = []
         try:
             resp = self.client.send(request, stream=True)
@@ -251,15 +250,17 @@ class HttpConnector(RecordConnector[HttpSettings]):
                 resp.close()
         except httpx.TimeoutException as err:
             return Outcome.failed(TransientError(f"timeout: {type(err).__name__}"),
-                                  request=logged)
+                                  request=_describe(request))
         except httpx.HTTPError as err:
             return Outcome.failed(TransientError(f"connection error: {type(err).__name__}: "
-                                                 f"{err}"), request=logged)
+                                                 f"{err}"), request=_describe(request))
         elapsed = (time.perf_counter() - started) * 1000
         text = b"".join(chunks).decode(resp.encoding or "utf-8", "replace")
         error = self.classify(resp.status_code, resp.headers, text)
-        return Outcome(error=error, request=logged, status=resp.status_code, response=text,
-                       elapsed_ms=elapsed)
+        if error is None and not self.log_successes:
+            return Outcome(status=resp.status_code, elapsed_ms=elapsed)
+        return Outcome(error=error, request=_describe(request), status=resp.status_code,
+                       response=text, elapsed_ms=elapsed)
 
     def classify(self, status: int, headers: httpx.Headers, text: str) -> DxError | None:
         if 200 <= status < 300 or status in self.settings.ok_statuses:

@@ -61,6 +61,13 @@ class OffsetTracker:
             for tp in tps:
                 self.committed[(tp.topic, tp.partition)] = tp.offset
 
+    def unmark_committed(self, tps: Sequence[TopicPartition]) -> None:
+        """An asynchronous commit failed: commit these again next time."""
+        with self.lock:
+            for tp in tps:
+                if self.committed.get((tp.topic, tp.partition)) == tp.offset:
+                    del self.committed[(tp.topic, tp.partition)]
+
     def committed_offset(self, topic: str, partition: int) -> int | None:
         """The offset this worker last committed for the partition (None: none yet)."""
         with self.lock:

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 import zlib
 from typing import Any
 
-import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connectors import registry
@@ -56,6 +56,7 @@ from pipeline.observability.server import WorkerServer
 from pipeline.sink.breaker import Breaker
 from pipeline.sink.deadletter import DeadLetters
 from pipeline.sink.decode import Decoder, Undecodable
+from pipeline.sink.housekeeping import Housekeeper
 from pipeline.sink.lane import STOP, Lane
 from pipeline.sink.mapping import RouteLogic
 from pipeline.sink.offsets import OffsetTracker
@@ -66,6 +67,8 @@ from pipeline.tasks import health
 from pipeline.tasks.store import TaskStore, TaskWriter, ensure_schema
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0005
 
 __all__ = ["SinkStats", "SinkWorker", "find_route", "kafka_conf"]
 
@@ -118,7 +121,7 @@ class SinkWorker:
         self.batch_size = self.route.batch_size
         self.assigned = threading.Event()
         self.paused: set[tuple[str, int]] = set()  # partitions paused at the memory bound
-        self._health_version = 0
+        self.housekeeper: Housekeeper
 
     @property
     def stats(self) -> SinkStats:
@@ -156,6 +159,7 @@ class SinkWorker:
         self.decoder = Decoder(registry_client(sr.url, auth), sr.url)
         self.connector = registry.create(self.route.connector, route=self.route.name)
         self.batch_size = max(1, min(self.route.batch_size, self.connector.max_batch))
+        self.connector.log_successes = self.route.log.detail == "full"
         try:
             self.connector.open()
         except ConfigError:
@@ -171,7 +175,7 @@ class SinkWorker:
             **conf, "group.id": self.route.consumer_group, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
-            "client.id": f"dx-sink-{self.route.name}",
+            "client.id": f"dx-sink-{self.route.name}", "on_commit": self._committed,
         }, logger=KAFKA_LOG)
         try:
             md = consumer.list_topics(timeout=10)
@@ -194,6 +198,11 @@ class SinkWorker:
                            overhead=self.overhead)
                       for i in range(self.route.concurrency)]
         self._load_parked()
+        self.housekeeper = Housekeeper(
+            self.route, self.db_url, self.breaker, self.stop, owned=self.ownership.owned,
+            parked=lambda: [k for lane in self.lanes for k in list(lane.blocked)],
+            redrive=lambda k: self.lane_for(k).request_redrive(k),
+            redrive_poll_s=self.redrive_poll_s, purge_interval_s=self.purge_interval_s)
         return consumer
 
     def _load_parked(self) -> None:
@@ -216,6 +225,10 @@ class SinkWorker:
     # -- run -------------------------------------------------------------------------------------
 
     def run(self) -> SinkStats:
+        # a lane woken by new work waits for the GIL at most this long (default 5 ms): the
+        # consume -> send overhead of a task, at its tail, is mostly this wait
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         consumer = self._open()
         self.writer.start()
         for lane in self.lanes:
@@ -276,48 +289,33 @@ class SinkWorker:
                            on_revoke=self._on_revoke, on_lost=self._on_revoke)
         self.server.set_ready(False, "waiting for a partition assignment")
         next_commit = time.monotonic() + self.commit_interval_s
-        next_redrive = time.monotonic()
-        next_purge = time.monotonic() + 5
-        next_lag = next_health = time.monotonic()
-        last_busy = time.monotonic()
-        store = TaskStore.open(self.db_url, "dx-sink")
-        try:
-            while not self.stop.is_set():
-                self.server.heartbeat()
-                msgs = self._consume(consumer)
-                for msg in msgs:
-                    self._dispatch(msg)
-                inflight = self.tracker.outstanding()
-                if msgs or inflight:
-                    last_busy = time.monotonic()
-                elif (self.stop_when_idle_s is not None and self.assigned.is_set()
-                      and time.monotonic() - last_busy > self.stop_when_idle_s):
-                    log.info("route %s idle for %.1fs; stopping", self.route.name,
-                             self.stop_when_idle_s)
-                    break
-                self._bound_memory(consumer)
-                now = time.monotonic()
-                if now >= next_commit:
-                    self._commit(consumer)
-                    next_commit = now + self.commit_interval_s
-                if now >= next_redrive:
-                    self._with_store(store, self._poll_redrives)
-                    next_redrive = now + self.redrive_poll_s
-                if now >= next_purge:
-                    self._with_store(store, self._purge)
-                    next_purge = now + self.purge_interval_s
-                if now >= next_lag:
-                    self._report_lag(consumer)
-                    next_lag = now + self.lag_interval_s
-                if now >= next_health or self.breaker.version != self._health_version:
-                    self._with_store(store, self._publish_health)
-                    next_health = now + 30
-                if self.writer.fatal is not None:
-                    raise self.writer.failure()
-                if self.writer.error is not None:
-                    log.warning("task store unavailable: %s", self.writer.error)
-        finally:
-            store.close()
+        next_lag = last_busy = time.monotonic()
+        self.housekeeper.start()
+        while not self.stop.is_set():
+            self.server.heartbeat()
+            msgs = self._consume(consumer)
+            for msg in msgs:
+                self._dispatch(msg)
+            inflight = self.tracker.outstanding()
+            if msgs or inflight:
+                last_busy = time.monotonic()
+            elif (self.stop_when_idle_s is not None and self.assigned.is_set()
+                  and time.monotonic() - last_busy > self.stop_when_idle_s):
+                log.info("route %s idle for %.1fs; stopping", self.route.name,
+                         self.stop_when_idle_s)
+                break
+            self._bound_memory(consumer)
+            now = time.monotonic()
+            if now >= next_commit:
+                self._commit(consumer, wait=False)
+                next_commit = now + self.commit_interval_s
+            if now >= next_lag:
+                self._report_lag(consumer)
+                next_lag = now + self.lag_interval_s
+            if self.writer.fatal is not None:
+                raise self.writer.failure()
+            if self.writer.error is not None:
+                log.warning("task store unavailable: %s", self.writer.error)
 
     def _bound_memory(self, consumer: Consumer) -> None:
         """Pause a partition whose unfinished events reach ``max_unfinished``; resume at half."""
@@ -362,51 +360,30 @@ class SinkWorker:
                     consumed_at=time.monotonic())
         self.lane_for(ktext).inbox.put(work)
 
-    def _commit(self, consumer: Consumer) -> None:
+    def _commit(self, consumer: Consumer, *, wait: bool = True) -> None:
+        """Commit what is finished; in the loop without waiting for the broker (a failed
+        asynchronous commit is forgotten by ``_committed`` and retried next time)."""
         tps = self.tracker.committable()
         if not tps:
             return
         try:
-            consumer.commit(offsets=tps, asynchronous=False)
+            if wait:
+                consumer.commit(offsets=tps, asynchronous=False)
+            else:
+                consumer.commit(offsets=tps, asynchronous=True)
             self.tracker.mark_committed(tps)
         except KafkaException as err:
             log.warning("offset commit failed (will retry): %s", err)
+
+    def _committed(self, err: KafkaError | None, tps: list[TopicPartition]) -> None:
+        if err is not None:
+            log.warning("offset commit failed (will retry): %s", err)
+            self.tracker.unmark_committed(tps)
 
     def _report_lag(self, consumer: Consumer) -> None:
         """``dx_consumer_lag_messages`` against the offsets this worker committed."""
         report_lag(consumer, self.metrics, [(t, p, self.tracker.committed_offset(t, p))
                                             for t, p in self.ownership.owned()])
-
-    # -- periodic task-store work (reconnects after a PostgreSQL restart) ------------------------
-
-    def _with_store(self, store: TaskStore, action: Any) -> None:
-        try:
-            action(store)
-        except (DxError, psycopg.Error) as err:
-            log.warning("route %s: task store: %s", self.route.name, err)
-            try:
-                store.reconnect()
-            except DxError as again:
-                log.warning("route %s: task store still unavailable: %s", self.route.name, again)
-
-    def _purge(self, store: TaskStore) -> None:
-        """Retention: drop this route's succeeded/skipped tasks older than log.retention_days."""
-        n = store.purge(older_than_days=self.route.log.retention_days, route=self.route.name)
-        if n:
-            log.info("route %s: purged %d old tasks", self.route.name, n)
-
-    def _poll_redrives(self, store: TaskStore) -> None:
-        """Hand keys whose dead task was retried or skipped to their lane."""
-        keys = set(store.redrive_candidates(self.route.name, self.owned()))
-        parked = [k for lane in self.lanes for k in list(lane.blocked)]
-        keys.update(store.unblocked(self.route.name, parked))
-        for k in keys:
-            self.lane_for(k).request_redrive(k)
-
-    def _publish_health(self, store: TaskStore) -> None:
-        state = self.breaker.state()
-        health.publish(store.conn, self.route.name, state.open, state.since, state.error)
-        self._health_version = self.breaker.version
 
     def _shutdown(self, consumer: Consumer) -> None:
         self.stop.set()
@@ -416,6 +393,8 @@ class SinkWorker:
         deadline = time.monotonic() + 30.0
         for lane in self.lanes:
             lane.join(max(0.1, deadline - time.monotonic()))
+        if self.housekeeper.is_alive():
+            self.housekeeper.join(10)
         try:
             self.writer.flush(30)
             self._commit(consumer)
