@@ -18,6 +18,7 @@ lane to redrive the key: its pending tasks go through the same queue, in order).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import queue
@@ -27,6 +28,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+import psycopg
 
 from connectors.base import NOT_ATTEMPTED, Backpressure, Connector, Outcome, Record
 from pipeline.config.sinks import SinkRoute
@@ -452,11 +455,17 @@ class Lane(threading.Thread):
         self.redrive_queued.discard(key)
         if key in self.redriving:
             return
-        self.writer.flush()
-        rows = self.store.pending_of_key(self.route.name, key, self.ownership.owned())
-        if not rows:
-            if not self.store.has_dead(self.route.name, key):
-                self.blocked.discard(key)
+        try:
+            self.writer.flush()
+            rows = self.store.pending_of_key(self.route.name, key, self.ownership.owned())
+            if not rows:
+                if not self.store.has_dead(self.route.name, key):
+                    self.blocked.discard(key)
+                return
+        except (DxError, psycopg.Error) as err:  # the next redrive poll asks again
+            log.warning("route %s: redrive of key %s postponed: %s", self.route.name, key, err)
+            with contextlib.suppress(DxError):
+                self.store.reconnect()
             return
         works = []
         for r in rows:
