@@ -21,7 +21,6 @@ record carries ``event_id``, which connectors pass to the target as an idempoten
 from __future__ import annotations
 
 import abc
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import DxError, TerminalError, TransientError
+from pipeline.tasks.keys import key_text
 
 
 class ConnectorSettings(BaseModel):
@@ -195,11 +195,6 @@ class RecordConnector(Connector[S]):
                 if outcome.error.transient:
                     stop = True
         return outcomes
-
-
-def key_text(key: dict[str, Any]) -> str:
-    """Canonical text of a key: the same key always gives the same text (task store, lanes)."""
-    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
 
 
 __all__ = ["NOT_ATTEMPTED", "Backpressure", "Connector", "ConnectorSettings", "Outcome",

@@ -56,6 +56,7 @@ from pipeline.source.catalog import Target, find_route, read_target
 from pipeline.source.decode import AvroDecoder
 from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
+from pipeline.tasks.headers import decode_headers
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +430,7 @@ class SourceWorker:
                 raw = RawMessage(topic=topic, partition=part, offset=off,
                                  key=None if key is None else bytes(key),
                                  value=None if value is None else bytes(value),
-                                 headers=tuple((h[0], h[1].encode()) for h in headers or ()))
+                                 headers=tuple(decode_headers(headers)))
                 attempts[(part, off)] = int(n) + 1
                 out = convert(raw)
                 (events if isinstance(out, Event) else failures).append(out)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, LiteralString
+from typing import Any, Literal, LiteralString, get_args
 
 import psycopg
 from psycopg import sql
@@ -42,11 +42,13 @@ from psycopg.types.json import Jsonb
 
 from pipeline.db import connect
 from pipeline.errors import ServiceUnavailable, TerminalError
+from pipeline.tasks.keys import key_match
 
 log = logging.getLogger(__name__)
 
 #: The one task-status vocabulary (sink and source tasks, the CLI, alerts, status).
-STATUSES = ("pending", "retrying", "failed", "succeeded", "dead", "skipped")
+TaskStatus = Literal["pending", "retrying", "failed", "succeeded", "dead", "skipped"]
+STATUSES: tuple[TaskStatus, ...] = get_args(TaskStatus)
 UNRESOLVED = ("pending", "retrying", "failed", "dead")
 #: tasks that keep their original Kafka message (for a redrive)
 KEEPS_RAW = UNRESOLVED
@@ -321,8 +323,9 @@ class TaskFilter:
             clauses.append(sql.SQL("route = %s"))
             params.append(self.route)
         if self.key:
-            clauses.append(sql.SQL("key = %s"))
-            params.append(self.key)
+            cond, args = key_match(self.key)
+            clauses.append(cond)
+            params.extend(args)
         if self.since:
             clauses.append(sql.SQL("updated_at >= %s"))
             params.append(parse_time(self.since))
