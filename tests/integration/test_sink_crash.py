@@ -203,9 +203,9 @@ def test_poison_input_is_dead_with_its_coordinates_and_the_worker_keeps_going(
         by_offset = {r["offset"]: r for r in rows}
         assert [by_offset[o]["status"] for o in range(6)] == [
             "succeeded", "dead", "dead", "dead", "pending", "succeeded"]
-        assert by_offset[1]["error"].startswith(f"{topic}[0]@1: undecodable bytes")
-        assert by_offset[2]["error"] == (f"{topic}[0]@2: unknown schema id 987654321 "
-                                         "(not in the registry)")
+        assert by_offset[1]["error"].startswith(f"{topic}[0]@1: undecodable")
+        assert by_offset[2]["error"] == (f"{topic}[0]@2: schema id 987654321 "
+                                         "is not in the registry")
         assert by_offset[3]["error"].startswith(f"{topic}[0]@3: mapping n: cannot convert "
                                                 "'twelve' to int")
         assert by_offset[3]["event_id"] == bad_map["event_id"]
