@@ -1,10 +1,5 @@
-"""The dead-letter producer of a sink route: the original message plus ``dx.dlq.*`` headers.
-
-Header vocabulary (documented once, in the README's "Dead letters" section): ``dx.dlq.route``,
-``dx.dlq.error``, ``dx.dlq.error.class`` (``terminal:<Type>`` / ``transient:<Type>``),
-``dx.dlq.topic``, ``dx.dlq.partition``, ``dx.dlq.offset``, ``dx.dlq.attempts``, ``dx.dlq.ts_ms``;
-for a copy too large for Kafka also ``dx.dlq.truncated`` and ``dx.dlq.original_bytes``.
-"""
+"""The dead-letter producer of a sink route: the original message plus the ``dx.dlq.*``
+headers of :mod:`pipeline.events.deadletter` (the one vocabulary, shared with source routes)."""
 
 from __future__ import annotations
 
@@ -17,6 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from pipeline.errors import DxError, ServiceUnavailable
+from pipeline.events.deadletter import dead_letter_headers, truncated_headers
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.sink.work import Work
 
@@ -27,14 +23,9 @@ KafkaHeaders = list[tuple[str, str | bytes | None]]
 
 def dlq_headers(route: str, w: Work, reason: str, err: DxError) -> KafkaHeaders:
     kind = "transient" if err.transient else "terminal"
-    return [("dx.dlq.route", route.encode()),
-            ("dx.dlq.error", reason.encode()[:4000]),
-            ("dx.dlq.error.class", f"{kind}:{type(err).__name__}".encode()),
-            ("dx.dlq.topic", w.topic.encode()),
-            ("dx.dlq.partition", str(w.partition).encode()),
-            ("dx.dlq.offset", str(w.offset).encode()),
-            ("dx.dlq.attempts", str(w.attempts).encode()),
-            ("dx.dlq.ts_ms", str(int(time.time() * 1000)).encode())]
+    return list[tuple[str, str | bytes | None]](dead_letter_headers(
+        route=route, topic=w.topic, partition=w.partition, offset=w.offset, error=reason,
+        error_class=f"{kind}:{type(err).__name__}", attempts=w.attempts))
 
 
 class DeadLetters:
@@ -86,8 +77,7 @@ class DeadLetters:
             key = w.raw_key if len(w.raw_key or b"") <= 4096 else None
             value = (f"[dx: value truncated, {len(w.raw_value)} bytes; the original is in the "
                      f"task store]").encode()
-            headers = [*own, *dx_headers, ("dx.dlq.truncated", b"true"),
-                       ("dx.dlq.original_bytes", str(size).encode())]
+            headers = [*own, *dx_headers, *truncated_headers(size)]
             truncated = True
             return True
 

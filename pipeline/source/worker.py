@@ -44,6 +44,7 @@ from confluent_kafka import (
 from pipeline import db
 from pipeline.config.model import DxConfig
 from pipeline.errors import EventError, ServiceUnavailable, TransientError
+from pipeline.events.deadletter import dead_letter_headers
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
 from pipeline.observability.lag import report_lag
@@ -463,14 +464,9 @@ class SourceWorker:
 
         for f in dead:
             m = f.message
-            headers: list[tuple[str, str | bytes | None]] = [*m.headers,
-                       ("dx.route", self.route.name.encode()),
-                       ("dx.error.reason", f.reason.encode()),
-                       ("dx.source.topic", m.topic.encode()),
-                       ("dx.source.partition", str(m.partition).encode()),
-                       ("dx.source.offset", str(m.offset).encode())]
-            if f.field:
-                headers.append(("dx.error.field", f.field.encode()))
+            headers: list[tuple[str, str | bytes | None]] = [*m.headers, *dead_letter_headers(
+                route=self.route.name, topic=m.topic, partition=m.partition, offset=m.offset,
+                error=f.reason, error_class="terminal:Rejected", field=f.field)]
             producer.produce(self.route.dlq_topic, key=m.key, value=m.value, headers=headers,
                              on_delivery=delivered)
         left = producer.flush(30)
