@@ -85,7 +85,7 @@ class Breaker:
                     log.warning("route %s: target answers again; resuming", self.route)
                 return True
             self.failures += 1
-            self.last_error = error
+            self.last_error = error or self.last_error
             if self.first_failure is None:
                 self.first_failure = time.time()
             if self.is_open:
