@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -195,6 +195,23 @@ class RecordConnector(Connector[S]):
                 if outcome.error.transient:
                     stop = True
         return outcomes
+
+
+def one_by_one(batch: Sequence[Record], attempt: Callable[[Record], Outcome]) -> list[Outcome]:
+    """Replay a batch record by record (after the whole batch failed on a data error, to find
+    the culprit): a record after a failed record of its key is not attempted."""
+    outcomes: list[Outcome] = []
+    failed: set[str] = set()
+    for r in batch:
+        k = key_text(r.key)
+        if k in failed:
+            outcomes.append(Outcome.failed(NOT_ATTEMPTED))
+            continue
+        outcome = attempt(r)
+        outcomes.append(outcome)
+        if outcome.error is not None:
+            failed.add(k)
+    return outcomes
 
 
 __all__ = ["NOT_ATTEMPTED", "Backpressure", "Connector", "ConnectorSettings", "Outcome",
