@@ -42,9 +42,10 @@ from pipeline.sink.decode import Decoder
 from pipeline.sink.mapping import MappingError, RouteLogic, jsonable
 from pipeline.sink.ownership import Ownership
 from pipeline.sink.recorder import Recorder
-from pipeline.sink.work import Work
+from pipeline.sink.work import Work, position
 from pipeline.tasks.headers import decode_headers
-from pipeline.tasks.store import TaskStore, TaskWriter
+from pipeline.tasks.store import TaskStore
+from pipeline.tasks.writer import TaskWriter
 
 log = logging.getLogger(__name__)
 
@@ -491,20 +492,3 @@ class Lane(threading.Thread):
         if w.status in ("succeeded", "skipped") and not self.stop.is_set():
             self._redrive(key)
 
-
-def position(w: Work) -> str:
-    """The event's per-key monotonic position, for targets that drop stale writes (compare as
-    text: a later change of a key has a greater position). From the change's source position
-    (``source.sequence``: the commit sequence and outbox id, or a WAL position), zero-padded;
-    without one, from the Kafka offset (a key always lives in one partition of its topic)."""
-    source = (w.event.value.get("source") if w.event is not None else None) or {}
-    seq = str(source.get("sequence") or "")
-    parts = seq.replace("/", ":").split(":") if seq else []
-    try:
-        if "/" in seq:  # a WAL position: hex high/low words
-            return f"{(int(parts[0], 16) << 32) + int(parts[1], 16):020d}"
-        if parts and all(p.isdigit() for p in parts):
-            return "-".join(f"{int(p):020d}" for p in parts)
-    except (ValueError, IndexError):
-        pass
-    return f"k{w.partition:05d}-{w.offset:020d}"

@@ -16,7 +16,8 @@ from pipeline.sink.offsets import OffsetTracker
 from pipeline.sink.ownership import Ownership
 from pipeline.sink.work import Work
 from pipeline.tasks.headers import encode_headers
-from pipeline.tasks.store import KEEPS_RAW, TaskRow, TaskWriter
+from pipeline.tasks.store import KEEPS_RAW, TaskRow
+from pipeline.tasks.writer import TaskWriter
 
 #: verdicts after which Kafka must redeliver the event (its offset stays unfinished)
 UNDECIDED = ("retrying", "failed")

@@ -64,3 +64,21 @@ def message_headers(msg: Message) -> list[tuple[str, bytes | None]]:
     for k, v in raw:
         out.append((k, v.encode() if isinstance(v, str) else v))
     return out
+
+
+def position(w: Work) -> str:
+    """The event's per-key monotonic position, for targets that drop stale writes (compare as
+    text: a later change of a key has a greater position). From the change's source position
+    (``source.sequence``: the commit sequence and outbox id, or a WAL position), zero-padded;
+    without one, from the Kafka offset (a key always lives in one partition of its topic)."""
+    source = (w.event.value.get("source") if w.event is not None else None) or {}
+    seq = str(source.get("sequence") or "")
+    parts = seq.replace("/", ":").split(":") if seq else []
+    try:
+        if "/" in seq:  # a WAL position: hex high/low words
+            return f"{(int(parts[0], 16) << 32) + int(parts[1], 16):020d}"
+        if parts and all(p.isdigit() for p in parts):
+            return "-".join(f"{int(p):020d}" for p in parts)
+    except (ValueError, IndexError):
+        pass
+    return f"k{w.partition:05d}-{w.offset:020d}"

@@ -64,7 +64,8 @@ from pipeline.sink.ownership import Ownership
 from pipeline.sink.recorder import Recorder, SinkStats
 from pipeline.sink.work import Work, message_headers
 from pipeline.tasks import health
-from pipeline.tasks.store import TaskStore, TaskWriter, ensure_schema
+from pipeline.tasks.store import TaskStore, ensure_schema
+from pipeline.tasks.writer import TaskWriter
 
 log = logging.getLogger(__name__)
 

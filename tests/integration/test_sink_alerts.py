@@ -15,7 +15,8 @@ from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.engine import AlertEngine
 from pipeline.config.loader import load_config
 from pipeline.db import connect
-from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, TaskWriter, ensure_schema
+from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, ensure_schema
+from pipeline.tasks.writer import TaskWriter
 from tests.integration.test_sink_support import (
     EventProducer,
     Resp,

@@ -7,9 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.sink.lane import position
 from pipeline.sink.mapping import Event
-from pipeline.sink.work import Work
+from pipeline.sink.work import Work, position
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "demo"))
 import pim
