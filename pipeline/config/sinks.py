@@ -309,7 +309,8 @@ class SinkRoute(_Base):
     max_unfinished: int = Field(
         10_000, ge=10, le=1_000_000,
         description="events of one partition held in memory unfinished (queued, waiting for a "
-        "retry or for an earlier event of their key); at the bound the partition pauses")
+        "retry or for an earlier event of their key); at the bound the partition pauses until "
+        "half are done (checked after each fetch of up to 500 events)")
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     log: TaskLogConfig = Field(default_factory=TaskLogConfig)
 

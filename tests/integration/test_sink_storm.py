@@ -152,3 +152,42 @@ def test_a_target_down_longer_than_the_retry_budget_pauses_alerts_and_resumes(
     assert {k: v[:4] for k, v in accepted.items()} == {k: [0, 1, 2, 3] for k in range(5)}
     wait_for(lambda: {r["status"] for r in tasks(pg_db, "down")} == {"succeeded"}, 30,
              what="all tasks succeeded")
+
+
+def test_a_partition_pauses_at_its_memory_bound_while_the_others_flow(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """A key waiting out a long retry holds its later events in memory: at ``max_unfinished``
+    its partition pauses (and resumes when they are done); other partitions keep flowing."""
+    from tests.integration.test_sink_rebalance import send
+
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic, partitions=2)
+    up = threading.Event()
+
+    def script(r: Req, n: int) -> Resp:
+        return Resp(503) if r.json["id"] == 1 and not up.is_set() else Resp(200)
+
+    with target(script) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, f"""
+  - name: bound
+    topics: [{topic}]
+    max_unfinished: 10
+    retry: {{max_attempts: 1000, backoff_base_s: 0.2, backoff_max_s: 0.5}}
+    breaker: {{enabled: false}}
+    connector: {{type: http, url: "{srv.url}/items/{{$key.id}}"}}
+""")
+        prod = EventProducer(stack, topic, topic_prefix)
+        for seq in range(30):
+            send(prod, 1, 0, seq)
+            send(prod, 2, 1, seq)
+        prod.flush()
+        with sink_thread(cfg, "bound") as worker:
+            wait_for(lambda: (topic, 0) in worker.paused, 30, what="partition 0 to pause")
+            wait_for(lambda: len(ok_in_order(srv.received())[2]) == 30, 30,
+                     what="partition 1 to flow meanwhile")
+            assert (topic, 1) not in worker.paused
+            up.set()
+            wait_for(lambda: len(ok_in_order(srv.received())[1]) >= 30, 30,
+                     what="the waiting key's events")
+            wait_for(lambda: not worker.paused, 10, what="partition 0 to resume")
+    assert ok_in_order(srv.received())[1][:30] == list(range(30))
