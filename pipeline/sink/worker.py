@@ -11,6 +11,7 @@ Who does what (one file each)::
     recorder.py   task rows; an offset is finished once its task row is durable
     breaker.py    the route's circuit breaker (target down: pause, probe, resume)
     deadletter.py the dead-letter producer
+    housekeeping.py  redrive polls, retention purge, breaker state in dx.route_health
 
 Guarantees:
 
