@@ -31,6 +31,7 @@ from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.tasks import health
+from pipeline.tasks.store import TaskStore
 
 RouteKind = Literal["sink", "source", "unconfigured"]
 #: Task statuses in the order ``dx status`` shows them (dead last, it is what needs a person).
@@ -236,15 +237,7 @@ def incoming(conn: psycopg.Connection[Any]) -> dict[str, list[IncomingStatus]]:
 
 def task_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
     """Tasks by route and status ({} when the task table does not exist yet)."""
-    if not table_exists(conn, "dx.task"):
-        conn.commit()
-        return {}
-    out: dict[str, dict[str, int]] = {}
-    for route, status, n in conn.execute(
-            "SELECT route, status, count(*) FROM dx.task GROUP BY route, status"):
-        out.setdefault(str(route), {})[str(status)] = int(n)
-    conn.commit()
-    return out
+    return TaskStore(conn).counts_by_route()
 
 
 def source_offsets(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, int], int]:

@@ -23,6 +23,7 @@ from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import DxError, TransientError
 from pipeline.tasks import health
+from pipeline.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,11 @@ class AlertEngine:
         sinks = [r.name for r in self.config.sinks]
         routes = sinks + [r.name for r in self.config.sources]
         obs: list[Observation] = []
-        has_tasks = conn.execute("SELECT to_regclass('dx.task')").fetchone() != (None,)
+        store = TaskStore(conn)
+        has_tasks = store.exists()
         if rules.dead_tasks is not None and has_tasks:
-            dead = dict(conn.execute(
-                "SELECT route, count(*) FROM dx.task WHERE status = 'dead' GROUP BY route"
-            ).fetchall())
-            for route in sorted(set(routes) | set(dead)):
+            dead = {r: c.get("dead", 0) for r, c in store.counts_by_route().items()}
+            for route in sorted(set(routes) | {r for r, n in dead.items() if n}):
                 n = int(dead.get(route, 0))
                 firing = n >= rules.dead_tasks
                 obs.append(Observation(
@@ -104,10 +104,7 @@ class AlertEngine:
         if rules.failure_rate is not None and has_tasks:
             # sink routes only: source workers record failures, not every success
             fr = rules.failure_rate
-            stats = {r: (int(bad), int(total)) for r, bad, total in conn.execute(
-                "SELECT route, count(*) FILTER (WHERE status IN ('dead', 'failed', 'retrying')),"
-                " count(*) FROM dx.task WHERE updated_at > now() - make_interval(secs => %s) "
-                "GROUP BY route", (fr.window_s,)).fetchall()}
+            stats = store.failing_in_window(fr.window_s)
             for route in sinks:
                 bad, total = stats.get(route, (0, 0))
                 rate = bad / total if total else 0.0
@@ -149,10 +146,9 @@ class AlertEngine:
 
     def _first(self, conn: psycopg.Connection[Any], route: str,
                statuses: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
-        rows = conn.execute(
-            "SELECT id, key, error FROM dx.task WHERE route = %s AND status = ANY(%s) "
-            "ORDER BY id LIMIT %s", (route, list(statuses), FIRST_TASKS)).fetchall()
-        return tuple({"id": int(i), "key": k, "reason": (e or "")[:300]} for i, k, e in rows)
+        rows = TaskStore(conn).first(route, statuses, FIRST_TASKS)
+        return tuple({"id": int(r["id"]), "key": r["key"], "reason": (r["error"] or "")[:300]}
+                     for r in rows)
 
     def _lag(self, conn: psycopg.Connection[Any]) -> list[Any]:
         """Lag of every sink and source route, the way ``dx status`` counts it."""

@@ -274,6 +274,44 @@ class TaskStore:
         rows = self.conn.execute(sql + " GROUP BY status", params).fetchall()
         return {str(s): int(n) for s, n in rows}
 
+    # -- what status and alerts read ---------------------------------------------------------
+
+    def exists(self) -> bool:
+        """Whether ``dx.task`` exists yet (no worker or ``dx init`` ran: nothing to read)."""
+        found = self.conn.execute("SELECT to_regclass('dx.task')").fetchone() != (None,)
+        self.conn.commit()
+        return found
+
+    def counts_by_route(self) -> dict[str, dict[str, int]]:
+        """Tasks by route and status ({} when the task table does not exist yet)."""
+        if not self.exists():
+            return {}
+        out: dict[str, dict[str, int]] = {}
+        for route, status, n in self.conn.execute(
+                "SELECT route, status, count(*) FROM dx.task GROUP BY route, status"):
+            out.setdefault(str(route), {})[str(status)] = int(n)
+        self.conn.commit()
+        return out
+
+    def failing_in_window(self, window_s: float) -> dict[str, tuple[int, int]]:
+        """Per route: (tasks not succeeding, all tasks) updated in the last ``window_s``."""
+        rows = self.conn.execute(
+            "SELECT route, count(*) FILTER (WHERE status IN ('dead', 'failed', 'retrying')), "
+            "count(*) FROM dx.task WHERE updated_at > now() - make_interval(secs => %s) "
+            "GROUP BY route", (window_s,)).fetchall()
+        self.conn.commit()
+        return {str(r): (int(bad), int(total)) for r, bad, total in rows}
+
+    def first(self, route: str, statuses: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """The oldest ``limit`` tasks of ``route`` in ``statuses``: id, key, error."""
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute("SELECT id, key, error FROM dx.task WHERE route = %s "
+                        "AND status = ANY(%s) ORDER BY id LIMIT %s",
+                        (route, list(statuses), limit))
+            rows = list(cur.fetchall())
+        self.conn.commit()
+        return rows
+
     def retry(self, f: TaskFilter) -> list[int]:
         """Queue dead/failed tasks for redelivery by the route's worker (in key order: the
         worker redrives each key's tasks by id). Returns the ids queued."""
