@@ -58,6 +58,7 @@ from pipeline.source.decode import AvroDecoder
 from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
 from pipeline.tasks.headers import decode_headers
+from pipeline.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -417,11 +418,7 @@ class SourceWorker:
         redriven event overwrites newer data of its key, as the operator asked."""
         route = self.route
         with conn.transaction():
-            rows = conn.execute(
-                'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
-                "raw_headers FROM dx.task WHERE route = %s AND status = 'pending' AND redrive "
-                "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (route.name, route.batch_size)).fetchall()
+            rows = TaskStore(conn).lock_redrivable(route.name, route.batch_size)
             if not rows:
                 return False
             events: list[Event] = []
@@ -442,10 +439,7 @@ class SourceWorker:
                                  attempts=[attempts[(f.message.partition, f.message.offset)]
                                            for f in failures])
             ok = [r[0] for r in rows if (r[2], r[3]) not in failed]
-            conn.execute(
-                "UPDATE dx.task SET status = 'succeeded', redrive = false, error = NULL, "
-                "attempts = attempts + 1, raw_key = NULL, raw_value = NULL, raw_headers = NULL, "
-                "updated_at = now() WHERE id = ANY(%s)", (ok,))
+            TaskStore(conn).mark_redriven(ok)
             self._dead_letter(producer, failures)
         self.stats.add(len(rows), failures)
         log.info("route %s: redrove %d tasks, %d failed again", route.name, len(rows),

@@ -375,6 +375,22 @@ class TaskStore:
         self.conn.commit()
         return [str(r[0]) for r in rows]
 
+    def lock_redrivable(self, route: str, limit: int) -> list[tuple[Any, ...]]:
+        """Source routes: up to ``limit`` tasks queued by ``dx tasks retry``, oldest first,
+        locked in the caller's transaction (another worker skips them): id, topic, partition,
+        offset, attempts, raw_key, raw_value, raw_headers."""
+        return self.conn.execute(
+            'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
+            "raw_headers FROM dx.task WHERE route = %s AND status = 'pending' AND redrive "
+            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (route, limit)).fetchall()
+
+    def mark_redriven(self, ids: Sequence[int]) -> None:
+        """Source routes: redriven tasks applied, in the caller's transaction."""
+        self.conn.execute(
+            "UPDATE dx.task SET status = 'succeeded', redrive = false, error = NULL, "
+            "attempts = attempts + 1, raw_key = NULL, raw_value = NULL, raw_headers = NULL, "
+            "updated_at = now() WHERE id = ANY(%s)", (list(ids),))
+
     def has_dead(self, route: str, key: str) -> bool:
         row = self.conn.execute(
             "SELECT 1 FROM dx.task WHERE route = %s AND key = %s AND status = 'dead' LIMIT 1",
