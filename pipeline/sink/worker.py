@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -96,8 +97,14 @@ class SinkWorker:
     def __init__(self, config: DxConfig, route_name: str, *, keep_overheads: bool = False,
                  commit_interval_s: float = 0.5, redrive_poll_s: float = 1.0,
                  stop_when_idle_s: float | None = None, purge_interval_s: float = 3600,
-                 server: WorkerServer | None = None, lag_interval_s: float = 2.0) -> None:
+                 server: WorkerServer | None = None, lag_interval_s: float = 2.0,
+                 paused: Callable[[], bool] | None = None) -> None:
+        """``paused``: polled every loop (cache it): while it says True the worker consumes
+        nothing (its partitions stay assigned and keep their place; work already taken
+        finishes) — an operator's route pause."""
         self.config = config
+        self.operator_paused = paused
+        self._held_by_operator = False
         self.server = server if server is not None else WorkerServer(0)
         self.lag_interval_s = lag_interval_s
         self.index, self.route = find_route(config, route_name)
@@ -246,6 +253,8 @@ class SinkWorker:
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self.ownership.assign((p.topic, p.partition) for p in parts)
+        if self._held_by_operator:  # a partition that arrives while the route is paused
+            consumer.pause(parts)
         try:
             self._load_parked()
         except DxError as err:
@@ -295,6 +304,7 @@ class SinkWorker:
         self.housekeeper.start()
         while not self.stop.is_set():
             self.server.heartbeat()
+            self._operator_pause(consumer)
             msgs = self._consume(consumer)
             for msg in msgs:
                 self._dispatch(msg)
@@ -324,7 +334,8 @@ class SinkWorker:
         limit = self.route.max_unfinished
         counts = self.tracker.unfinished()
         full = [tp for tp, n in counts.items() if n >= limit and tp not in self.paused]
-        calm = [tp for tp in self.paused if counts.get(tp, 0) <= limit // 2]
+        calm = [tp for tp in self.paused if counts.get(tp, 0) <= limit // 2
+                and not self._held_by_operator]
         if full:
             log.warning("route %s: %s holds %d unfinished events; pausing it until half are "
                         "done", self.route.name, ", ".join(f"{t}[{p}]" for t, p in full), limit)
@@ -335,6 +346,29 @@ class SinkWorker:
             with contextlib.suppress(KafkaException):
                 consumer.resume([TopicPartition(t, p) for t, p in calm])
                 self.paused.difference_update(calm)
+
+    def _operator_pause(self, consumer: Consumer) -> None:
+        """Pause or resume the whole assignment when the operator's pause changes (partitions
+        paused at the memory bound stay paused)."""
+        if self.operator_paused is None:
+            return
+        want = self.operator_paused()
+        if want == self._held_by_operator:
+            return
+        tps = [TopicPartition(t, p) for t, p in self.ownership.owned()
+               if want or (t, p) not in self.paused]
+        try:
+            if want:
+                consumer.pause(tps)
+            else:
+                consumer.resume(tps)
+        except KafkaException as err:
+            log.warning("route %s: could not %s: %s", self.route.name,
+                        "pause" if want else "resume", err)
+            return
+        self._held_by_operator = want
+        log.warning("route %s %s by the operator", self.route.name,
+                    "paused" if want else "resumed")
 
     def _dispatch(self, msg: Message) -> None:
         err = msg.error()
