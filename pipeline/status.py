@@ -31,6 +31,8 @@ from pipeline.capture import logical
 from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
+from pipeline.tasks import health
+from pipeline.tasks.store import TaskStore
 
 RouteKind = Literal["sink", "source", "unconfigured"]
 #: Task statuses in the order ``dx status`` shows them (dead last, it is what needs a person).
@@ -263,15 +265,7 @@ def incoming(conn: psycopg.Connection[Any]) -> dict[str, list[IncomingStatus]]:
 
 def task_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
     """Tasks by route and status ({} when the task table does not exist yet)."""
-    if not table_exists(conn, "dx.task"):
-        conn.commit()
-        return {}
-    out: dict[str, dict[str, int]] = {}
-    for route, status, n in conn.execute(
-            "SELECT route, status, count(*) FROM dx.task GROUP BY route, status"):
-        out.setdefault(str(route), {})[str(status)] = int(n)
-    conn.commit()
-    return out
+    return TaskStore(conn).counts_by_route()
 
 
 def source_offsets(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, int], int]:
@@ -459,6 +453,12 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
             st.problems.append(f"{st.kafka_error}; consumer lag unknown")
     for r in routes:
         st.problems.extend(route_problems(r, limits))
+    down = health.read(conn)  # a sink worker's circuit breaker: "target down since ..."
+    for r in routes:
+        h = down.get(r.name)
+        if r.kind == "sink" and h is not None and h.target_down:
+            r.note = f"{r.note}; {h.text()}" if r.note else h.text()
+            st.problems.append(f"route {r.name} (sink): {h.text()}")
     return st
 
 

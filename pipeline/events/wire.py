@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,60 @@ def decode_header(data: bytes) -> int:
     if len(data) < 5 or data[0] != MAGIC:
         raise ValueError("not Confluent wire format (magic byte 0 + 4-byte schema id)")
     return int(struct.unpack(">I", data[1:5])[0])
+
+
+class Undecodable(ValueError):
+    """Bytes that are not a decodable Confluent-framed Avro message (poison: the caller names
+    topic, partition and offset, and dead-letters it)."""
+
+
+class WireDecoder:
+    """The one Confluent wire-format Avro decoder (sink and source workers): writer schemas are
+    looked up by the id in the frame and cached for the life of the worker. Thread-safe.
+
+    A message that cannot be decoded raises :class:`Undecodable`; a registry that cannot be
+    reached raises :class:`~pipeline.errors.ServiceUnavailable` (wait and retry: dead-lettering
+    a good event because the registry blinked would be wrong)."""
+
+    def __init__(self, client: SchemaRegistryClient, url: str) -> None:
+        self.client = client
+        self.url = url
+        self._schemas: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def _schema(self, schema_id: int) -> Any:
+        hit = self._schemas.get(schema_id)
+        if hit is not None:
+            return hit
+        with self._lock:
+            try:
+                sch = self.client.get_schema(schema_id)
+            except SchemaRegistryError as err:
+                if err.http_status_code in (404, 422):
+                    raise Undecodable(f"schema id {schema_id} is not in the registry") from None
+                raise ServiceUnavailable("schema registry", self.url, str(err)) from None
+            except Exception as err:  # connection errors from the registry client
+                raise ServiceUnavailable("schema registry", self.url,
+                                         f"{type(err).__name__}: {err}") from None
+            try:
+                parsed = fastavro.parse_schema(json.loads(sch.schema_str or ""))
+            except Exception as err:
+                raise Undecodable(f"schema id {schema_id} is not an Avro schema: {err}"
+                                  ) from None
+            self._schemas[schema_id] = parsed
+            return parsed
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            schema_id = decode_header(data)
+        except ValueError as err:
+            raise Undecodable(f"undecodable: {err}") from None
+        schema = self._schema(schema_id)
+        try:
+            return fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
+        except Exception as err:
+            raise Undecodable(f"undecodable: not Avro of schema id {schema_id} "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def registry_client(url: str, basic_auth_user_info: str | None = None) -> SchemaRegistryClient:
