@@ -20,6 +20,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from pipeline.errors import SchemaError, ServiceUnavailable
+from pipeline.events.avro import Converter, python_values
 from pipeline.observability.logging import redact
 
 MAGIC = 0
@@ -65,10 +66,10 @@ class WireDecoder:
     def __init__(self, client: SchemaRegistryClient, url: str) -> None:
         self.client = client
         self.url = url
-        self._schemas: dict[int, Any] = {}
+        self._schemas: dict[int, tuple[Any, Converter | None]] = {}
         self._lock = threading.Lock()
 
-    def _schema(self, schema_id: int) -> Any:
+    def _schema(self, schema_id: int) -> tuple[Any, Converter | None]:
         hit = self._schemas.get(schema_id)
         if hit is not None:
             return hit
@@ -83,7 +84,10 @@ class WireDecoder:
                 raise ServiceUnavailable("schema registry", self.url,
                                          f"{type(err).__name__}: {err}") from None
             try:
-                parsed = fastavro.parse_schema(json.loads(sch.schema_str or ""))
+                raw = json.loads(sch.schema_str or "")
+                # Debezium's representations (timestamptz, unconstrained numeric, interval) are
+                # turned back into Python values here, so every reader sees the same values.
+                parsed = (fastavro.parse_schema(raw), python_values(raw))
             except Exception as err:
                 raise Undecodable(f"schema id {schema_id} is not an Avro schema: {err}"
                                   ) from None
@@ -95,9 +99,10 @@ class WireDecoder:
             schema_id = decode_header(data)
         except ValueError as err:
             raise Undecodable(f"undecodable: {err}") from None
-        schema = self._schema(schema_id)
+        schema, to_python = self._schema(schema_id)
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
+            datum = fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
+            return datum if to_python is None else to_python(datum)
         except Exception as err:
             raise Undecodable(f"undecodable: not Avro of schema id {schema_id} "
                               f"({type(err).__name__}: {err})") from None

@@ -7,6 +7,7 @@ compatibility and registered the first time a row of that version appears.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import uuid
@@ -44,6 +45,13 @@ class _Entity:
     convert_key: Callable[[dict[str, Any]], dict[str, Any]]
     write_value: Writer | None = None  # the fast envelope writer, when the shape is known
     write_key: Callable[[dict[str, Any]], bytes] | None = None  # likewise for the key
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _micros(at: datetime.datetime) -> int:
+    return (at - _EPOCH) // datetime.timedelta(microseconds=1)
 
 
 class Encoder:
@@ -121,9 +129,12 @@ class Encoder:
                 "table": spec.table,
                 "txId": row.xid,
                 "sequence": f"{row.seq}:{row.id}",
+                "ts_us": _micros(row.committed_at),
+                "lsn": getattr(row, "lsn", None),
             },
             "op": row.op,
             "ts_ms": int(time.time() * 1000),
+            "ts_us": time.time_ns() // 1000,
             "event_id": event_id,
             "origin": row.origin,
         }
