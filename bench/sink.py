@@ -40,7 +40,7 @@ from tests.integration.test_sink_support import (
 
 
 class Stack:
-    database_url = os.environ.get("DX_DATABASE_URL", "postgresql://dx:dx@127.0.0.1:55432/dx")
+    database_url = os.environ.get("DX_DATABASE_URL", "postgresql://shop:shop@127.0.0.1:55432/dx")
     kafka_bootstrap = os.environ.get("DX_KAFKA_BOOTSTRAP", "127.0.0.1:59092")
     schema_registry_url = os.environ.get("DX_SCHEMA_REGISTRY_URL",
                                          "http://127.0.0.1:58081/apis/ccompat/v7")

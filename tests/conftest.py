@@ -44,7 +44,7 @@ ENV_VARS = ("DX_DATABASE_URL", "DX_KAFKA_BOOTSTRAP", "DX_SCHEMA_REGISTRY_URL")
 
 @dataclass(frozen=True)
 class Stack:
-    database_url: str  # postgresql://dx:dx@host:port/dx (a superuser: tests create databases)
+    database_url: str  # postgresql://shop:shop@host:port/dx (a superuser: tests create databases)
     kafka_bootstrap: str  # host:port
     schema_registry_url: str  # Confluent-compatible API root, e.g. http://host:port/apis/ccompat/v7
 
@@ -143,8 +143,8 @@ class _containers:
 
         pg = (
             DockerContainer(POSTGRES_IMAGE)
-            .with_env("POSTGRES_USER", "dx")
-            .with_env("POSTGRES_PASSWORD", "dx")
+            .with_env("POSTGRES_USER", "shop")
+            .with_env("POSTGRES_PASSWORD", "shop")
             .with_env("POSTGRES_DB", "dx")
             .with_command(
                 "postgres -c wal_level=logical -c max_connections=200 -c fsync=off "
@@ -156,7 +156,7 @@ class _containers:
         )
         self._started.append(pg.start())
         host = pg.get_container_host_ip()
-        database_url = f"postgresql://dx:dx@{host}:{pg.get_exposed_port(5432)}/dx"
+        database_url = f"postgresql://shop:shop@{host}:{pg.get_exposed_port(5432)}/dx"
 
         def pg_ready() -> bool:
             with psycopg.connect(database_url, connect_timeout=3, autocommit=True) as conn:
@@ -227,8 +227,8 @@ def _registry_env(jdbc_url: str) -> dict[str, str]:
         "APICURIO_STORAGE_KIND": "sql",
         "APICURIO_STORAGE_SQL_KIND": "postgresql",
         "APICURIO_DATASOURCE_URL": jdbc_url,
-        "APICURIO_DATASOURCE_USERNAME": "dx",
-        "APICURIO_DATASOURCE_PASSWORD": "dx",
+        "APICURIO_DATASOURCE_USERNAME": "shop",
+        "APICURIO_DATASOURCE_PASSWORD": "shop",
         "APICURIO_RULES_GLOBAL_COMPATIBILITY": "BACKWARD",
         "APICURIO_REST_DELETION_ARTIFACT_ENABLED": "true",
         "APICURIO_REST_DELETION_ARTIFACT_VERSION_ENABLED": "true",
