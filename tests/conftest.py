@@ -2,7 +2,9 @@
 
 Where the services come from, first match wins:
 1. DX_DATABASE_URL, DX_KAFKA_BOOTSTRAP and DX_SCHEMA_REGISTRY_URL, when all three are set;
-2. containers started with testcontainers, when a Docker engine answers;
+2. containers started with testcontainers, when asked (DX_TEST_CONTAINERS=1) or when a Docker
+   engine answers and already holds the three images: an engine alone is not enough, since no
+   registry may be reachable to pull them (tests/integration/test_image.py starts an engine);
 3. `deploy/local/stack up` (PostgreSQL from Debian, Kafka and Apicurio from Maven Central), which
    stays running after the session so the next run starts in a second.
 
@@ -64,20 +66,25 @@ def stack() -> Iterator[Stack]:
     if all(values):
         yield Stack(*values)
         return
-    if _docker_answers():
+    if _use_containers():
         with _containers() as started:
             yield started
         return
     yield _local_stack()
 
 
-def _docker_answers() -> bool:
+def _use_containers() -> bool:
+    asked = os.environ.get("DX_TEST_CONTAINERS", "")
+    if asked:
+        return asked not in ("0", "false", "no")
     if os.environ.get("DX_TEST_NO_DOCKER"):
         return False
     try:
         from testcontainers.core.docker_client import DockerClient
 
-        DockerClient().client.ping()
+        images = DockerClient().client.images
+        for ref in (POSTGRES_IMAGE, KAFKA_IMAGE, REGISTRY_IMAGE):
+            images.get(ref)  # raises when the image is not there
     except Exception:
         return False
     return True
