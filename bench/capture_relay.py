@@ -245,7 +245,10 @@ def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> No
             relay.terminate()
             relay.wait(30)
         lat.sort()
-        p = lambda q, lat=lat: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+
+        def p(q: float, lat: list[float] = lat) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))]
+
         print(f"| {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | {len(lat):,} |")
 
 
