@@ -3,12 +3,12 @@
 The image is built (tests/integration/image_support.py: the engine and base image come from
 Debian packages when no registry can be reached) and its containers exchange rows both ways
 with the real stack: `dx init` and `dx capture install` as one-shot containers, then a relay, a
-sink worker (change topic -> a table through the postgres connector) and a source worker (a
-JSON inbound topic -> the captured table) side by side. Every container runs as k8s asks:
-read-only root filesystem, all capabilities dropped, no privilege escalation, uid 10001, a
-writable /tmp only. Each worker's /readyz answers 200 before rows flow; `docker stop` (SIGTERM)
-ends each one with exit code 0, and nothing is lost: every row on both sides, no failed task,
-an empty outbox.
+sink worker (change topic -> a table through the postgres connector), a source worker (a JSON
+inbound topic -> the captured table) and the API (a POST -> the captured table) side by side.
+Every container runs as k8s asks: read-only root filesystem, all capabilities dropped, no
+privilege escalation, uid 10001, a writable /tmp only. Each worker's /readyz (the API's
+/-/health) answers 200 before rows flow; `docker stop` (SIGTERM) ends each one with exit code 0,
+and nothing is lost: every row on both sides, no failed task, an empty outbox.
 
 Containers use the host's network (the engine here has no bridge), so they reach the stack on
 127.0.0.1 like any process would; each worker's metrics port is a free one.
@@ -32,6 +32,7 @@ import pytest
 from tests.integration import image_support
 from tests.integration.test_source_support import create_topic, produce
 
+API_KEY = "image-test-key"
 HARDENING = ("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
              "--tmpfs", "/tmp:size=64m", "--network", "host")
 
@@ -91,11 +92,11 @@ class Containers:
         self.names: list[str] = []
         self.ports: dict[str, int] = {}
 
-    def _args(self, metrics_port: int) -> list[str]:
-        return [*HARDENING, "--user", "10001:10001",
-                "-v", f"{self.config}:/etc/dx/dx.yaml:ro",
-                "-e", f"DX_METRICS_PORT={metrics_port}", "-e", "DX_METRICS_HOST=127.0.0.1",
-                "-e", "DX_LOG_LEVEL=INFO"]
+    def _args(self, metrics_port: int, env: dict[str, str] | None = None) -> list[str]:
+        variables = {"DX_METRICS_PORT": str(metrics_port), "DX_METRICS_HOST": "127.0.0.1",
+                     "DX_LOG_LEVEL": "INFO", **(env or {})}
+        return [*HARDENING, "--user", "10001:10001", "-v", f"{self.config}:/etc/dx/dx.yaml:ro",
+                *(arg for k, v in variables.items() for arg in ("-e", f"{k}={v}"))]
 
     def once(self, *command: str) -> str:
         done = self.eng.run("run", "--rm", *self._args(0), self.tag, *command, timeout=180,
@@ -103,12 +104,13 @@ class Containers:
         assert done.returncode == 0, f"dx {' '.join(command)}: {done.stderr.strip()[-2000:]}"
         return done.stdout
 
-    def start(self, role: str, *command: str) -> None:
+    def start(self, role: str, *command: str, env: dict[str, str] | None = None) -> str:
         name = f"dx-test-{role}-{uuid.uuid4().hex[:8]}"
         port = _free_port()
-        self.eng.run("run", "-d", "--name", name, *self._args(port), self.tag, *command)
+        self.eng.run("run", "-d", "--name", name, *self._args(port, env), self.tag, *command)
         self.names.append(name)
         self.ports[name] = port
+        return name
 
     def logs(self) -> str:
         out = []
@@ -162,6 +164,11 @@ sources:
     columns: [id, name, version]
     mode: upsert
     conflict: {{column: version, policy: last-writer-wins}}
+api:
+  keys:
+    - {{id: pim-key, system: pim, secret_env: DX_API_KEY_PIM, scopes: {{products: [read, write]}}}}
+  entities:
+    - {{alias: products, table: public.products, fields: {{id: {{}}, name: {{}}, version: {{}}}}}}
 """)
     config.chmod(0o644)  # the containers' user (uid 10001) reads it
     running = Containers(eng, tag, config)
@@ -185,21 +192,34 @@ def test_containers_exchange_both_ways_and_stop_cleanly(containers: Containers, 
     containers.start("relay", "relay")
     containers.start("sink", "sink", "run", "copy")
     containers.start("source", "source", "run", "inbound")
-    for name, port in containers.ports.items():
+    for name, port in list(containers.ports.items()):
         _wait(f"{name} /readyz", lambda p=port: _status(f"http://127.0.0.1:{p}/readyz") == 200,
               180, containers.logs)
+    api_port = _free_port()
+    containers.start("api", "api", "serve", env={
+        "DX_API_HOST": "127.0.0.1", "DX_API_PORT": str(api_port), "DX_API_KEY_PIM": API_KEY})
+    api = f"http://127.0.0.1:{api_port}"
+    _wait("the API's /-/health", lambda: _status(f"{api}/-/health") == 200, 180,
+          containers.logs)
 
     with psycopg.connect(pg_db, autocommit=True) as conn:
         for i in range(1, 6):  # the shop's side: captured, relayed, delivered by the sink
             conn.execute("INSERT INTO products VALUES (%s, %s, 1)", (i, f"shop {i}"))
     produce(stack, inbound, [({"id": i}, {"id": i, "name": f"pim {i}", "version": 1})
                              for i in range(101, 106)])  # the PIM's side: applied by the source
+    posted = urllib.request.Request(  # and through the API: applied, captured, delivered too
+        f"{api}/products", method="POST", data=json.dumps(
+            {"data": [{"id": 201, "name": "api 201", "version": 1}]}).encode(),
+        headers={"X-Api-Key": API_KEY, "Content-Type": "application/json"})
+    with urllib.request.urlopen(posted, timeout=30) as resp:
+        assert resp.status in (200, 201), resp.read()
 
     def copied() -> list[tuple[Any, ...]]:
         with psycopg.connect(pg_db) as conn:
             return conn.execute("SELECT id, name FROM products_copy ORDER BY id").fetchall()
 
-    expected = [(i, f"shop {i}") for i in range(1, 6)] + [(i, f"pim {i}") for i in range(101, 106)]
+    expected = ([(i, f"shop {i}") for i in range(1, 6)]
+                + [(i, f"pim {i}") for i in range(101, 106)] + [(201, "api 201")])
     _wait("both sides' rows in products_copy", lambda: copied() == expected, 180,
           lambda: f"copied: {copied()}\n{containers.logs()}")
 
