@@ -7,8 +7,8 @@ without running anything: placeholders such as ``ROUTE`` or ``ID`` pass where a 
 an unknown command, an unknown option or an extra argument fails.
 
 Inline spans are usage lines as much as examples, so two pieces of usage notation are read:
-``a\\|b`` (a Markdown table's escaped ``|``) means each alternative, and ``[...]`` marks
-optional parts, which are checked as if given. A placeholder in a command's place
+``a\\|b c`` (a Markdown table's escaped ``|``) means ``a`` or ``b c`` in that place, and ``[...]``
+marks optional parts, which are checked as if given. A placeholder in a command's place
 (``dx COMMAND --help``) stands for every subcommand; ``dx ...`` is prose and skipped.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ DOCS = ("README.md", "CONTRIBUTING.md", "connectors/README.md")
 
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"(?<!`)`(dx(?: [^`]*)?)`(?!`)")
-ALTERNATIVE = "\x00"  # stands for `\|` while a span is split into words
 SHELL_BREAKS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>", "(", ")"}
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -74,17 +72,25 @@ def _inline_commands(path: Path, text: str) -> list[Example]:
     for span in INLINE.finditer(prose):
         command = span.group(1)
         where = f"{path.name}:{prose.count(chr(10), 0, span.start()) + 1}"
-        words = shlex.split(command.replace("\\|", ALTERNATIVE).replace("[", " ").replace("]", " "))
-        # shell redirections and pipes end the dx command (`dx tasks export ... > failed.csv`)
-        for i, word in enumerate(words):
-            if word in SHELL_BREAKS:
-                words = words[:i]
-                break
-        if len(words) > 1 and words[1] == "...":
-            continue
-        for choice in product(*(word.split(ALTERNATIVE) for word in words[1:])):
-            found.append(Example(where, command, tuple(choice)))
+        for variant in _alternatives(command):
+            words = shlex.split(variant.replace("[", " ").replace("]", " "))
+            # shell redirections and pipes end the dx command (`dx tasks export ... > out.csv`)
+            for i, word in enumerate(words):
+                if word in SHELL_BREAKS:
+                    words = words[:i]
+                    break
+            if len(words) > 1 and words[1] == "...":
+                continue
+            found.append(Example(where, command, tuple(words[1:])))
     return found
+
+
+def _alternatives(command: str) -> list[str]:
+    """``dx inbound serve\\|pull ROUTE`` -> ``dx inbound serve``, ``dx inbound pull ROUTE``: each
+    alternative replaces the last word before the first ``\\|`` and runs to the next one."""
+    first, *others = command.split("\\|")
+    prefix = first.split()[:-1]
+    return [first, *(" ".join([*prefix, other.strip()]) for other in others)]
 
 
 def _examples() -> list[Example]:
