@@ -34,7 +34,8 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 METRICS_PORT = 9400
 KUBERNETES_VERSION = "1.29.0"  # the oldest minor the manifests promise to work on
 KUSTOMIZE_MODULE = "sigs.k8s.io/kustomize/kustomize/v5@v5.5.0"
-WORKERS = ["relay:default", "sink:pim-products", "source:pim-inbound"]
+WORKERS = ["relay:default", "sink:pim-products", "source:pim-inbound",
+           "inbound-pull:pim-inbound"]
 
 
 def manifests() -> dict[str, list[dict[str, Any]]]:
@@ -165,8 +166,8 @@ def test_one_image_tag_everywhere() -> None:
 def test_one_deployment_per_role_relay_with_standby() -> None:
     deps = deployments()
     roles = {key.split(":")[0] for key in deps}
-    # TODO(lead): console and inbound roles join here once they are merged.
-    assert roles == {"relay", "sink", "source", "api", "alerts"}
+    # TODO(lead): the console joins here once it is merged.
+    assert roles == {"relay", "sink", "source", "api", "alerts", "inbound", "inbound-pull"}
     relay = deps["relay:default"]
     assert relay["spec"]["replicas"] == 2  # active + hot standby
     rolling = relay["spec"]["strategy"]["rollingUpdate"]
@@ -194,16 +195,25 @@ def hardened_pod(key: str) -> dict[str, Any]:
     return pod
 
 
-def test_api_and_alerts_pods() -> None:
-    api = hardened_pod("api:default")
-    (main,) = api["containers"]
-    assert main["args"] == ["api", "serve"]
+@pytest.mark.parametrize(("key", "args", "env_prefix", "port", "health"), [
+    ("api:default", ["api", "serve"], "DX_API", 8080, "/-/health"),
+    ("inbound:default", ["inbound", "serve"], "DX_INBOUND", 8088, "/healthz"),
+])
+def test_http_servers_have_a_service_and_probes(key: str, args: list[str], env_prefix: str,
+                                                port: int, health: str) -> None:
+    (main,) = hardened_pod(key)["containers"]
+    assert main["args"] == args
     env = {e["name"]: e["value"] for e in main["env"]}
-    assert env["DX_API_HOST"] == "0.0.0.0" and main["ports"][0]["containerPort"] == 8080
+    assert env[f"{env_prefix}_HOST"] == "0.0.0.0" and env[f"{env_prefix}_PORT"] == str(port)
+    assert main["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert main[probe]["httpGet"] == {"path": "/-/health", "port": "http"}
-    (svc,) = [s for s in resources("Service") if s["metadata"]["name"] == "dx-api"]
+        assert main[probe]["httpGet"] == {"path": health, "port": "http"}
+    name = deployments()[key]["metadata"]["name"]
+    (svc,) = [s for s in resources("Service") if s["metadata"]["name"] == name]
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_alerts_pod() -> None:
     alerts = deployments()["alerts:default"]
     assert alerts["spec"]["replicas"] == 1 and alerts["spec"]["strategy"]["type"] == "Recreate"
     assert hardened_pod("alerts:default")["containers"][0]["args"] == ["alerts", "run"]
@@ -263,6 +273,11 @@ def test_configmap_dx_yaml_loads_and_runs_the_deployed_routes(tmp_path: Path) ->
             assert args == ["api", "serve"] and config.api is not None and config.api.entities
         elif args[0] == "alerts":
             assert args == ["alerts", "run"] and config.alerts is not None
+        elif args[:2] == ["inbound", "serve"]:
+            assert any(r.inbound and r.inbound.webhook for r in config.sources)
+        elif args[:2] == ["inbound", "pull"]:
+            (route,) = [r for r in config.sources if r.name == args[2]]
+            assert route.inbound is not None and route.inbound.pull is not None
         else:
             assert args == ["relay"]
 
