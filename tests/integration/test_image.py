@@ -4,11 +4,12 @@ The image is built (tests/integration/image_support.py: the engine and base imag
 Debian packages when no registry can be reached) and its containers exchange rows both ways
 with the real stack: `dx init` and `dx capture install` as one-shot containers, then a relay, a
 sink worker (change topic -> a table through the postgres connector), a source worker (a JSON
-inbound topic -> the captured table) and the API (a POST -> the captured table) side by side.
-Every container runs as k8s asks: read-only root filesystem, all capabilities dropped, no
-privilege escalation, uid 10001, a writable /tmp only. Each worker's /readyz (the API's
-/-/health) answers 200 before rows flow; `docker stop` (SIGTERM) ends each one with exit code 0,
-and nothing is lost: every row on both sides, no failed task, an empty outbox.
+inbound topic -> the captured table), the API (a POST -> the captured table) and the inbound
+webhooks (a POST -> the inbound topic) side by side. Every container runs as k8s asks:
+read-only root filesystem, all capabilities dropped, no privilege escalation, uid 10001, a
+writable /tmp only. Each worker's /readyz (the HTTP servers' health endpoints) answers 200
+before rows flow; `docker stop` (SIGTERM) ends each one with exit code 0, and nothing is lost:
+every row on both sides, no failed task, an empty outbox.
 
 Containers use the host's network (the engine here has no bridge), so they reach the stack on
 127.0.0.1 like any process would; each worker's metrics port is a free one.
@@ -164,6 +165,8 @@ sources:
     columns: [id, name, version]
     mode: upsert
     conflict: {{column: version, policy: last-writer-wins}}
+    inbound:
+      webhook: {{auth: {{kind: bearer, token: "{API_KEY}"}}}}
 api:
   keys:
     - {{id: pim-key, system: pim, secret_env: DX_API_KEY_PIM, scopes: {{products: [read, write]}}}}
@@ -199,8 +202,12 @@ def test_containers_exchange_both_ways_and_stop_cleanly(containers: Containers, 
     containers.start("api", "api", "serve", env={
         "DX_API_HOST": "127.0.0.1", "DX_API_PORT": str(api_port), "DX_API_KEY_PIM": API_KEY})
     api = f"http://127.0.0.1:{api_port}"
-    _wait("the API's /-/health", lambda: _status(f"{api}/-/health") == 200, 180,
-          containers.logs)
+    hooks_port = _free_port()
+    containers.start("inbound", "inbound", "serve", env={
+        "DX_INBOUND_HOST": "127.0.0.1", "DX_INBOUND_PORT": str(hooks_port)})
+    hooks = f"http://127.0.0.1:{hooks_port}"
+    for url in (f"{api}/-/health", f"{hooks}/healthz"):
+        _wait(url, lambda u=url: _status(u) == 200, 180, containers.logs)
 
     with psycopg.connect(pg_db, autocommit=True) as conn:
         for i in range(1, 6):  # the shop's side: captured, relayed, delivered by the sink
@@ -213,13 +220,20 @@ def test_containers_exchange_both_ways_and_stop_cleanly(containers: Containers, 
         headers={"X-Api-Key": API_KEY, "Content-Type": "application/json"})
     with urllib.request.urlopen(posted, timeout=30) as resp:
         assert resp.status in (200, 201), resp.read()
+    hooked = urllib.request.Request(  # and as a webhook: to the topic, applied by the source
+        f"{hooks}/inbound/inbound", method="POST", data=json.dumps(
+            {"id": 301, "name": "hook 301", "version": 1}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(hooked, timeout=30) as resp:
+        assert 200 <= resp.status < 300, resp.read()
 
     def copied() -> list[tuple[Any, ...]]:
         with psycopg.connect(pg_db) as conn:
             return conn.execute("SELECT id, name FROM products_copy ORDER BY id").fetchall()
 
     expected = ([(i, f"shop {i}") for i in range(1, 6)]
-                + [(i, f"pim {i}") for i in range(101, 106)] + [(201, "api 201")])
+                + [(i, f"pim {i}") for i in range(101, 106)] + [(201, "api 201"),
+                                                                 (301, "hook 301")])
     _wait("both sides' rows in products_copy", lambda: copied() == expected, 180,
           lambda: f"copied: {copied()}\n{containers.logs()}")
 
