@@ -30,7 +30,7 @@ from pipeline.capture import logical
 from pipeline.capture.ddl import NOTIFY_CHANNEL
 from pipeline.capture.install import load_spec
 from pipeline.config import DxConfig
-from pipeline.db import connect, redact
+from pipeline.db import connect, unreachable
 from pipeline.errors import (
     OutboxRowError,
     ServiceUnavailable,
@@ -121,9 +121,7 @@ class Relay:
             log.info("relay %s active", self.config.relay.name)
             self._run_active(lease, url, app_name)
         except psycopg.OperationalError as err:
-            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ServiceUnavailable("postgresql", redact(url), f"connection lost: {detail}"
-                                     ) from None
+            raise unreachable(url, err, "connection lost") from None
         finally:
             lease_conn.close()
             self._set_state("stopped")

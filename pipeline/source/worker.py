@@ -197,7 +197,7 @@ class SourceWorker:
             consumer = self._consumer(conn)
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
-            raise ServiceUnavailable("postgresql", db.redact(url), str(err).strip()) from None
+            raise db.unreachable(url, err) from None
         except KafkaException as err:
             raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
                                      str(err)) from None
