@@ -281,7 +281,8 @@ def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> No
         def p(q: float, lat: list[float] = lat) -> float:
             return lat[min(len(lat) - 1, int(q * len(lat)))]
 
-        print(f"| {capture} | {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | {len(lat):,} |")
+        print(f"| {capture} | {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | "
+              f"{len(lat):,} |")
 
 
 def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 import psycopg
+from bench_stack import fresh_db, services
 from confluent_kafka import Consumer
 
-from bench.bench_stack import fresh_db, services
 from pipeline.config.loader import load_config
 from pipeline.sink.worker import SinkWorker
 from tests.integration.test_sink_support import (
