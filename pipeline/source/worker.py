@@ -121,13 +121,14 @@ class SourceWorker:
                  stop_when_idle_s: float | None = None,
                  on_batch: Callable[[int, list[Failure]], None] | None = None,
                  server: WorkerServer | None = None, lag_interval_s: float = 2.0,
-                 accept_retention_gap: bool = False) -> None:
+                 accept_retention_gap: bool = False, accept_topic_reset: bool = False) -> None:
         self.config = config
         self.index, self.route = find_route(config, route_name)
         self.server = server if server is not None else WorkerServer(0)
         self.metrics = METRICS.worker("source", self.route.name)
         self.lag_interval_s = lag_interval_s
         self.accept_retention_gap = accept_retention_gap
+        self.accept_topic_reset = accept_topic_reset
         self.assigned: set[int] = set()  # partitions of the current assignment
         self.stop_when_idle_s = stop_when_idle_s
         self.on_batch = on_batch
@@ -214,24 +215,44 @@ class SourceWorker:
 
     # ---- Kafka ------------------------------------------------------------------------------
 
-    def _check_retention_gap(self, c: Consumer, stored: dict[int, int]) -> None:
-        """A stored offset below the partition's log start means Kafka deleted messages
-        (retention) before they were applied. Kafka would silently resume at the log start;
-        dx stops instead, unless the operator accepted the loss for this run."""
-        topic = self.route.topic
+    def _check_offsets(self, c: Consumer, stored: dict[int, int]) -> dict[int, int]:
+        """Compare each stored offset with the partition's log before resuming there.
+
+        * Below the log start: Kafka deleted messages (retention) before they were applied.
+          Kafka would silently resume at the log start.
+        * Beyond the log end: the topic was re-created, or this is another cluster's copy (a
+          mirror keeps its own offsets). Kafka would silently skip every message below the
+          stored offset (they look like replays), so new messages are never applied.
+
+        dx stops on either, naming the partition, unless the operator accepted it for this run
+        (``--accept-retention-gap`` / ``--accept-topic-reset``). Returns where to resume each
+        accepted partition instead of its stored offset."""
+        topic, name = self.route.topic, self.route.name
+        resume: dict[int, int] = {}
         for partition, offset in sorted(stored.items()):
-            low, _ = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
-                                             cached=False)
-            if offset >= low:
-                continue
-            lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
-            if not self.accept_retention_gap:
-                raise EventError(f"route {self.route.name}: {lost}; restore them from their "
-                                 "source, or accept the loss with 'dx source run "
-                                 f"{self.route.name} --accept-retention-gap'",
-                                 topic=topic, partition=partition, offset=offset)
-            log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
-                        self.route.name, topic, partition, lost, low)
+            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
+                                                cached=False)
+            if offset < low:
+                lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
+                if not self.accept_retention_gap:
+                    raise EventError(f"route {name}: {lost}; restore them from their "
+                                     "source, or accept the loss with 'dx source run "
+                                     f"{name} --accept-retention-gap'",
+                                     topic=topic, partition=partition, offset=offset)
+                log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
+                            name, topic, partition, lost, low)
+            elif offset > high:
+                ahead = (f"the stored offset {offset} (dx.source_offsets) is beyond the "
+                         f"partition's end {high}: the topic was re-created or is another "
+                         "cluster's copy, and messages below the stored offset would be skipped")
+                if not self.accept_topic_reset:
+                    raise EventError(f"route {name}: {ahead}; apply the partition from its "
+                                     f"start with 'dx source run {name} --accept-topic-reset'",
+                                     topic=topic, partition=partition, offset=offset)
+                log.warning("route %s: %s[%d]: %s; applying from its start %d "
+                            "(--accept-topic-reset)", name, topic, partition, ahead, low)
+                resume[partition] = low
+        return resume
 
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
@@ -250,13 +271,14 @@ class SourceWorker:
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
             stored = offsets.load(conn, route.name, route.topic, [p.partition for p in parts])
             conn.rollback()
-            self._check_retention_gap(c, stored)
+            resume = self._check_offsets(c, stored)
             start = OFFSET_BEGINNING if route.start == "earliest" else OFFSET_END
             for p in parts:
                 s = stored.get(p.partition)
-                p.offset = s if s is not None else start
-                self.expected[p.partition] = s
-                self.position[p.partition] = s if s is not None else -1
+                at = resume.get(p.partition, s)
+                p.offset = at if at is not None else start
+                self.expected[p.partition] = s  # the row's value: the batch compares-and-sets it
+                self.position[p.partition] = at if at is not None else -1
             log.info("route %s: assigned %s", route.name,
                      {p.partition: stored.get(p.partition) for p in parts})
             c.assign(parts)
