@@ -39,6 +39,7 @@ from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_cli
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.source.catalog import Column, Target, find_route, read_target
 from pipeline.source.validate import FieldError, RowValidator
+from pipeline.source.worker import ensure_route_topics
 
 _NAMESPACE = uuid.UUID("6f1d3c1e-8a57-4d1e-9c1b-5d0a2b7e4c10")
 Progress = Callable[[int, int], None]  # (rows done, rows total)
@@ -173,6 +174,8 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
     total = count_rows(path)
     result = ImportResult(route=route.name, topic=route.topic)
     encoder = None if dry_run else _Encoder(config, route, target, header, validator)
+    if not dry_run:
+        ensure_route_topics(config, route)
     producer = None if dry_run else Producer({
         "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
         "enable.idempotence": True, "linger.ms": 50, "compression.type": "lz4",

@@ -40,10 +40,13 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from pipeline import db
 from pipeline.config.model import DxConfig
+from pipeline.config.sources import SourceRoute
 from pipeline.errors import EventError, ServiceUnavailable, TransientError
+from pipeline.events.topics import ensure_topics, topic_spec
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
 from pipeline.observability.lag import report_lag
@@ -85,6 +88,16 @@ def kafka_conf(config: DxConfig) -> dict[str, Any]:
     conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
     conf.update(config.kafka.client)
     return conf
+
+
+def ensure_route_topics(config: DxConfig, route: SourceRoute) -> None:
+    """Create the route's inbound and dead-letter topics if missing (never left to broker
+    auto-create: with it off, the first dead letter would stall the route)."""
+    admin = AdminClient(kafka_conf(config), logger=KAFKA_LOG)
+    ensure_topics(admin, [
+        topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
+        topic_spec(config.kafka, route.dlq_topic,
+                   f"dead-letter topic of source route {route.name}")])
 
 
 def _bytes(v: str | bytes | None) -> bytes | None:
@@ -184,6 +197,7 @@ class SourceWorker:
         producer: Producer | None = None
         self.assigned.clear()
         try:
+            ensure_route_topics(self.config, self.route)
             ensure_schema(conn)
             target = read_target(conn, self.config, self.index)
             conn.commit()
@@ -495,7 +509,8 @@ class SourceWorker:
             producer.produce(self.route.dlq_topic, key=m.key, value=m.value, headers=headers,
                              on_delivery=delivered)
         left = producer.flush(30)
-        if left or errors:
-            raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
-                                     f"dead letters to {self.route.dlq_topic} not delivered: "
-                                     f"{errors[0] if errors else f'{left} pending'}")
+        if left or errors:  # the batch rolls back; the reconnect re-creates a deleted topic
+            raise TransientError(f"route {self.route.name}: dead letters to "
+                                 f"{self.route.dlq_topic} not delivered "
+                                 f"({errors[0] if errors else f'{left} pending'}); the batch "
+                                 "is retried")
