@@ -16,14 +16,14 @@ Why it is shaped like this:
   a no-op instead of a ping-pong.
 * **A row PostgreSQL rejects fails alone.** The batch runs in a savepoint; on a data or
   constraint error the key plans are bisected in nested savepoints until the failing key is
-  found, its last event is failed with PostgreSQL's reason and the key is re-planned without it.
+  found, its last event is failed with the reason (in dx's words: PostgreSQL's text can quote
+  columns the route does not expose) and the key is re-planned without it.
   Keys that failed are retried once after everything else (a child row can need a parent that
   was in the other half). Nothing is partially applied: a key's plan lands whole or not at all.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +32,12 @@ import psycopg
 from psycopg import sql
 
 from pipeline.config.sources import SourceRoute
+from pipeline.row_errors import describe, is_row_error
 from pipeline.source.catalog import Target
 from pipeline.source.events import Event, Failure
 
 # Types without an equality operator: compared as text in the no-op guard.
 _NO_EQUALITY = {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
-_KEY_DETAIL = re.compile(r"Key \(([^)]*)\)=")
 
 _STAGE = "_dx_stage"
 _KEYS = "_dx_keys"
@@ -58,24 +58,6 @@ class Plan:
 
 class RowRejected(Exception):
     """PostgreSQL refused one key's plan (raised only for a single-key attempt)."""
-
-
-def is_row_error(err: psycopg.Error) -> bool:
-    state = err.sqlstate or ""
-    return state.startswith(("22", "23")) or state in ("42804", "P0001")
-
-
-def row_error_reason(err: psycopg.Error) -> tuple[str, str | None]:
-    diag = err.diag
-    msg = diag.message_primary or str(err).strip().splitlines()[0]
-    if diag.message_detail:
-        msg = f"{msg} ({diag.message_detail})"
-    column = diag.column_name
-    if column is None and diag.message_detail:
-        m = _KEY_DETAIL.search(diag.message_detail)
-        if m and "," not in m.group(1):
-            column = m.group(1)
-    return msg, column
 
 
 class Applier:
@@ -189,6 +171,10 @@ class Applier:
     def _field(self, column: str) -> str:
         return self.route.field_for(column)
 
+    def _exposed(self, column: str) -> str | None:
+        """The producer field of a column the route writes; None for any other column."""
+        return self._field(column) if column in self.target.columns else None
+
     def _fail(self, ev: Event, status: str, reason: str, field: str | None = None) -> Failure:
         return Failure(ev.message, status, reason, field, ev.key, ev.event_id)  # type: ignore[arg-type]
 
@@ -225,11 +211,13 @@ class Applier:
             self._fail_last(plans[0], cause, failures)
 
     def _fail_last(self, plan: Plan, err: psycopg.Error, failures: list[Failure]) -> None:
-        """Fail the plan's last event with PostgreSQL's reason and apply the rest of the key."""
-        reason, column = row_error_reason(err)
+        """Fail the plan's last event with why PostgreSQL refused it (in dx's words, naming
+        only the route's columns: its task log is exported to people who may not see the
+        others) and apply the rest of the key."""
+        refused = describe(err, self._exposed)
         last = plan.events[-1]
-        failures.append(self._fail(last, "dead", reason,
-                                   field=self._field(column) if column else None))
+        failures.append(self._fail(last, "dead", f"{refused.code}: {refused.message}",
+                                   field=refused.field))
         rest = plan.events[:-1]
         if not rest:
             return
