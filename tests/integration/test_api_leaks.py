@@ -40,6 +40,9 @@ BEGIN
     IF NEW.name = 'drop-cost' THEN NEW.cost_canary := NULL; END IF;
     IF NEW.name = 'orphan' THEN NEW.supplier_canary := 'CANARY-SUPPLIER'; END IF;
     IF NEW.name = 'raise' THEN RAISE EXCEPTION 'refused, cost is %', NEW.cost_canary; END IF;
+    IF NEW.name = 'internal' THEN  -- not a row error: the request fails as a whole
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'no, cost is ' || NEW.cost_canary;
+    END IF;
     IF NEW.name = 'divide' THEN
         NEW.cost_canary := NEW.price / (NEW.cost_canary - 777.4711);
     END IF;
@@ -119,12 +122,15 @@ def test_api_errors_never_carry_database_text(pg_db: str, stack: Any, tmp_path: 
             assert r.status_code in (207, 409, 422), r.text
             assert {e["code"] for e in r.json()["errors"]} == {v[1] for v in REFUSED.values()}
             assert_no_canary(r.text)
+        r = c.post("/parts", json={"sku": "I", "name": "internal", "price": 1})
+        assert (r.status_code, r.json()["errors"][0]["code"]) == (500, "internal_error")
+        assert_no_canary(r.text)
         # an exposed column at fault is named by its API field
         r = c.post("/parts", json={"sku": "EXISTING", "name": "other", "price": 1})
         assert r.json()["errors"] == [{"code": "duplicate", "path": "sku",
                                        "message": "another row already has this sku"}]
     access = [r.getMessage() for r in records if r.name == "pipeline.api.access"]
-    assert len(access) >= len(REFUSED) + 3
+    assert len(access) >= len(REFUSED) + 4
     for line in access:
         assert_no_canary(line)
 
