@@ -29,9 +29,17 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.api.body_limit import BodyLimit
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
-from pipeline.api.oauth import TOKEN_PREFIX, ClientRing, OAuthError, TokenStore, token_request
+from pipeline.api.oauth import (
+    MAX_BODY,
+    TOKEN_PREFIX,
+    ClientRing,
+    OAuthError,
+    TokenStore,
+    token_request,
+)
 from pipeline.api.openapi import TRANSACTION_HEADER, document
 from pipeline.api.query import (
     attach_children,
@@ -313,6 +321,10 @@ class DataExchangeApi:
                                {"Retry-After": "1"})
             return _errors(500, [{"code": "internal_error", "message": "the request failed "
                                   "inside dx; the operator log has the details"}])
+
+        # Inside the access log (added first), so refused bodies are logged like any request.
+        app.add_middleware(BodyLimit, limit_for=lambda path: MAX_BODY
+                           if path == "/oauth/token" else api.state.config.api.max_body_bytes)
 
         @app.middleware("http")
         async def _access(request: Request,
