@@ -21,10 +21,11 @@ batch is never half-applied.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -61,6 +62,10 @@ from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
 
 log = logging.getLogger(__name__)
+
+
+class CatalogDrift(TransientError):
+    """The target table no longer has what the worker read at start; re-read it."""
 
 
 @dataclass
@@ -174,7 +179,8 @@ class SourceWorker:
                         break
                     backoff = 0.5
                 except TransientError as err:
-                    if self.stop_when_idle_s is not None and not isinstance(err, offsets.Fenced):
+                    if self.stop_when_idle_s is not None and \
+                            not isinstance(err, offsets.Fenced | CatalogDrift):
                         raise
                     self.metrics.failed("transient")
                     self.metrics.retried()
@@ -393,7 +399,7 @@ class SourceWorker:
                 failures.append(out)
         expected = {p: self.expected.get(p) for p in next_offsets}
         try:
-            with conn.transaction():
+            with self._catalog_guard(), conn.transaction():
                 conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
                 offsets.lock_and_check(conn, route.name, route.topic, expected)
                 failures.extend(applier.apply(events))
@@ -423,6 +429,18 @@ class SourceWorker:
             except KafkaException as err:  # lag visibility only; the truth is in PostgreSQL
                 log.debug("route %s: kafka commit: %s", route.name, err)
 
+    @contextlib.contextmanager
+    def _catalog_guard(self) -> Iterator[None]:
+        """The target table changed under the worker (a column or the table dropped or renamed:
+        catalog drift). The batch's transaction is rolled back; the worker reconnects and reads
+        the table again, which either adapts (a route writing every column) or stops with the
+        dx.yaml line of a configured column that is gone."""
+        try:
+            yield
+        except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as err:
+            raise CatalogDrift(f"table {self.route.qualified} changed under the worker "
+                               f"({err.diag.message_primary}); reading it again") from None
+
     def _count(self, batch: list[Message], failures: list[Failure], seconds: float) -> None:
         """Metrics of a committed batch: applied, skipped, dead; latency from the Kafka
         timestamp of each applied message (the inbound event time) to the commit."""
@@ -450,7 +468,7 @@ class SourceWorker:
         (locked, re-applied and updated in one transaction). Without a conflict policy a
         redriven event overwrites newer data of its key, as the operator asked."""
         route = self.route
-        with conn.transaction():
+        with self._catalog_guard(), conn.transaction():
             rows = conn.execute(
                 'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
                 "raw_headers FROM dx.task WHERE route = %s AND status = 'pending' AND redrive "

@@ -15,22 +15,13 @@ import psycopg
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.integration.test_source_support import create_topic, produce, run_worker, write_config
+from tests.integration.test_source_support import create_topic, produce, run_worker, stock_route
 
 
 def applied_ten(stack: Any, pg_db: str, topic_prefix: str,
                 tmp_path: Path) -> tuple[str, Path]:
     """A json route 'stock' into table stock that has applied offsets 0..9 of its topic."""
-    with psycopg.connect(pg_db) as conn:
-        conn.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int NOT NULL)")
-    topic = f"{topic_prefix}.stock"
-    create_topic(stack, topic)
-    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, f"""  - name: stock
-    topic: {topic}
-    format: json
-    table: stock
-    mode: upsert
-""")
+    topic, cfg = stock_route(stack, pg_db, topic_prefix, tmp_path, extra="    mode: upsert\n")
     produce(stack, topic, [({"sku": f"s{i}"}, {"sku": f"s{i}", "qty": i}) for i in range(10)])
     assert run_worker(cfg, "stock").applied == 10
     return topic, cfg
