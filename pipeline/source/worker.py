@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -170,7 +171,11 @@ class SourceWorker:
 
     def run(self) -> Stats:
         """Consume and apply until stopped; transient failures reconnect with backoff."""
-        previous = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Signals reach the main thread only; elsewhere (tests, an embedding process) the owner
+        # stops the worker by setting ``stopping``.
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._signal)
+                    for s in ((signal.SIGTERM, signal.SIGINT) if main else ())}
         backoff = 0.5
         try:
             while not self.stopping:
