@@ -1,11 +1,11 @@
 """Catalog drift under a running source worker: a column dropped while the worker runs gives
 one line naming the dx.yaml line of the configured column (non-zero exit, no traceback), or,
-for a route that writes every column, the worker re-reads the table and carries on; ``dx
-import`` against the changed table is one line too."""
+for a route that writes every column, the worker re-reads the table and carries on. ``dx
+import`` of a bad file (against a changed table, not UTF-8, not CSV) is one line too; a row
+with bytes that are not UTF-8 is rejected alone."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pipeline.cli.main import main
 from tests.integration.test_sink_support import wait_for
 from tests.integration.test_source_support import produce, stock_route, tasks, worker_process
 
@@ -55,15 +56,37 @@ def test_a_column_dropped_under_the_worker(columns: str, stack: Any, pg_db: str,
     assert worker.returncode == 0
 
 
-def test_import_after_a_dropped_column_is_one_line(stack: Any, pg_db: str, topic_prefix: str,
-                                                   tmp_path: Path) -> None:
+BAD_FILES = {
+    "a dropped column": (b"sku,qty,note\nc,3,z\n", "columns: [sku, qty, note]",
+                         "{cfg}:14: column 'note' does not exist in public.stock "
+                         "(columns: sku, qty)"),
+    "a latin-1 byte": (b"sku,qty\na,1\nb\xe9,2\nc,3\n", "",
+                       "1 of 3 rows rejected; lines and reasons in {csv}.rejects.csv"),
+    "a field past the CSV limit": (b"sku,qty\na,1\n" + b"x" * 200_000 + b",2\n", "",
+                                   "{csv}:3: not valid CSV: field larger than field limit "
+                                   "(131072)"),
+    "an undecodable header": (b"sku,q\xffty\na,1\n", "",
+                              "{csv}:1: the header is not UTF-8 text (byte 0xff); save the "
+                              "file as UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_import_of_a_bad_file_is_one_line(case: str, stack: Any, pg_db: str, topic_prefix: str,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    content, columns, message = BAD_FILES[case]
     _, cfg = stock_route(stack, pg_db, topic_prefix, tmp_path, create=False,
-                         extra="    columns: [sku, qty, note]\n")
-    (tmp_path / "in.csv").write_text("sku,qty,note\nc,3,z\n")
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "import", str(tmp_path / "in.csv"),
-                          "-e", "stock", "-c", str(cfg)], capture_output=True, text=True,
-                         timeout=120)
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip() and "━" not in ln]
-    assert run.returncode == 1 and lines == [
-        f"dx: error: {cfg}:14: column 'note' does not exist in public.stock (columns: sku, qty)"
-    ], run.stderr
+                         extra=f"    {columns}\n" if columns else "")
+    csv = tmp_path / "in.csv"
+    csv.write_bytes(content)
+    monkeypatch.setattr(sys, "argv", ["dx", "import", str(csv), "-e", "stock", "--dry-run",
+                                      "-c", str(cfg)])
+    with pytest.raises(SystemExit) as exited:
+        main()  # anything but a DxError would escape here as an exception: a traceback
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "━" not in ln and ln.strip()]
+    assert exited.value.code == 1 and err == [
+        "dx: error: " + message.format(cfg=cfg, csv=csv)], err
+    if case == "a latin-1 byte":  # rejected alone, its bytes kept as they came
+        rejects = (tmp_path / "in.csv.rejects.csv").read_bytes().splitlines()
+        assert rejects[1:] == [b"3,,not UTF-8 text (byte 0xe9); save the file as UTF-8,b\xe9,2"]
