@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from pipeline.config.model import KafkaConfig
@@ -128,3 +128,15 @@ def _wait_visible(admin: AdminClient, specs: list[TopicSpec], timeout_s: float) 
             raise ServiceUnavailable("kafka", ", ".join(sorted(pending)),
                                      "created topics did not appear in the cluster's metadata")
         time.sleep(0.1)
+
+
+def topic_id(admin: AdminClient, name: str, *, timeout_s: float = 30.0) -> str | None:
+    """The cluster's id of topic ``name`` (a UUID; a re-created topic, or its copy on another
+    cluster, has another one), or None when the topic or the broker does not report one."""
+    try:
+        described = admin.describe_topics(TopicCollection([name]),
+                                          request_timeout=timeout_s)[name].result(timeout_s)
+    except KafkaException:
+        return None
+    found = getattr(described, "topic_id", None)
+    return None if found is None else str(found)

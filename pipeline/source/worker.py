@@ -47,14 +47,15 @@ from confluent_kafka.admin import AdminClient
 from pipeline import db
 from pipeline.config.model import DxConfig
 from pipeline.config.sources import SourceRoute
-from pipeline.errors import EventError, ServiceUnavailable, TransientError
-from pipeline.events.topics import ensure_topics, topic_spec
+from pipeline.errors import EventError, ServiceUnavailable, TerminalError, TransientError
+from pipeline.events.topics import ensure_topics, topic_id, topic_spec
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
 from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
 from pipeline.observability.server import WorkerServer
+from pipeline.row_errors import log_text
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
 from pipeline.source.catalog import Target, find_route, read_target
@@ -67,6 +68,10 @@ log = logging.getLogger(__name__)
 
 class CatalogDrift(TransientError):
     """The target table no longer has what the worker read at start; re-read it."""
+
+
+class TopicReset(TransientError):
+    """Kafka moved a partition's position below what is applied; check the topic again."""
 
 
 @dataclass
@@ -96,10 +101,11 @@ def kafka_conf(config: DxConfig) -> dict[str, Any]:
     return conf
 
 
-def ensure_route_topics(config: DxConfig, route: SourceRoute) -> None:
+def ensure_route_topics(config: DxConfig, route: SourceRoute,
+                        admin: AdminClient | None = None) -> None:
     """Create the route's inbound and dead-letter topics if missing (never left to broker
     auto-create: with it off, the first dead letter would stall the route)."""
-    admin = AdminClient(kafka_conf(config), logger=KAFKA_LOG)
+    admin = admin or AdminClient(kafka_conf(config), logger=KAFKA_LOG)
     ensure_topics(admin, [
         topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
         topic_spec(config.kafka, route.dlq_topic,
@@ -148,6 +154,7 @@ class SourceWorker:
         self.lag_interval_s = lag_interval_s
         self.accept_retention_gap = accept_retention_gap
         self.accept_topic_reset = accept_topic_reset
+        self.topic_id: str | None = None  # the inbound topic's id in the cluster, when known
         self.assigned: set[int] = set()  # partitions of the current assignment
         self.stop_when_idle_s = stop_when_idle_s
         self.on_batch = on_batch
@@ -185,7 +192,7 @@ class SourceWorker:
                     backoff = 0.5
                 except TransientError as err:
                     if self.stop_when_idle_s is not None and \
-                            not isinstance(err, offsets.Fenced | CatalogDrift):
+                            not isinstance(err, offsets.Fenced | CatalogDrift | TopicReset):
                         raise
                     self.metrics.failed("transient")
                     self.metrics.retried()
@@ -208,7 +215,9 @@ class SourceWorker:
         producer: Producer | None = None
         self.assigned.clear()
         try:
-            ensure_route_topics(self.config, self.route)
+            admin = AdminClient(kafka_conf(self.config), logger=KAFKA_LOG)
+            ensure_route_topics(self.config, self.route, admin)
+            self.topic_id = topic_id(admin, self.route.topic)
             ensure_schema(conn)
             target = read_target(conn, self.config, self.index)
             conn.commit()
@@ -220,6 +229,11 @@ class SourceWorker:
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
             raise ServiceUnavailable("postgresql", db.redact(url), str(err).strip()) from None
+        except psycopg.Error as err:  # not one row's fault (those fail alone): the batch's
+            what = f"PostgreSQL refused the batch ({log_text(err)}: {err.diag.message_primary})"
+            if (err.sqlstate or "").startswith("40"):  # deadlock, serialization: retry it
+                raise TransientError(f"route {self.route.name}: {what}; retrying") from None
+            raise TerminalError(f"route {self.route.name}: {what}") from None
         except KafkaException as err:
             raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
                                      str(err)) from None
@@ -240,7 +254,8 @@ class SourceWorker:
 
     # ---- Kafka ------------------------------------------------------------------------------
 
-    def _check_offsets(self, c: Consumer, stored: dict[int, int]) -> dict[int, int]:
+    def _check_offsets(self, c: Consumer, stored: dict[int, int],
+                       ids: dict[int, str]) -> dict[int, int]:
         """Compare each stored offset with the partition's log before resuming there.
 
         * Below the log start: Kafka deleted messages (retention) before they were applied.
@@ -248,6 +263,8 @@ class SourceWorker:
         * Beyond the log end: the topic was re-created, or this is another cluster's copy (a
           mirror keeps its own offsets). Kafka would silently skip every message below the
           stored offset (they look like replays), so new messages are never applied.
+        * Stored for a topic with another id (``ids``): the same, caught even when the new
+          topic has already grown past the stored offset.
 
         dx stops on either, naming the partition, unless the operator accepted it for this run
         (``--accept-retention-gap`` / ``--accept-topic-reset``). Returns where to resume each
@@ -257,7 +274,26 @@ class SourceWorker:
         for partition, offset in sorted(stored.items()):
             low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
                                                 cached=False)
-            if offset < low:
+            was = ids.get(partition)
+            replaced = was is not None and self.topic_id is not None and was != self.topic_id
+            reset = None
+            if offset > high:
+                reset = (f"the stored offset {offset} (dx.source_offsets) is beyond the "
+                         f"partition's end {high}: the topic was re-created or is another "
+                         "cluster's copy, and messages below the stored offset would be skipped")
+            elif replaced:
+                reset = (f"the stored offset {offset} (dx.source_offsets) belongs to another "
+                         f"topic of this name (id {was}, now {self.topic_id}): the topic was "
+                         "re-created or is another cluster's copy")
+            if reset is not None:
+                if not self.accept_topic_reset:
+                    raise EventError(f"route {name}: {reset}; apply the partition from its "
+                                     f"start with 'dx source run {name} --accept-topic-reset'",
+                                     topic=topic, partition=partition, offset=offset)
+                log.warning("route %s: %s[%d]: %s; applying from its start %d "
+                            "(--accept-topic-reset)", name, topic, partition, reset, low)
+                resume[partition] = low
+            elif offset < low:
                 lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
                 if not self.accept_retention_gap:
                     raise EventError(f"route {name}: {lost}; restore them from their "
@@ -266,17 +302,6 @@ class SourceWorker:
                                      topic=topic, partition=partition, offset=offset)
                 log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
                             name, topic, partition, lost, low)
-            elif offset > high:
-                ahead = (f"the stored offset {offset} (dx.source_offsets) is beyond the "
-                         f"partition's end {high}: the topic was re-created or is another "
-                         "cluster's copy, and messages below the stored offset would be skipped")
-                if not self.accept_topic_reset:
-                    raise EventError(f"route {name}: {ahead}; apply the partition from its "
-                                     f"start with 'dx source run {name} --accept-topic-reset'",
-                                     topic=topic, partition=partition, offset=offset)
-                log.warning("route %s: %s[%d]: %s; applying from its start %d "
-                            "(--accept-topic-reset)", name, topic, partition, ahead, low)
-                resume[partition] = low
         return resume
 
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
@@ -294,9 +319,11 @@ class SourceWorker:
         consumer = Consumer(conf, logger=KAFKA_LOG)
 
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
-            stored = offsets.load(conn, route.name, route.topic, [p.partition for p in parts])
+            numbers = [p.partition for p in parts]
+            stored = offsets.load(conn, route.name, route.topic, numbers)
+            ids = offsets.topic_ids(conn, route.name, route.topic, numbers)
             conn.rollback()
-            resume = self._check_offsets(c, stored)
+            resume = self._check_offsets(c, stored, ids)
             start = OFFSET_BEGINNING if route.start == "earliest" else OFFSET_END
             for p in parts:
                 s = stored.get(p.partition)
@@ -346,8 +373,18 @@ class SourceWorker:
                     continue
                 p, o = _part(msg), _off(msg)
                 pos = self.position.get(p)
-                if pos is None or o < pos:
-                    continue  # not ours any more, or a replay of what the batch already holds
+                if pos is None:
+                    continue  # not ours any more
+                if o < pos:
+                    applied = self.expected.get(p)
+                    if applied is not None and o < applied:
+                        # Below what is applied: Kafka reset the position (the topic was
+                        # re-created under the worker). Dropping these as replays would lose
+                        # them; reconnect and let the assignment checks decide.
+                        raise TopicReset(f"{self.route.topic}[{p}] went back to offset {o}, "
+                                         f"below the stored offset {applied}; "
+                                         "checking the topic again")
+                    continue  # a replay of what the batch already holds
                 self.position[p] = o + 1
                 self.batch.append(msg)
 
@@ -410,7 +447,8 @@ class SourceWorker:
                 failures.extend(applier.apply(events))
                 failures.sort(key=lambda f: (f.message.partition, f.message.offset))
                 self.recorder.record(conn, route.name, failures)
-                offsets.store(conn, route.name, route.topic, next_offsets, expected)
+                offsets.store(conn, route.name, route.topic, next_offsets, expected,
+                              self.topic_id)
                 self._dead_letter(producer, failures)
         except psycopg.errors.UniqueViolation as err:
             raise offsets.Fenced(f"route {route.name}: another worker stored offsets first "

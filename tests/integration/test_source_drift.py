@@ -90,3 +90,24 @@ def test_import_of_a_bad_file_is_one_line(case: str, stack: Any, pg_db: str, top
     if case == "a latin-1 byte":  # rejected alone, its bytes kept as they came
         rejects = (tmp_path / "in.csv.rejects.csv").read_bytes().splitlines()
         assert rejects[1:] == [b"3,,not UTF-8 text (byte 0xe9); save the file as UTF-8,b\xe9,2"]
+
+
+def test_a_batch_the_database_refuses_as_a_whole_is_one_line(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    topic, cfg = stock_route(stack, pg_db, topic_prefix, tmp_path, table=(
+        "CREATE TABLE stock (sku text PRIMARY KEY, qty int NOT NULL);"
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'stock is read-only today'; END $$;"
+        "CREATE TRIGGER refuse BEFORE INSERT ON stock FOR EACH ROW EXECUTE FUNCTION refuse()"))
+    produce(stack, topic, [({"sku": "a"}, {"sku": "a", "qty": 1})])
+    monkeypatch.setattr(sys, "argv", ["dx", "source", "run", "stock", "--stop-when-idle", "5",
+                                      "-c", str(cfg)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dx: error:")]
+    assert exited.value.code == 1 and errors == [
+        "dx: error: route stock: PostgreSQL refused the batch (sqlstate 42501: stock is "
+        "read-only today)"], errors
+    with psycopg.connect(pg_db) as conn:  # nothing applied, nothing stored: it is retried
+        assert conn.execute("SELECT count(*) FROM dx.source_offsets").fetchone() == (0,)

@@ -15,7 +15,14 @@ import psycopg
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.integration.test_source_support import create_topic, produce, run_worker, stock_route
+from tests.integration.test_sink_support import wait_for
+from tests.integration.test_source_support import (
+    create_topic,
+    produce,
+    run_worker,
+    stock_route,
+    worker_process,
+)
 
 
 def applied_ten(stack: Any, pg_db: str, topic_prefix: str,
@@ -99,3 +106,48 @@ def test_stored_offset_beyond_a_recreated_topic_stops_until_accepted(
     assert stored == [(7,)]
     again = source_run(cfg)  # the stored offset now matches the topic: no flag needed any more
     assert again.returncode == 0, again.stderr
+
+
+def test_a_recreated_topic_that_grew_past_the_stored_offset_is_caught_by_its_id(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    topic, cfg = applied_ten(stack, pg_db, topic_prefix, tmp_path)
+    recreate_topic(stack, topic)  # and it grows past the stored offset 10 before a restart
+    produce(stack, topic, [({"sku": f"n{i}"}, {"sku": f"n{i}", "qty": i}) for i in range(15)])
+    line = refused_with(source_run(cfg))
+    assert line.startswith(f"dx: error: {topic}[0]@10: route stock: the stored offset 10 "
+                           "(dx.source_offsets) belongs to another topic of this name (id "), line
+    assert line.endswith("the topic was re-created or is another cluster's copy; apply the "
+                         "partition from its start with 'dx source run stock "
+                         "--accept-topic-reset'"), line
+    accepted = source_run(cfg, "--accept-topic-reset")
+    assert accepted.returncode == 0, accepted.stderr
+    with psycopg.connect(pg_db) as conn:
+        skus = {r[0] for r in conn.execute("SELECT sku FROM stock").fetchall()}
+    assert skus == {f"s{i}" for i in range(10)} | {f"n{i}" for i in range(15)}
+
+
+def test_a_topic_recreated_under_a_running_worker_stops_it(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    topic, cfg = applied_ten(stack, pg_db, topic_prefix, tmp_path)
+    worker = worker_process(cfg, "stock", "--stop-when-idle", "60")
+    try:
+        produce(stack, topic, [({"sku": "s10"}, {"sku": "s10", "qty": 10})])
+        wait_for(lambda: stock_count(pg_db) == 11, 60, what="the running worker")
+        recreate_topic(stack, topic)
+        produce(stack, topic, [({"sku": f"n{i}"}, {"sku": f"n{i}", "qty": i}) for i in range(7)])
+        _, err = worker.communicate(timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    errors = [ln for ln in err.splitlines() if ln.startswith("dx: error:")]
+    assert worker.returncode == 1 and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith(f"dx: error: {topic}[0]@11: route stock: the stored offset 11 "
+                                "(dx.source_offsets) is beyond the partition's end 7"), errors
+    assert stock_count(pg_db) == 11  # nothing of the new topic was applied or skipped silently
+
+
+def stock_count(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM stock").fetchone()
+    return int(row[0]) if row else 0
