@@ -70,3 +70,16 @@ def test_bad_config_is_one_line_with_file_and_line(case: str, tmp_path: Path,
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"dx: error: {path}:{line}: "), err
     assert fragment in err, err
+
+
+def test_kafka_client_properties_that_need_the_machine_are_left_to_the_workers(
+        tmp_path: Path) -> None:
+    """Certificates may exist only where the workers run; dx validate does not require them."""
+    from pipeline.config.loader import load_config
+
+    path = tmp_path / "dx.yaml"
+    path.write_bytes(CLIENT.replace(b"acks: all", b"security.protocol: SSL\n"
+                                                  b"    ssl.ca.location: /nowhere/ca.pem\n"
+                                                  b"    ssl.keystore.location: /nowhere/k.p12\n"
+                                                  b"    ssl.keystore.password: x"))
+    assert load_config(path).kafka.client["ssl.ca.location"] == "/nowhere/ca.pem"
