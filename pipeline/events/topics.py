@@ -48,15 +48,16 @@ class TopicSpec:
     config: Mapping[str, str] = field(default_factory=dict)
 
 
-def topic_spec(kafka: KafkaConfig, name: str, purpose: str, *,
-               partitions: int | None = None) -> TopicSpec:
+def topic_spec(kafka: KafkaConfig, name: str, purpose: str, *, partitions: int | None = None,
+               config: Mapping[str, str] | None = None) -> TopicSpec:
     """A spec with the configured defaults (``kafka.new_topics``); ``partitions`` overrides
-    the configured count where a topic must have a fixed shape (the relay's state topic)."""
+    the configured count where a topic must have a fixed shape (the relay's state topic), and
+    ``config`` adds settings the topic needs (``cleanup.policy: compact``) over the defaults."""
     new = kafka.new_topics
     return TopicSpec(name=name, purpose=purpose,
                      partitions=partitions if partitions is not None else new.partitions,
                      replication_factor=new.replication_factor or -1,
-                     config={k: str(v) for k, v in new.config.items()})
+                     config={**{k: str(v) for k, v in new.config.items()}, **(config or {})})
 
 
 def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], *,
