@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from pipeline.config.model import DxConfig
 from pipeline.csvio.importer import import_csv
 from pipeline.errors import ConfigError, ServiceUnavailable, TerminalError
 from pipeline.inbound import state
-from pipeline.inbound.entities import Mapper, MappingError, canonical
+from pipeline.inbound.entities import Mapper, MappingError, canonical, loads_exact
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
 from pipeline.inbound.rejects import rejected
 from pipeline.observability.server import WorkerServer
@@ -274,7 +273,7 @@ class Watcher:
 
     def _record(self, text: str) -> dict[str, Any]:
         try:
-            value = json.loads(text)
+            value = loads_exact(text)
         except ValueError as err:
             raise FieldError(None, f"not JSON: {err}") from None
         if not isinstance(value, dict):

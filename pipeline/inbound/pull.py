@@ -54,7 +54,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.inbound import state
-from pipeline.inbound.entities import Mapper, MappingError, canonical
+from pipeline.inbound.entities import Mapper, MappingError, canonical, loads_exact
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
 from pipeline.inbound.rejects import rejected
 from pipeline.observability.logging import redact
@@ -234,7 +234,7 @@ class Puller:
             resp = self._get(cursor, stats)
             where = f"{self.route.name} page {number} ({redact(str(resp.url))})"
             try:
-                body = resp.json()
+                body = loads_exact(resp.content)
             except ValueError:
                 raise TerminalError(f"pull {where}: the response is not JSON") from None
             items = dig(body, self.pull.items) if self.pull.items else body

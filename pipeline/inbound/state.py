@@ -3,9 +3,10 @@
 ``dx.inbound_state``    one row per route and kind: the pull cursor and what ``dx status``
                         shows (last run, pages, entities, errors, files done and failed).
 ``dx.inbound_request``  webhook idempotency: a request key (the ``Idempotency-Key`` header, or
-                        the hash of the request's event ids) claimed before producing and
-                        marked accepted after Kafka acknowledged, so a re-sent webhook is
-                        answered without producing again. Rows older than a week are purged.
+                        with ``id_fields`` the hash of the request's event ids) claimed before
+                        producing and marked accepted after Kafka acknowledged, so a re-sent
+                        webhook is answered without producing again; ``fingerprint`` (that
+                        hash) refuses a key reused for other entities. Purged after a week.
 ``dx.inbound_file``     file drops by content hash: a file dropped twice is processed once.
 """
 
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS dx.inbound_request (
     claimed_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (route, key)
 );
+ALTER TABLE dx.inbound_request ADD COLUMN IF NOT EXISTS fingerprint text;
 CREATE INDEX IF NOT EXISTS inbound_request_claimed_idx ON dx.inbound_request (claimed_at);
 CREATE TABLE IF NOT EXISTS dx.inbound_file (
     route        text        NOT NULL,

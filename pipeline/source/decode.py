@@ -22,6 +22,7 @@ import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+from pipeline.db import json_loads_exact
 from pipeline.errors import ServiceUnavailable
 from pipeline.events.wire import decode_header
 from pipeline.source.validate import FieldError
@@ -81,8 +82,9 @@ class AvroDecoder:
 
 
 def json_decode(data: bytes) -> Any:
+    """JSON numbers with a fraction become ``Decimal``: a numeric column gets every digit."""
     try:
-        return json.loads(data)
+        return json_loads_exact(data)
     except (UnicodeDecodeError, ValueError) as err:
         raise FieldError(None, f"undecodable: not JSON ({err})") from None
 
