@@ -20,9 +20,14 @@ on the next scan and only moves the file.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import itertools
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,12 +53,14 @@ log = logging.getLogger(__name__)
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
 _SEND_CHUNK = 10_000
+#: A JSON-lines line longer than this is rejected without being held in memory whole.
+MAX_LINE_BYTES = 16 << 20
 
 
 @dataclass
 class FileOutcome:
     name: str
-    status: str  # done, failed, duplicate
+    status: str  # done, failed, duplicate, changed (written to while read: read again)
     rows: int = 0
     rejected: int = 0
     error: str | None = None
@@ -67,9 +74,14 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten, appended to or replaced (not followed)."""
+    st = path.lstat()
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _move(path: Path, folder: Path) -> Path:
     """Into ``folder``, never over an earlier file of the same name (``name.1``, ``name.2``)."""
-    folder.mkdir(exist_ok=True)
     dest = folder / path.name
     n = 0
     while dest.exists():
@@ -137,15 +149,19 @@ class Watcher:
         found = []
         for p in self.dir.iterdir():
             name = p.name
-            if not p.is_file() or name.startswith(".") or name.lower().endswith(_TEMPORARY):
+            if not (p.is_symlink() or p.is_file()) or name.startswith(".") \
+                    or name.lower().endswith(_TEMPORARY):
                 continue
             kind = _EXTENSIONS.get(p.suffix.lower())
             if kind is None or kind not in self.files.formats:
                 continue
             if self.files.complete == "marker" and not p.with_name(name + ".done").exists():
                 continue
-            found.append(p)
-        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+            try:
+                found.append((p.lstat().st_mtime, p))
+            except FileNotFoundError:  # taken away meanwhile
+                continue
+        return [p for _, p in sorted(found, key=lambda t: (t[0], t[1].name))]
 
     def scan(self) -> list[FileOutcome]:
         out = []
@@ -158,7 +174,22 @@ class Watcher:
 
     # ---- one file ---------------------------------------------------------------------------
 
+    def _folder(self, name: str) -> Path:
+        """``done/`` or ``failed/``: a real folder, never a symbolic link someone planted to
+        make dx move files (or write reports) elsewhere."""
+        folder = self.dir / name
+        if folder.is_symlink():
+            raise TerminalError(f"{folder} is a symbolic link: dx moves dropped files only into "
+                                "a real folder (remove the link)")
+        folder.mkdir(exist_ok=True)
+        return folder
+
     def process(self, path: Path) -> FileOutcome:
+        if path.is_symlink():  # reading it would send whatever it points to
+            return self._conclude(path, None, FileOutcome(
+                path.name, "failed", error="a symbolic link, not followed: drop the file itself"),
+                0, None)
+        before = _identity(path)
         digest = sha256_of(path)
         with self._db() as conn:
             row = conn.execute("SELECT status, processed_at FROM dx.inbound_file "
@@ -167,47 +198,67 @@ class Watcher:
         if row is not None:
             log.warning("watch %s: %s has the content of a file processed on %s (%s); "
                         "nothing sent", self.route.name, path.name, row[1], row[0])
-            self._finish(path, self.dir / "done")
+            self._finish(path, self._folder("done"))
             return FileOutcome(path.name, "duplicate")
-        failed = self.dir / "failed"
-        failed.mkdir(exist_ok=True)
-        rejects = failed / f"{path.name}.rejects.csv"
+        # reports are written in a private folder and moved into failed/ at the end: a link
+        # planted as failed/FILE.rejects.csv is replaced, never written through
+        work = Path(tempfile.mkdtemp(prefix=".dx-", dir=self._folder("failed")))
         try:
-            if path.suffix.lower() == ".csv":
-                result = import_csv(self.config, path, entity=self.route.name,
-                                    reject_file=rejects)
-                outcome = FileOutcome(path.name, "failed" if result.rejected else "done",
-                                      result.rows, result.rejected)
-                sent = result.produced
-            else:
-                outcome, sent = self._jsonl(path, rejects)
-        except ServiceUnavailable:
-            rejects.unlink(missing_ok=True)
-            raise
-        except (TerminalError, OSError, UnicodeDecodeError, csv.Error) as err:
-            outcome, sent = FileOutcome(path.name, "failed", error=str(err)), 0
-            (failed / f"{path.name}.error.txt").write_text(f"{err}\n", encoding="utf-8")
+            rejects = work / "rejects.csv"
+            try:
+                if path.suffix.lower() == ".csv":
+                    result = import_csv(self.config, path, entity=self.route.name,
+                                        reject_file=rejects)
+                    outcome = FileOutcome(path.name, "failed" if result.rejected else "done",
+                                          result.rows, result.rejected)
+                    sent = result.produced
+                else:
+                    outcome, sent = self._jsonl(path, rejects)
+            except (TerminalError, OSError, UnicodeDecodeError, csv.Error) as err:
+                outcome, sent = FileOutcome(path.name, "failed", error=str(err)), 0
+            if _identity(path) != before:
+                # what was read is not what was hashed: recording the hash would make the
+                # content hashed look processed (a later drop of it "duplicate", never applied)
+                log.warning("watch %s: %s changed while it was read; it is read again on the "
+                            "next scan (write files under a temporary name, then rename)",
+                            self.route.name, path.name)
+                return FileOutcome(path.name, "changed", outcome.rows, outcome.rejected)
+            return self._conclude(path, digest, outcome, sent, rejects)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _conclude(self, path: Path, digest: str | None, outcome: FileOutcome, sent: int,
+                  rejects: Path | None) -> FileOutcome:
+        """Store the outcome (dead tasks, the hash, the counters) in one transaction, put the
+        reports into failed/ and move the file to done/ or failed/."""
         failures = self._reject_tasks(path.name, rejects, outcome)
         with self._db() as conn, conn.transaction():
             recorder().record(conn, self.route.name, failures)
-            conn.execute("INSERT INTO dx.inbound_file (route, sha256, name, status, rows, "
-                         "rejected, error) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                         "ON CONFLICT DO NOTHING",
-                         (self.route.name, digest, path.name, outcome.status, outcome.rows,
-                          outcome.rejected, outcome.error))
+            if digest is not None:
+                conn.execute("INSERT INTO dx.inbound_file (route, sha256, name, status, rows, "
+                             "rejected, error) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                             "ON CONFLICT DO NOTHING",
+                             (self.route.name, digest, path.name, outcome.status, outcome.rows,
+                              outcome.rejected, outcome.error))
             state.record(conn, self.route.name, "files", state.Counts(
                 entities=sent, files_done=int(outcome.status == "done"),
                 files_failed=int(outcome.status == "failed"),
                 errors=int(outcome.error is not None)), ok=outcome.error is None,
                 error=f"{path.name}: {outcome.error}" if outcome.error else None)
-        self._finish(path, self.dir / outcome.status)
+        failed = self._folder("failed")
+        if outcome.error is not None:
+            _publish(failed / f"{path.name}.error.txt", f"{outcome.error}\n".encode())
+        elif rejects is not None and rejects.exists():
+            os.replace(rejects, failed / f"{path.name}.rejects.csv")
+        self._finish(path, self._folder(outcome.status))
         log.log(logging.INFO if outcome.status == "done" else logging.ERROR,
                 "watch %s: %s %s: %d rows, %d rejected%s", self.route.name, path.name,
                 outcome.status, outcome.rows, outcome.rejected,
                 f" ({outcome.error})" if outcome.error else "")
         return outcome
 
-    def _reject_tasks(self, name: str, rejects: Path, outcome: FileOutcome) -> list[Failure]:
+    def _reject_tasks(self, name: str, rejects: Path | None, outcome: FileOutcome
+                      ) -> list[Failure]:
         """A dead task per rejected line (read back from the reject file, whichever format
         wrote it: line, field, reason, then the line's cells or text), or one for a file that
         could not be read."""
@@ -215,7 +266,7 @@ class Watcher:
         if outcome.error is not None:
             return [rejected(route, topic, name.encode(), {"kind": "file", "file": name},
                              f"file {name}: {outcome.error}")]
-        if not outcome.rejected or not rejects.exists():
+        if not outcome.rejected or rejects is None or not rejects.exists():
             return []
         out = []
         with rejects.open(newline="", encoding="utf-8") as f:
@@ -245,9 +296,11 @@ class Watcher:
         batch: list[OutMessage] = []
         sent = 0
         try:
-            for line, text in _lines(path):
+            for line, text, problem in _lines(path):
                 outcome.rows += 1
                 try:
+                    if problem is not None:
+                        raise FieldError(None, problem)
                     record = self._record(text)
                     validator.row(record)
                 except FieldError as err:
@@ -284,8 +337,36 @@ class Watcher:
             raise FieldError(None, str(err)) from None
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for n, text in enumerate(f, start=1):
-            if text.strip():
-                yield n, text.strip()
+def _publish(dest: Path, data: bytes) -> None:
+    """Write ``dest`` by renaming a new file over it (a planted link is replaced, not
+    followed)."""
+    fd, tmp = tempfile.mkstemp(prefix=".dx-", dir=dest.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, problem) of every non-blank line. A line that is not UTF-8 or is
+    longer than :data:`MAX_LINE_BYTES` is a problem of that line alone (rejected with its
+    number), not of the file; a long line is skipped without being held in memory."""
+    with path.open("rb") as f:
+        for n in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            problem = None
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+                    pass
+                problem = f"the line is longer than {MAX_LINE_BYTES} bytes"
+                raw = raw[:200]
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                text = raw.decode("utf-8", "replace").strip()
+                problem = problem or f"not UTF-8 (byte {err.start} of the line)"
+            if text or problem:
+                yield n, text, problem
