@@ -97,6 +97,11 @@ class RunStats:
     errors: list[str] = field(default_factory=list)
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = httpx.URL(url)
+    return u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme)
+
+
 def _larger(a: str | None, b: Any, compare: str) -> str | None:
     """The larger of the watermark ``a`` and a record's value ``b`` (text or number order)."""
     if b is None:
@@ -131,8 +136,12 @@ class Puller:
         self.stop = stop or threading.Event()
         self.on_page = on_page
         self.url = config.database.url.get_secret_value()
+        self.origins = {_origin(self.pull.url)}
+        if isinstance(self.pull.auth, OAuth2ClientCredentials):
+            self.origins.add(_origin(self.pull.auth.token_url))
         self.client = httpx.Client(timeout=httpx.Timeout(self.pull.timeout_s),
                                    follow_redirects=True,
+                                   event_hooks={"request": [self._same_origin]},
                                    headers={"User-Agent": "dx-inbound/0.1",
                                             "Accept": "application/json", **self.pull.headers})
         self.tokens = (TokenCache(self.pull.auth, self.client)
@@ -148,6 +157,15 @@ class Puller:
     def close(self) -> None:
         self.producer.close()
         self.client.close()
+
+    def _same_origin(self, request: httpx.Request) -> None:
+        """Every request (redirects included) goes to the host of ``pull.url`` (or the OAuth2
+        token URL): a ``next`` link or redirect elsewhere would hand that host the route's
+        credentials (httpx strips only ``Authorization`` on redirects, not an API key)."""
+        if _origin(str(request.url)) not in self.origins:
+            raise TerminalError(f"pull {self.route.name}: refusing {request.method} "
+                                f"{redact(str(request.url))}: not the host of pull.url (a next "
+                                "link or redirect to another host would get the credentials)")
 
     def reset(self) -> None:
         """Forget the cursor: the next run reads everything again (the same entities are the

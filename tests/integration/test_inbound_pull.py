@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from pipeline.config.loader import load_config
+from pipeline.errors import TerminalError
 from pipeline.inbound.pull import Puller
 from pipeline.observability.server import WorkerServer
 from tests.integration.test_inbound_support import (
@@ -305,3 +306,35 @@ def test_with_kafka_unreachable_the_cursor_does_not_move(
         assert row == (None, 0, 1)  # nothing acknowledged: nothing moved on
     finally:
         catalog.server.close()
+
+
+def test_a_next_link_or_redirect_to_another_host_never_gets_the_credentials(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DX_TEST_PULL_SECRET", "key-for-tests")
+    products_table(pg_db)
+    elsewhere = ThirdParty(lambda *_: (200, {}, {"data": []}))
+    entity = {"id": 1, "code": "a", "title": "one", "seq": 1}
+
+    def pim(method: str, path: str, query: dict[str, str], headers: dict[str, str],
+            body: bytes) -> tuple[int, dict[str, str], Any]:
+        if path == "/moved":
+            return 302, {"Location": f"{elsewhere.url}/products"}, b""
+        return 200, {}, {"data": [entity], "next": f"{elsewhere.url}/products?page=2"}
+    home = ThirdParty(pim)
+    try:
+        for n, path in enumerate(("/products", "/moved")):
+            cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim{n}.products", f"""\
+      mapping: {{fields: {{id: id, sku: code, name: title, seq: seq}}}}
+      pull:
+        url: {home.url}{path}
+        auth: {{kind: api_key, key: "${{DX_TEST_PULL_SECRET}}"}}
+        items: data
+        pagination: {{kind: next, token_path: next}}
+""")
+            with pytest.raises(TerminalError, match="not the host of pull.url"):
+                pull_once(load_config(cfg))
+        assert elsewhere.requests == []
+    finally:
+        home.close()
+        elsewhere.close()
