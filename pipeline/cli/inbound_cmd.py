@@ -38,22 +38,30 @@ def serve(config: Path = ConfigOption,
                                    help="listen address (0.0.0.0 to accept from outside)"),
           port: int = typer.Option(8088, "--port", envvar="DX_INBOUND_PORT", min=0,
                                    max=65535, help="listen port"),
+          metrics_port: int = MetricsPortOption, metrics_host: str = MetricsHostOption,
           verbose: bool = VerboseOption) -> None:
     """Receive webhooks on POST /inbound/ROUTE for every route with 'inbound: webhook:'; a 2xx
-    answer means Kafka acknowledged every entity. SIGTERM/Ctrl-C stop after in-flight requests."""
+    answer means Kafka acknowledged every entity. SIGTERM/Ctrl-C stop after in-flight requests.
+    Prometheus /metrics on --metrics-port (not on the port facing the senders)."""
     import uvicorn
 
     from pipeline.inbound.webhook import WebhookServer
 
     _verbose(verbose)
-    server = WebhookServer(config_from(config))
-    typer.echo(f"dx inbound: webhooks for {', '.join(sorted(server.receivers))} on "
-               f"http://{host}:{port}/inbound/<route>", err=True)
+    cfg = config_from(config)
+    metrics = worker_server(metrics_port, metrics_host)
     try:
-        uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_config=None,
-                                      access_log=False, server_header=False)).run()
+        server = WebhookServer(cfg, server=metrics)
+        typer.echo(f"dx inbound: webhooks for {', '.join(sorted(server.receivers))} on "
+                   f"http://{host}:{port}/inbound/<route>", err=True)
+        metrics.set_ready(True, "serving")
+        try:
+            uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_config=None,
+                                          access_log=False, server_header=False)).run()
+        finally:
+            server.close()
     finally:
-        server.close()
+        metrics.close()
     typer.echo("dx inbound: stopped", err=True)
 
 

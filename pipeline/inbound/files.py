@@ -43,6 +43,7 @@ from pipeline.inbound import state
 from pipeline.inbound.entities import Mapper, MappingError, canonical, loads_exact
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
 from pipeline.inbound.rejects import rejected
+from pipeline.observability.metrics import METRICS
 from pipeline.observability.server import WorkerServer
 from pipeline.source.events import Failure
 from pipeline.source.tasks import recorder
@@ -115,6 +116,7 @@ class Watcher:
         self.stop = stop or threading.Event()
         self.url = config.database.url.get_secret_value()
         self.producer: InboundProducer | None = None
+        self.metrics = METRICS.worker("inbound", self.route.name)
         with self._db() as conn:
             state.ensure_schema(conn)
 
@@ -211,7 +213,9 @@ class Watcher:
                                         reject_file=rejects)
                     outcome = FileOutcome(path.name, "failed" if result.rejected else "done",
                                           result.rows, result.rejected)
-                    sent = result.produced
+                    sent = result.produced  # dx import's own producer: counted here
+                    self.metrics.received(self.route.topic, sent)
+                    self.metrics.delivered(self.route.topic, sent)
                 else:
                     outcome, sent = self._jsonl(path, rejects)
             except (TerminalError, OSError, UnicodeDecodeError, csv.Error) as err:
@@ -245,6 +249,8 @@ class Watcher:
                 files_failed=int(outcome.status == "failed"),
                 errors=int(outcome.error is not None)), ok=outcome.error is None,
                 error=f"{path.name}: {outcome.error}" if outcome.error else None)
+        if failures:  # refused before Kafka: dead tasks
+            self.metrics.failed("terminal", len(failures))
         failed = self._folder("failed")
         if outcome.error is not None:
             _publish(failed / f"{path.name}.error.txt", f"{outcome.error}\n".encode())

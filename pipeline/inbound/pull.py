@@ -278,6 +278,8 @@ class Puller:
                                           errors=len(failures)),
                              cursor=cursor.dumps(), set_cursor=True,
                              ok=True if nxt is None else None)
+            if failures:  # refused before Kafka: dead tasks
+                self.producer.metrics.failed("terminal", len(failures))
             stats.pages += 1
             stats.entities += len(messages)
             stats.failed += len(failures)

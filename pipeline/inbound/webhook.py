@@ -45,6 +45,7 @@ from pipeline.errors import ConfigError, DxError
 from pipeline.inbound import state
 from pipeline.inbound.entities import Mapper, MappingError, loads_exact
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
+from pipeline.observability.server import WorkerServer
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,11 @@ def check_bearer(auth: BearerAuth, header: str | None) -> None:
 class WebhookServer:
     """The Starlette application and the per-route receivers."""
 
-    def __init__(self, config: DxConfig, *, flush_s: float = 2.0) -> None:
+    def __init__(self, config: DxConfig, *, flush_s: float = 2.0,
+                 server: WorkerServer | None = None) -> None:
         self.config = config
+        #: /metrics /healthz /readyz on --metrics-port; the statistics thread beats it
+        self.server = server if server is not None else WorkerServer(0)
         self.receivers: dict[str, Receiver] = {}
         url = config.database.url.get_secret_value()
         with db.connection(url, application_name="dx-inbound-serve",
@@ -332,6 +336,7 @@ class WebhookServer:
     def _flush_loop(self, every_s: float) -> None:
         next_purge = 0.0
         while not self._stop.wait(every_s):
+            self.server.heartbeat()
             try:
                 self._flush()
                 if time.monotonic() >= next_purge:

@@ -332,7 +332,7 @@ def test_a_next_link_or_redirect_to_another_host_never_gets_the_credentials(
         items: data
         pagination: {{kind: next, token_path: next}}
 """)
-            with pytest.raises(TerminalError, match="not the host of pull.url"):
+            with pytest.raises(TerminalError, match=r"not the host of pull\.url"):
                 pull_once(load_config(cfg))
         assert elsewhere.requests == []
     finally:

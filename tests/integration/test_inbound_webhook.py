@@ -20,6 +20,7 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 
 from pipeline.config.loader import load_config
 from pipeline.inbound.webhook import WebhookServer
@@ -172,9 +173,13 @@ def test_webhook_with_the_broker_unreachable_answers_503_and_accepts_the_resend(
         assert down.headers["retry-after"] == "5"
     with psycopg.connect(pg_db) as conn:  # the claim was released: a re-send is not a duplicate
         assert conn.execute("SELECT count(*) FROM dx.inbound_request").fetchone() == (0,)
+    topic = f"{topic_prefix}.pim.products"
+    labels = {"role": "inbound", "route": "products", "topic": topic}
+    before = REGISTRY.get_sample_value("dx_events_delivered_total", labels) or 0
     with serving(cfg) as url:
         resent = post(url, body, good)
         assert resent.status_code == 202, resent.text
+        assert REGISTRY.get_sample_value("dx_events_delivered_total", labels) == before + 2
         # no id_fields, no key: the same content again is a new edit (A -> B -> A), not a
         # duplicate to drop with a 2xx
         a, b = json.dumps(product(8)).encode(), json.dumps({**product(8), "name": "B"}).encode()
