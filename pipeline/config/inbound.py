@@ -58,7 +58,8 @@ class WebhookConfig(_Base):
     idempotency_header: str | None = Field(
         "Idempotency-Key", description="a request carrying a key already accepted is answered "
         "again without producing anything (the same key for other entities: 422); without a key, "
-        "id_fields identify a re-sent request; without both, every request is produced")
+        "id_fields identify a re-sent request; without both, the signature (hmac) or nothing "
+        "(bearer: every request is produced)")
     ack_timeout_s: float = Field(10, gt=0, le=300,
                                  description="answer 503 when Kafka has not acknowledged by then")
 

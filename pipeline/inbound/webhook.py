@@ -97,8 +97,9 @@ def _body_items(body: Any) -> list[dict[str, Any]]:
 
 
 def check_signature(auth: ReceivedHmac, header: str | None, body: bytes,
-                    now: float | None = None) -> None:
-    """``t=<unix seconds>,v1=<hex>`` (several ``v1`` allowed, for secret rotation)."""
+                    now: float | None = None) -> str:
+    """``t=<unix seconds>,v1=<hex>`` (several ``v1`` allowed, for secret rotation); returns the
+    signed timestamp."""
     if not header:
         raise fail("unauthorized", f"missing {auth.header} header")
     parts = [p.strip().partition("=") for p in header.split(",")]
@@ -113,6 +114,7 @@ def check_signature(auth: ReceivedHmac, header: str | None, body: bytes,
     # bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, not a 401)
     if not any(hmac.compare_digest(want, s.encode("utf-8", "replace")) for s in sigs):
         raise fail("unauthorized", "signature does not match")
+    return ts
 
 
 def check_bearer(auth: BearerAuth, header: str | None) -> None:
@@ -208,8 +210,10 @@ class WebhookServer:
         if isinstance(auth, BearerAuth):
             check_bearer(auth, request.headers.get("authorization"))
         body = await self._read(request, limit)
+        replay_key = None
         if isinstance(auth, ReceivedHmac):
-            check_signature(auth, request.headers.get(auth.header), body)
+            stamp = check_signature(auth, request.headers.get(auth.header), body)
+            replay_key = f"signed:{stamp}:{hashlib.sha256(body).hexdigest()}"
         try:
             parsed = loads_exact(body)
         except ValueError as err:  # UnicodeDecodeError is one
@@ -226,9 +230,11 @@ class WebhookServer:
         fingerprint = hashlib.sha256("\n".join(m.event_id for m in messages).encode()
                                      ).hexdigest()
         # Without a key or id_fields the event ids come from the content, and the same content
-        # can be a new edit (A -> B -> A): answering it "duplicate" would drop it. So such a
-        # request is always produced; the apply writes nothing for a row it already holds.
-        key = given or (fingerprint if r.mapper.id_fields else None)
+        # can be a new edit (A -> B -> A): answering it "duplicate" would drop it. Such a request
+        # is identified by its signature instead (a replay inside the window is the same signed
+        # request; a new edit is signed anew), and on a bearer route always produced (the apply
+        # writes nothing for a row it already holds).
+        key = given or (fingerprint if r.mapper.id_fields else replay_key)
         return await self._accept(r, key, fingerprint, messages)
 
     @staticmethod

@@ -189,3 +189,23 @@ def test_webhook_with_the_broker_unreachable_answers_503_and_accepts_the_resend(
     assert rows(pg_db) == {7: ("sku-7", "product 7", Decimal("7.25"), 1),
                            8: ("sku-8", "product 8", Decimal("8.25"), 1)}
     assert writes(pg_db)[7] == 1
+
+
+def test_a_replay_inside_the_window_is_answered_without_producing_but_a_new_edit_is_sent(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DX_TEST_HOOK_SECRET", SECRET)
+    products_table(pg_db)
+    hook = "\n".join(line for line in HMAC_HOOK.splitlines() if "id_fields" not in line) + "\n"
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products", hook)
+    a = json.dumps(product(1)).encode()
+    b = json.dumps({**product(1), "name": "B"}).encode()
+    with serving(cfg) as url:
+        first = signed(a, ts=int(time.time()) - 2)
+        assert post(url, a, first).status_code == 202
+        replayed = post(url, a, first)  # the same signed request again (captured, or retried)
+        assert replayed.status_code == 200 and replayed.json()["status"] == "duplicate"
+        # the same content signed anew is a new edit back to A, sent
+        assert [post(url, x, signed(x)).status_code for x in (b, a)] == [202, 202]
+    run_worker(cfg, "products")
+    assert rows(pg_db)[1][1] == "product 1"
