@@ -16,6 +16,7 @@ from pipeline.cli.common import (
     worker_server,
 )
 from pipeline.errors import TerminalError
+from pipeline.observability.logging import redact
 
 inbound_app = typer.Typer(
     help="Inbound kinds feeding source routes: webhooks, scheduled pulls, file drops "
@@ -96,7 +97,7 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
         server.close()
     typer.echo(f"pull {route}: {stats.pages} pages, {stats.entities} entities sent, "
                f"{stats.failed} unmappable (dead tasks), {stats.retries} retried requests; "
-               f"cursor {stats.cursor}", err=True)
+               f"cursor {redact(stats.cursor or '')}", err=True)
 
 
 @inbound_app.command("watch")

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from pipeline import db
 from pipeline.config.inbound import FilesConfig
 from pipeline.config.model import DxConfig
@@ -135,8 +137,14 @@ class Watcher:
         while not self.stop.is_set():
             self.server.heartbeat()
             try:
-                outcomes.extend(self.scan())
-            except ServiceUnavailable as err:
+                try:
+                    outcomes.extend(self.scan())
+                except psycopg.OperationalError as err:  # the database went away mid-scan
+                    raise ServiceUnavailable("postgresql", db.redact(self.url),
+                                             str(err).strip()) from None
+                except OSError as err:  # the folder: permissions, a file where done/ should be
+                    raise TerminalError(f"watch {self.route.name}: {err}") from None
+            except (ServiceUnavailable, TerminalError) as err:
                 if once:
                     raise
                 log.error("watch %s: %s; files stay for the next scan", self.route.name, err)

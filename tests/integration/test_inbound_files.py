@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +193,22 @@ def test_links_are_not_followed_and_a_file_changed_while_read_is_read_again(
     stats = run_worker(cfg, "products")
     assert stats.failed == 0
     assert sorted(rows(pg_db)) == [1, 5] and rows(pg_db)[5][1] == "first"
+
+
+def test_a_folder_problem_is_one_error_line_and_the_file_stays(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    products_table(pg_db)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                         f"      files: {{directory: {drop}}}\n")
+    (drop / "done").write_text("a file where the done/ folder should be\n")
+    (drop / "p.csv").write_text(CSV_TEXT)
+    cmd = [sys.executable, "-m", "pipeline.cli", "inbound", "watch", "products", "--once",
+           "-c", str(cfg)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dx: error: watch products: "), out.stderr
+    assert "File exists" in lines[0] and (drop / "p.csv").exists()
