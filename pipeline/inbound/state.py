@@ -95,6 +95,8 @@ def record(conn: psycopg.Connection[Any], route: str, kind: str, counts: Counts,
            error: str | None = None) -> None:
     """Add ``counts`` to the row of (route, kind) in the caller's transaction; ``ok`` stamps a
     run (True: successful, False: failed with ``error``); ``set_cursor`` stores ``cursor``."""
+    if error is not None:  # a third party's answer quoted in it may hold NUL, which text refuses
+        error = error.replace("\x00", "\\0")
     conn.execute(
         """
         INSERT INTO dx.inbound_state AS s (route, kind, cursor, last_run_at, last_ok_at, pages,

@@ -338,3 +338,19 @@ def test_a_next_link_or_redirect_to_another_host_never_gets_the_credentials(
     finally:
         home.close()
         elsewhere.close()
+
+
+def test_a_refusal_quoting_a_nul_byte_is_recorded_and_raised_as_one_error(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    products_table(pg_db)
+    pim = ThirdParty(lambda *_: (400, {}, b'{"error": "bad \x00 request"}'))
+    try:
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                             f"      pull: {{url: {pim.url}/products}}\n")
+        with pytest.raises(TerminalError, match="HTTP 400"):  # not psycopg's DataError
+            pull_once(load_config(cfg))
+    finally:
+        pim.close()
+    with psycopg.connect(pg_db) as conn:
+        (error,) = conn.execute("SELECT last_error FROM dx.inbound_state").fetchone() or ("",)
+    assert "HTTP 400" in error and "\\0" in error
