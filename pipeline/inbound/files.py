@@ -202,9 +202,11 @@ class Watcher:
         before = _identity(path)
         digest = sha256_of(path)
         with self._db() as conn:
+            # a file that could not be read at all sent nothing: the same content dropped again
+            # (after fixing the route, the permissions) is read again, not a "duplicate"
             row = conn.execute("SELECT status, processed_at FROM dx.inbound_file "
-                               "WHERE route = %s AND sha256 = %s",
-                               (self.route.name, digest)).fetchone()
+                               "WHERE route = %s AND sha256 = %s AND NOT (status = 'failed' "
+                               "AND error IS NOT NULL)", (self.route.name, digest)).fetchone()
         if row is not None:
             log.warning("watch %s: %s has the content of a file processed on %s (%s); "
                         "nothing sent", self.route.name, path.name, row[1], row[0])
@@ -249,7 +251,9 @@ class Watcher:
             if digest is not None:
                 conn.execute("INSERT INTO dx.inbound_file (route, sha256, name, status, rows, "
                              "rejected, error) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                             "ON CONFLICT DO NOTHING",
+                             "ON CONFLICT (route, sha256) DO UPDATE SET name = EXCLUDED.name, "
+                             "status = EXCLUDED.status, rows = EXCLUDED.rows, rejected = "
+                             "EXCLUDED.rejected, error = EXCLUDED.error, processed_at = now()",
                              (self.route.name, digest, path.name, outcome.status, outcome.rows,
                               outcome.rejected, outcome.error))
             state.record(conn, self.route.name, "files", state.Counts(

@@ -114,6 +114,9 @@ def test_marker_mode_reads_a_file_only_once_its_done_marker_exists(
     assert "'nope' is not a field" in (drop / "failed" / "bad.csv.error.txt").read_text()
     ((partition, error),) = tasks(pg_db)
     assert partition == -1 and error.startswith("file bad.csv: ") and "'nope'" in error
+    (drop / "bad-again.csv").write_text("id,sku,nope\n1,a,b\n")  # nothing of it was sent:
+    (drop / "bad-again.csv.done").touch()  # read again (e.g. after the route was fixed)
+    assert scan(cfg) == [("bad-again.csv", "failed", 0, 0)]
 
 
 def tasks(db_url: str) -> list[tuple[int, str]]:
