@@ -117,6 +117,13 @@ def check_signature(auth: ReceivedHmac, header: str | None, body: bytes,
     return ts
 
 
+def stale_claim_s(ack_timeout_s: float) -> float:
+    """When a pending claim is taken over: never while its request may still be waiting for
+    Kafka (up to the ack timeout plus 5 s), or both would produce and the first, timing out,
+    would release the second's claim."""
+    return max(_STALE_CLAIM_S, ack_timeout_s + 60)
+
+
 def check_bearer(auth: BearerAuth, header: str | None) -> None:
     scheme, _, token = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -271,7 +278,8 @@ class WebhookServer:
                       messages: list[OutMessage]) -> Response:
         route = r.route.name
         claim = "new" if key is None else await run_in_threadpool(
-            self._claim, route, key, fingerprint, len(messages))
+            self._claim, route, key, fingerprint, len(messages),
+            stale_claim_s(r.hook.ack_timeout_s))
         if claim == "other":
             raise fail("key_mismatch", f"this {r.hook.idempotency_header} was used before for "
                        "other entities; nothing sent: use a new key for a new request",
@@ -306,7 +314,7 @@ class WebhookServer:
 
     # ---- idempotency claims -----------------------------------------------------------------
 
-    def _claim(self, route: str, key: str, fingerprint: str, n: int) -> str:
+    def _claim(self, route: str, key: str, fingerprint: str, n: int, stale_s: float) -> str:
         """'new' (ours to produce), 'accepted' (done before), 'pending' (in flight) or 'other'
         (the key was used for other entities: answering "duplicate" would drop them)."""
         with self.pool.connection() as conn, conn.transaction():
@@ -316,7 +324,7 @@ class WebhookServer:
                 "SET claimed_at = now(), fingerprint = EXCLUDED.fingerprint, "
                 "entities = EXCLUDED.entities WHERE r.state = 'pending' "
                 "AND r.claimed_at < now() - make_interval(secs => %s) RETURNING state",
-                (route, key, n, fingerprint, _STALE_CLAIM_S)).fetchone()
+                (route, key, n, fingerprint, stale_s)).fetchone()
             if row is not None:
                 return "new"
             found = conn.execute("SELECT state, fingerprint FROM dx.inbound_request "

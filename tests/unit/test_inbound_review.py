@@ -12,8 +12,9 @@ import pytest
 
 from pipeline.api.errors import ApiError
 from pipeline.config.auth import ReceivedHmac
+from pipeline.config.inbound import WebhookConfig
 from pipeline.inbound.entities import canonical, loads_exact
-from pipeline.inbound.webhook import check_signature
+from pipeline.inbound.webhook import check_signature, stale_claim_s
 from pipeline.source.decode import json_decode
 from pipeline.source.validate import _json
 
@@ -58,3 +59,9 @@ def test_json_numbers_keep_every_digit_to_the_worker() -> None:
     decoded = json_decode(text.encode())  # what the route's worker reads
     assert decoded["price"] == Decimal("12345678901234567.89")
     assert _json(None)({"a": decoded["w"]}) == '{"a":1.10}'  # a jsonb column: still a number
+
+
+def test_a_claim_is_not_taken_over_while_its_request_may_still_wait_for_kafka() -> None:
+    longest = WebhookConfig.model_fields["ack_timeout_s"].metadata  # le=300
+    limit = next(m.le for m in longest if hasattr(m, "le"))
+    assert stale_claim_s(float(limit)) > limit + 5  # the request's own wait
