@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -207,5 +208,11 @@ def test_a_replay_inside_the_window_is_answered_without_producing_but_a_new_edit
         assert replayed.status_code == 200 and replayed.json()["status"] == "duplicate"
         # the same content signed anew is a new edit back to A, sent
         assert [post(url, x, signed(x)).status_code for x in (b, a)] == [202, 202]
+        two = json.dumps(product(2)).encode()  # 8 identical requests at once: one is sent
+        keyed = {**signed(two), "Idempotency-Key": "concurrent-1"}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(url, two, keyed), range(8)))
+        assert sorted({a.status_code for a in answers} - {200, 409}) == [202]
+        assert [a.status_code for a in answers].count(202) == 1
     run_worker(cfg, "products")
-    assert rows(pg_db)[1][1] == "product 1"
+    assert rows(pg_db)[1][1] == "product 1" and writes(pg_db)[2] == 1
