@@ -98,6 +98,10 @@ class Incremental(_Base):
     initial: str | None = Field(None, description="cursor of the first run (default: none)")
     compare: Literal["text", "number"] = Field(
         "text", description="how values are ordered: ISO timestamps as text, ids as numbers")
+    keyset: bool = Field(
+        False, description="page/offset: ask every page from the largest value seen so far, at "
+        "the first page, so an entity changed mid-run cannot shift another past the pages "
+        "read (the endpoint must order by field, ascending; field unique, or param inclusive)")
 
 
 class PullConfig(_Base):
@@ -135,6 +139,14 @@ class PullConfig(_Base):
         if v is not None and not re.match(_DOTTED, v):
             raise ValueError("a path of names joined by dots, e.g. data or result.items")
         return v
+
+    @model_validator(mode="after")
+    def _keyset(self) -> PullConfig:
+        if self.incremental is not None and self.incremental.keyset and \
+                self.pagination.kind not in ("page", "offset"):
+            raise ValueError("incremental.keyset needs page or offset pagination (a cursor or "
+                             "next link already pages consistently)")
+        return self
 
 
 class FilesConfig(_Base):

@@ -248,7 +248,10 @@ class Puller:
             if page_no > self.pull.max_pages:
                 raise TerminalError(f"pull {self.route.name}: more than {self.pull.max_pages} "
                                     "pages in one run (raise pull.max_pages?)")
-            number = int(cursor.next) if p.kind == "page" else page_no  # after a resume too
+            inc = self.pull.incremental
+            keyset = inc is not None and inc.keyset
+            # after a resume too (keyset: always the first page, from a moving watermark)
+            number = int(cursor.next) if p.kind == "page" and not keyset else page_no
             resp = self._get(cursor, stats)
             where = f"{self.route.name} page {number} ({redact(str(resp.url))})"
             try:
@@ -260,7 +263,6 @@ class Puller:
                 raise TerminalError(f"pull {where}: no list at "
                                     f"{self.pull.items or 'the top level'}")
             messages, failures = self._page_messages(items, number, str(resp.url))
-            inc = self.pull.incremental
             if inc is not None:
                 for item in items:
                     if isinstance(item, dict):
@@ -269,7 +271,9 @@ class Puller:
             nxt = self._next(cursor, body, items, resp)
             if nxt is None:  # the run is complete: the watermark moves on
                 cursor.since, cursor.next = cursor.max, None
-            else:
+            elif keyset and cursor.max != cursor.since:  # on from the largest value seen
+                cursor.since, cursor.next = cursor.max, {"page": p.start, "offset": 0}[p.kind]
+            else:  # (keyset: a page that did not move the watermark pages on as usual)
                 cursor.next = nxt
             with conn.transaction():
                 recorder().record(conn, self.route.name, failures)

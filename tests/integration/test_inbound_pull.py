@@ -354,3 +354,31 @@ def test_a_refusal_quoting_a_nul_byte_is_recorded_and_raised_as_one_error(
     with psycopg.connect(pg_db) as conn:
         (error,) = conn.execute("SELECT last_error FROM dx.inbound_state").fetchone() or ("",)
     assert "HTTP 400" in error and "\\0" in error
+
+
+def test_an_entity_changed_mid_run_shifts_no_other_past_a_keyset_pull(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    """Without keyset, page 2 of the changed feed starts one entity later: item 11 slides onto
+    page 1, already read, and the watermark passes it for good."""
+    products_table(pg_db)
+    catalog = Catalog(30)
+    try:
+        pull = PULL.format(url=catalog.server.url).replace(
+            "compare: number}", "compare: number, keyset: true}")
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products", pull)
+        edited: list[int] = []
+
+        def edit_once(page: int, cursor: Any) -> None:
+            if not edited:  # item 3 changes after page 1: it moves to the end of the feed
+                edited.append(page)
+                catalog.change(3, "edited", "3.75")
+        puller = Puller(load_config(cfg), "products", on_page=edit_once)
+        try:
+            puller.run(once=True)
+            puller.run(once=True)  # the next run: from the watermark
+        finally:
+            puller.close()
+    finally:
+        catalog.server.close()
+    run_worker(cfg, "products")
+    assert sorted(rows(pg_db)) == list(range(1, 31)) and rows(pg_db)[3][1] == "edited"
