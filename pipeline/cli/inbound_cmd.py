@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from pathlib import Path
 
@@ -46,23 +48,36 @@ def serve(config: Path = ConfigOption,
     Prometheus /metrics on --metrics-port (not on the port facing the senders)."""
     import uvicorn
 
+    from pipeline.cli.core_cmd import install_signal_handlers
     from pipeline.inbound.webhook import WebhookServer
 
     _verbose(verbose)
     cfg = config_from(config)
+    try:  # bound here: a port in use is one dx: error line (uvicorn would log and exit 3)
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                    else socket.AF_INET)
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        raise TerminalError(f"cannot listen on {host}:{port}: {why} (set --port / "
+                            "DX_INBOUND_PORT)") from None
     metrics = worker_server(metrics_port, metrics_host)
     try:
         server = WebhookServer(cfg, server=metrics)
         typer.echo(f"dx inbound: webhooks for {', '.join(sorted(server.receivers))} on "
                    f"http://{host}:{port}/inbound/<route>", err=True)
         metrics.set_ready(True, "serving")
+        # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again under the
+        # handler it found: ours, so the statistics are flushed and the exit code is 0
+        install_signal_handlers(threading.Event())
         try:
             uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_config=None,
-                                          access_log=False, server_header=False)).run()
+                                          access_log=False, server_header=False)
+                           ).run(sockets=[sock])
         finally:
             server.close()
     finally:
         metrics.close()
+        sock.close()
     typer.echo("dx inbound: stopped", err=True)
 
 

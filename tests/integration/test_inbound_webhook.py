@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -216,3 +219,40 @@ def test_a_replay_inside_the_window_is_answered_without_producing_but_a_new_edit
         assert [a.status_code for a in answers].count(202) == 1
     run_worker(cfg, "products")
     assert rows(pg_db)[1][1] == "product 1" and writes(pg_db)[2] == 1
+
+
+def test_dx_inbound_serve_answers_and_a_port_in_use_is_one_error_line(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DX_TEST_HOOK_SECRET", SECRET)
+    products_table(pg_db)
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products", BEARER_HOOK)
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipeline.cli", "inbound", "serve", "--port", str(port),
+           "-c", str(cfg)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                             text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return first.poll() is not None
+        wait_for("dx inbound serve", healthy, 60)
+        assert first.poll() is None, first.stderr.read() if first.stderr else ""
+        body = json.dumps(product(1)).encode()
+        ok = post(url, body, {"Authorization": f"Bearer {SECRET}"})
+        assert ok.status_code == 202, ok.text
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60,
+                                check=False)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"dx: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+            "(set --port / DX_INBOUND_PORT)"]
+    finally:
+        first.terminate()
+        assert first.wait(60) == 0  # uvicorn re-raised SIGTERM under dx's handler
+    assert "dx inbound: stopped" in (first.stderr.read() if first.stderr else "")
