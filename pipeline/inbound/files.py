@@ -145,6 +145,7 @@ class Watcher:
                 except OSError as err:  # the folder: permissions, a file where done/ should be
                     raise TerminalError(f"watch {self.route.name}: {err}") from None
             except (ServiceUnavailable, TerminalError) as err:
+                self._record_error(err)
                 if once:
                     raise
                 log.error("watch %s: %s; files stay for the next scan", self.route.name, err)
@@ -153,6 +154,16 @@ class Watcher:
             self.stop.wait(self.files.poll_s)
         self.server.set_ready(False, "stopped")
         return outcomes
+
+    def _record_error(self, err: Exception) -> None:
+        """A scan that failed is a problem in ``dx status`` (best effort: the database may be
+        what failed)."""
+        try:
+            with self._db() as conn, conn.transaction():
+                state.record(conn, self.route.name, "files", state.Counts(errors=1), ok=False,
+                             error=str(err))
+        except (ServiceUnavailable, psycopg.Error) as failed:
+            log.debug("watch %s: error not recorded: %s", self.route.name, failed)
 
     def ready(self) -> list[Path]:
         """Complete files of an accepted format, oldest first."""

@@ -215,3 +215,7 @@ def test_a_folder_problem_is_one_error_line_and_the_file_stays(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dx: error: watch products: "), out.stderr
     assert "File exists" in lines[0] and (drop / "p.csv").exists()
+    with psycopg.connect(pg_db) as conn:  # and a problem in dx status
+        (error,) = conn.execute("SELECT last_error FROM dx.inbound_state WHERE kind = 'files'"
+                                ).fetchone() or ("",)
+    assert "File exists" in error
