@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -77,10 +78,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    """What changes when a file is rewritten, appended to or replaced (not followed)."""
+def _identity(path: Path) -> tuple[int, int, int, int, int]:
+    """What changes when a file is rewritten, appended to or replaced (not followed); the
+    first item is the mode, so one ``lstat`` both checks the kind and identifies the file."""
     st = path.lstat()
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _move(path: Path, folder: Path) -> Path:
@@ -206,11 +208,12 @@ class Watcher:
         return folder
 
     def process(self, path: Path) -> FileOutcome:
-        if path.is_symlink():  # reading it would send whatever it points to
+        before = _identity(path)  # the same lstat decides "a link?" and what is read next
+        if not stat.S_ISREG(before[0]):  # a link: reading it sends whatever it points to
             return self._conclude(path, None, FileOutcome(
-                path.name, "failed", error="a symbolic link, not followed: drop the file itself"),
+                path.name, "failed", error="not a regular file (a symbolic link is not "
+                "followed): drop the file itself"),
                 0, None)
-        before = _identity(path)
         digest = sha256_of(path)
         with self._db() as conn:
             # a file that could not be read at all sent nothing: the same content dropped again
