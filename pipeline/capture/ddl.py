@@ -99,6 +99,9 @@ CREATE TABLE IF NOT EXISTS dx.relay_state (
     id bigint NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+-- which database recorded the cursor (pipeline.relay.identity): tells a restored, copied or
+-- promoted database from the one the relay published from
+ALTER TABLE dx.relay_state ADD COLUMN IF NOT EXISTS identity text;
 CREATE TABLE IF NOT EXISTS dx.snapshot_progress (
     entity text PRIMARY KEY,
     last_key jsonb,

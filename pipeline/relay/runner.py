@@ -38,7 +38,7 @@ from pipeline.errors import (
 )
 from pipeline.events.wire import SchemaRegistrar, registry_client
 from pipeline.observability import tracing
-from pipeline.relay import kafka
+from pipeline.relay import identity, kafka
 from pipeline.relay.encoder import Encoder, Record
 from pipeline.relay.lease import Lease
 from pipeline.relay.observe import RelayHooks
@@ -143,6 +143,8 @@ class Relay:
             self._system_id = system_id
             self._new_producer()
             cursor = self._start_cursor(reader)
+            identity.settle(conn, self.config.relay.name,
+                            cursor if self.eos and not self.reset_state else None)
             reader.delete_upto(cursor)
             self._loop(lease, reader, encoder, admin, listen, cursor)
         finally:

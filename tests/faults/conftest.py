@@ -1,0 +1,21 @@
+"""The fault-injection tier: the real stack driven through what production does to it (restores,
+restarts, partitions, half-open connections, outages), each test ending with an oracle that
+compares what the database committed with what arrived (``committed= delivered= lost= dup=``).
+
+Everything here needs the stack, so it is marked ``integration`` as well as ``faults``
+(``-m faults`` runs this tier alone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FAULTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if FAULTS in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.faults)
