@@ -183,13 +183,34 @@ DROP TRIGGER IF EXISTS dx_on_commit ON dx.outbox;
 CREATE CONSTRAINT TRIGGER dx_on_commit AFTER INSERT ON dx.outbox
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.marks_txn)
     EXECUTE FUNCTION dx.on_commit();
+-- captured under session_replication_role = replica too (see ENABLE_ALWAYS)
+ALTER TABLE dx.txn_marker ENABLE ALWAYS TRIGGER dx_on_commit;
+ALTER TABLE dx.outbox ENABLE ALWAYS TRIGGER dx_on_commit;
 """  # noqa: S608
 
 
 # --- per-table capture ----------------------------------------------------------------------
 
-TRIGGER_NAMES = ("dx_capture", "dx_capture_update", "dx_capture_insert_stmt",
-                 "dx_capture_update_stmt", "dx_capture_delete_stmt", "dx_refuse_truncate")
+ROW_TRIGGERS = ("dx_capture", "dx_capture_update")
+STATEMENT_TRIGGERS = ("dx_capture_insert_stmt", "dx_capture_update_stmt",
+                      "dx_capture_delete_stmt")
+TRIGGER_NAMES = (*ROW_TRIGGERS, *STATEMENT_TRIGGERS, "dx_refuse_truncate")
+#: Why every dx trigger is ENABLE ALWAYS: PostgreSQL's default ('O', origin) does not fire in
+#: sessions with ``session_replication_role = replica`` (pg_restore, ETL and replication tools
+#: set it to skip triggers and foreign keys), so their writes would change the table and never
+#: reach the outbox. ALWAYS captures them like any other write; :data:`INACTIVE_TRIGGERS` finds
+#: a trigger someone disabled or set back.
+ENABLE_ALWAYS = "A"
+#: dx's triggers in this database that do not fire always: (schema, table, trigger, tgenabled)
+INACTIVE_TRIGGERS = """
+SELECT n.nspname, c.relname, t.tgname, t.tgenabled::text
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.tgname IN ('dx_on_commit', 'dx_capture', 'dx_capture_update', 'dx_capture_insert_stmt',
+                   'dx_capture_update_stmt', 'dx_capture_delete_stmt', 'dx_refuse_truncate')
+  AND t.tgenabled <> 'A' AND NOT t.tgisinternal
+ORDER BY 1, 2, 3
+"""
 
 
 def function_name(spec: TableSpec) -> sql.Composable:
@@ -345,9 +366,16 @@ def install_statements(spec: TableSpec, version: int, mode: str, body_text: str,
                     "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT "
                     "EXECUTE FUNCTION {}()").format(table, fn),
         ]
+    guarded = [table, *(sql.Identifier(*p) for p in partitions)]
     stmts += [sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
                       "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()").format(t)
-              for t in [table, *(sql.Identifier(*p) for p in partitions)]]
+              for t in guarded]
+    # ENABLE_ALWAYS; a partitioned table's row triggers recurse to their clones
+    capture = ROW_TRIGGERS if mode == "row" else STATEMENT_TRIGGERS
+    stmts += [sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(n))
+              for n in capture]
+    stmts += [sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER dx_refuse_truncate").format(t)
+              for t in guarded]
     return stmts
 
 
