@@ -102,6 +102,14 @@ CREATE TABLE IF NOT EXISTS dx.relay_state (
 -- which database recorded the cursor (pipeline.relay.identity): tells a restored, copied or
 -- promoted database from the one the relay published from
 ALTER TABLE dx.relay_state ADD COLUMN IF NOT EXISTS identity text;
+-- the active relay's renewed lease (pipeline.relay.lease): lets a standby take over from a
+-- frozen or cut-off holder whose session (and advisory lock) PostgreSQL still keeps
+CREATE TABLE IF NOT EXISTS dx.relay_lease (
+    id integer PRIMARY KEY CHECK (id = 1),
+    holder text NOT NULL,
+    backend_pid integer NOT NULL,
+    renewed_at timestamptz NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dx.snapshot_progress (
     entity text PRIMARY KEY,
     last_key jsonb,

@@ -102,7 +102,8 @@ class Relay:
         app_name = f"dx-relay:{self.config.relay.name}:{socket.gethostname()}:{os.getpid()}"
         lease_conn = connect(url, autocommit=True, application_name=app_name)
         try:
-            lease = Lease(lease_conn, self.config.relay.name)
+            lease = Lease(lease_conn, self.config.relay.name,
+                          timeout_s=self.config.relay.lease_timeout_s)
             while not lease.try_acquire():
                 self._set_state(f"standby (active: {lease.holder() or 'unknown'})")
                 if self.stop.wait(self.config.relay.standby_poll_s):
