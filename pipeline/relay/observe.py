@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -56,6 +57,18 @@ class RelayHooks:
 
     def retry(self) -> None:
         """A batch attempt failed transiently and will be repeated."""
+
+
+def pause(stop: threading.Event, seconds: float, hooks: RelayHooks,
+          beat_s: float = 1.0) -> bool:
+    """Wait ``seconds`` (a retry backoff) while the heartbeat goes on, so a liveness probe does
+    not restart a relay that is patiently retrying within its budget; True when stopped."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        hooks.tick()
+        if stop.wait(min(beat_s, left)):
+            return True
+    return stop.is_set()
 
 
 class RelayObserver(RelayHooks):

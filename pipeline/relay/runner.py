@@ -41,7 +41,7 @@ from pipeline.observability import tracing
 from pipeline.relay import identity, kafka
 from pipeline.relay.encoder import Encoder, Record
 from pipeline.relay.lease import Lease
-from pipeline.relay.observe import RelayHooks
+from pipeline.relay.observe import RelayHooks, pause
 from pipeline.relay.reader import Cursor, OutboxReader, OutboxRow
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Relay:
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
                 log.warning("relay batch failed (attempt %d of %d), retrying in %.1fs: %s",
                             attempt, MAX_ATTEMPTS, delay, err)
-                self.stop.wait(delay)
+                pause(self.stop, delay, self.hooks)  # heartbeats on while retrying
         now = time.time()
         self.stats.batches += 1
         self.stats.events += len(rows)
