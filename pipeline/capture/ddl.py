@@ -6,8 +6,8 @@ time, takes a shared advisory lock and draws ``dx.commit_seq``. Two transactions
 same row are serialised by the row lock, so the later one always draws the higher
 number: ordering by that number keeps per-key order, which ordering by xid does not (a
 transaction can hold an older xid yet overwrite a row after a younger one committed). The relay's
-``dx.commit_frontier()`` reads the sequence and then takes the same advisory lock exclusively,
-waiting only for transactions that are inside their commit at that instant. Afterwards every
+``dx.commit_frontier()`` reads the sequence and then waits (watching ``pg_locks``, never queueing
+for the lock) for the transactions that hold the shared lock at that instant. Afterwards every
 number at or below the frontier belongs to a finished transaction: nothing committed is skipped,
 and no heuristic wait is involved. A long-open transaction delays only its own changes.
 """
@@ -117,17 +117,33 @@ CREATE TABLE IF NOT EXISTS dx.snapshot_progress (
     started_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz
 );
-CREATE OR REPLACE FUNCTION dx.commit_frontier() RETURNS bigint
+DROP FUNCTION IF EXISTS dx.commit_frontier();
+CREATE OR REPLACE FUNCTION dx.commit_frontier(max_wait_ms integer DEFAULT 200) RETURNS bigint
 LANGUAGE plpgsql AS $$
-DECLARE frontier bigint;
+DECLARE
+    frontier bigint;
+    committing text[];
+    deadline timestamptz := clock_timestamp() + make_interval(secs => max_wait_ms / 1000.0);
 BEGIN
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO frontier FROM dx.commit_seq;
-    -- wait for the commits in progress, then let go at once: committers queue behind this
-    -- request only while it waits (bounded by the caller's lock_timeout), never while the
-    -- relay goes on working
-    PERFORM pg_advisory_lock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
-    PERFORM pg_advisory_unlock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
-    RETURN frontier;
+    -- every number at or below it was drawn by a transaction holding the shared commit lock
+    -- until it ends: wait for the ones holding it now, by watching, never by queueing for the
+    -- lock (an exclusive request would make every later committer queue behind it while a
+    -- transaction that drew its number early stays open)
+    LOOP
+        SELECT array_agg(l.virtualtransaction) INTO committing FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.classid = {COMMIT_LOCK[0]}
+          AND l.objid = {COMMIT_LOCK[1]} AND l.objsubid = 2 AND l.granted
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND (committing IS NULL OR l.virtualtransaction = ANY (committing));
+        IF committing IS NULL THEN
+            RETURN frontier;
+        END IF;
+        IF clock_timestamp() > deadline THEN
+            RETURN NULL;  -- still committing (or drew its number early): try again later
+        END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
 END $$;
 CREATE OR REPLACE FUNCTION dx.mark_txn() RETURNS void
 LANGUAGE plpgsql AS $$
