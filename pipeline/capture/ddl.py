@@ -31,6 +31,9 @@ NOTIFY_CHANNEL = "dx_outbox"
 MARK_GUC = "dx.txn_marked"
 SEQ_GUC = "dx.txn_sequenced"
 ORIGIN_GUC = "dx.origin"
+#: "<outbox id>|<entity>:<key>" of the last row deleted from a partition in this transaction:
+#: a partition move's INSERT (same key) turns that delete into an update
+MOVE_GUC = "dx.moved_from"
 
 # Types without a btree equality: compared through their text form.
 _NO_EQUALITY = {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
@@ -283,7 +286,7 @@ def row_function(spec: TableSpec, version: int) -> sql.Composable:
     # The first row a transaction captures carries marks_txn = true: its deferred constraint
     # trigger draws the commit sequence, with no separate marker row to write and purge.
     body = sql.SQL("""
-DECLARE marks boolean;
+DECLARE marks boolean; moved text; moved_id bigint;
 BEGIN
     IF current_setting({guc}, true) IS DISTINCT FROM '1' THEN
         PERFORM set_config({guc}, '1', true);
@@ -292,9 +295,30 @@ BEGIN
         PERFORM dx.mark_txn();  -- raises: the commit number was drawn early
     END IF;
     IF TG_OP = 'INSERT' THEN
+        -- an UPDATE that moved the row to another partition reaches us as DELETE + INSERT;
+        -- with the key unchanged it is an update (or nothing, if no exposed column changed)
+        moved := current_setting({move_guc}, true);
+        IF moved IS NOT NULL AND moved <> '' THEN
+            PERFORM set_config({move_guc}, '', true);
+            IF substr(moved, strpos(moved, '|') + 1) = {ent} || ':' || ({key_new})::text THEN
+                moved_id := split_part(moved, '|', 1)::bigint;
+                DELETE FROM dx.outbox WHERE xid = pg_current_xact_id() AND id = moved_id
+                    AND before = {row_new};
+                IF NOT FOUND THEN
+                    UPDATE dx.outbox SET op = 'u', after = {row_new}
+                    WHERE xid = pg_current_xact_id() AND id = moved_id;
+                END IF;
+                RETURN NULL;
+            END IF;
+        END IF;
         {ins}({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin}, marks);
     ELSIF TG_OP = 'DELETE' THEN
-        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks);
+        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks)
+            RETURNING id INTO moved_id;
+        IF {partitioned} THEN  -- the INSERT of a partition move, if one follows, finds it
+            PERFORM set_config({move_guc}, moved_id || '|' || {ent} || ':' || ({key_old})::text,
+                               true);
+        END IF;
     ELSIF {cmp_key_old} IS DISTINCT FROM {cmp_key_new} THEN
         {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks),
              ({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin}, NULL);
@@ -305,6 +329,9 @@ BEGIN
 END
 """).format(
         guc=sql.Literal(MARK_GUC), seq_guc=sql.Literal(SEQ_GUC), ins=ins, ent=ent, ver=ver,
+        move_guc=sql.Literal(MOVE_GUC),
+        partitioned=sql.SQL("(TG_TABLE_SCHEMA, TG_TABLE_NAME) <> ({}, {})").format(
+            sql.Literal(spec.schema), sql.Literal(spec.table)),
         origin=_origin(),
         key_new=_json_object(k, "NEW"), key_old=_json_object(k, "OLD"),
         row_new=_json_object(cols, "NEW"), row_old=_json_object(cols, "OLD"),
