@@ -64,7 +64,9 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "dx",
                                connect_timeout=max(1, int(connect_timeout_s)),
                                **liveness_params(url, kwargs))
     except psycopg.OperationalError as err:
-        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        # libpq's text spans lines ("server closed the connection unexpectedly / This probably
+        # means ... / before or while processing the request."): one line, every part kept
+        detail = " ".join(str(err).split()) or type(err).__name__
         raise ServiceUnavailable("postgresql", redact(url), detail) from None
     if exact_json:
         set_json_loads(json_loads_exact, conn)

@@ -7,9 +7,12 @@ Everything here needs the stack, so it is marked ``integration`` as well as ``fa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.faults.own_postgres import OwnPostgres
 
 FAULTS = Path(__file__).resolve().parent
 
@@ -19,3 +22,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if FAULTS in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture(scope="session")
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A PostgreSQL instance this tier may restart and crash (see own_postgres.py)."""
+    pg = OwnPostgres()
+    try:
+        yield pg
+    finally:
+        pg.close()
