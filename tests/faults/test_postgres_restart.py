@@ -4,9 +4,6 @@ the way an orchestrator would, and every committed change arrives exactly once."
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,36 +14,9 @@ import psycopg
 
 from tests.faults.oracle import compare, topic_facts, wait_drained
 from tests.faults.own_postgres import OwnPostgres
+from tests.faults.supervisor import Supervisor
 from tests.integration.relay_support import dx, execute, write_config
 from tests.integration.test_relay_resilience import ITEMS, TABLES
-
-
-class Supervisor:
-    """Restarts ``dx relay`` whenever it exits, like a Kubernetes Deployment would."""
-
-    def __init__(self, cfg: Path) -> None:
-        self.cfg = cfg
-        self.done = threading.Event()
-        self.exits: list[tuple[int, str]] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.is_set():
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "relay", "-c", str(self.cfg)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            _, err = self.proc.communicate()
-            lines = err.strip().splitlines()
-            self.exits.append((self.proc.returncode, lines[-1] if lines else ""))
-            self.done.wait(0.5)
-
-    def stop(self) -> None:
-        self.done.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.thread.join(60)
 
 
 def write_through(url: str, stop: threading.Event, committed: list[tuple[int, int]]) -> None:
@@ -82,7 +52,7 @@ def test_postgres_restart_and_crash_under_the_relay(stack: Any, own_postgres: Ow
     execute(db, ITEMS)
     cfg = write_config(tmp_path / "dx.yaml", stack, db, topic_prefix, TABLES)
     assert dx("capture", "install", "-c", str(cfg)).returncode == 0
-    supervisor = Supervisor(cfg)
+    supervisor = Supervisor("relay", "-c", str(cfg))
     committed: list[tuple[int, int]] = []
     stop = threading.Event()
     writer = threading.Thread(target=write_through, args=(db, stop, committed))
