@@ -172,6 +172,14 @@ BEGIN
             quote_literal(aggregatetype)
             USING HINT = 'use letters, digits, ".", "_" and "-"';
     END IF;
+    IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'dx_capture') THEN
+        -- logical capture: a transactional message in the change stream, nothing to purge
+        PERFORM pg_logical_emit_message(true, 'dx.outbox', jsonb_build_object(
+            'aggregatetype', aggregatetype, 'aggregateid', aggregateid, 'type', type,
+            'payload', payload, 'event_id', event_id,
+            'origin', NULLIF(current_setting('{ORIGIN_GUC}', true), ''))::text);
+        RETURN event_id;
+    END IF;
     PERFORM dx.mark_txn();
     INSERT INTO dx.outbox (entity, op, key, after, origin, event_id, event_type)
     VALUES (aggregatetype, 'e', to_jsonb(aggregateid), payload,
@@ -417,17 +425,24 @@ def install_statements(spec: TableSpec, version: int, mode: str, body_text: str,
                     "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT "
                     "EXECUTE FUNCTION {}()").format(table, fn),
         ]
-    guarded = [table, *(sql.Identifier(*p) for p in partitions)]
-    stmts += [sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
-                      "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()").format(t)
-              for t in guarded]
     # ENABLE_ALWAYS; a partitioned table's row triggers recurse to their clones
     capture = ROW_TRIGGERS if mode == "row" else STATEMENT_TRIGGERS
     stmts += [sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(n))
               for n in capture]
-    stmts += [sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER dx_refuse_truncate").format(t)
-              for t in guarded]
-    return stmts
+    return stmts + truncate_guards(spec, partitions)
+
+
+def truncate_guards(spec: TableSpec,
+                    partitions: tuple[tuple[str, str], ...] = ()) -> list[sql.Composed]:
+    """The TRUNCATE guard on the table and each partition (a TRUNCATE reaches no capture),
+    firing ALWAYS (see ENABLE_ALWAYS)."""
+    guarded = [sql.Identifier(spec.schema, spec.table),
+               *(sql.Identifier(*p) for p in partitions)]
+    return [sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
+                    "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()").format(t)
+            for t in guarded] + [
+        sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER dx_refuse_truncate").format(t)
+        for t in guarded]
 
 
 def drop_triggers(spec: TableSpec,

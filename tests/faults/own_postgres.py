@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-USER, PASSWORD = "dx", "dx"
+USER, PASSWORD = "shop", "shop"  # not "dx": "$user" on the search path would be dx's schema
 
 
 def _free_port() -> int:
