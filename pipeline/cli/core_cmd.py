@@ -162,12 +162,17 @@ def capture_status_cmd(config: Path = ConfigOption) -> None:
                        f"retains {slot.retained_bytes or 0} bytes of WAL")
         for i in range(len(cfg.tables)):
             st = capture_install.table_state(conn, cfg, i)
-            drift |= not (st.installed and st.current)
-            problems += [f"{st.entity}: {p}" for p in st.problems]
+            drift |= not (st.installed and st.current) or bool(st.warnings)
+            problems += [f"{st.entity}: {p}" for p in (*st.problems, *st.warnings)]
             table.add_row(st.entity, "yes" if st.installed else "NO", st.mode or "-",
                           f"v{st.version}" if st.version else "-",
                           "yes" if st.current else "NO (run dx capture install)",
                           str(st.pending))
+        # dx's own commit triggers: without them no captured change is ever published
+        dx_own = [t.problem() for t in capture_install.inactive_triggers(conn)
+                  if t.schema == "dx"]
+        drift |= bool(dx_own)
+        problems += dx_own
     console.print(table)
     for line in problems:
         typer.echo(line)

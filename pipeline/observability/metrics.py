@@ -115,6 +115,11 @@ class DxMetrics:
             "dx_relay_blocking_transaction_age_seconds",
             "Age of the oldest open transaction holding back the commit frontier (0 when none)",
             ["relay"], registry=registry)
+        self.relay_inactive_triggers = Gauge(
+            "dx_capture_inactive_triggers",
+            "dx triggers in the relay's database that do not fire for every write (disabled, "
+            "or skipped under session_replication_role = replica): writes they miss are lost",
+            ["relay"], registry=registry)
         self.relay_active = Gauge(
             "dx_relay_active",
             "1 while this process holds the relay lease, 0 while it is a hot standby",
@@ -233,6 +238,10 @@ class RelayMetrics(WorkerMetrics):
     def blocking_transaction(self, age_s: float) -> None:
         """Age of the open transaction holding the frontier back (0 when nothing blocks)."""
         self.metrics.relay_blocking_tx_age.labels(self.route).set(max(0.0, age_s))
+
+    def inactive_triggers(self, count: int) -> None:
+        """dx triggers that do not fire for every write (0 when capture sees everything)."""
+        self.metrics.relay_inactive_triggers.labels(self.route).set(count)
 
     def active(self, is_active: bool) -> None:
         """1 while holding the lease, 0 as a hot standby (alert when the sum is not 1)."""
