@@ -30,6 +30,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
+from pipeline.routes.pause import paused_routes
 
 RouteKind = Literal["sink", "source", "unconfigured"]
 #: Task statuses in the order ``dx status`` shows them (dead last, it is what needs a person).
@@ -181,6 +182,7 @@ class RouteStatus:
     partitions: list[PartitionLag] = field(default_factory=list)
     tasks: dict[str, int] = field(default_factory=dict)
     note: str | None = None
+    paused: bool = False  # an operator paused it ('dx sink|source pause')
 
     @property
     def dead(self) -> int:
@@ -374,6 +376,10 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
         route.tasks = counts.pop(route.name, {})
     routes += [RouteStatus(name, "unconfigured", None, [], tasks=c)
                for name, c in sorted(counts.items())]
+    paused = paused_routes(conn)
+    conn.commit()
+    for route in routes:
+        route.paused = (route.kind, route.name) in paused
     st = Status(relay, routes, problems=list(relay.problems))
     if any(r.kind != "unconfigured" for r in routes):
         try:

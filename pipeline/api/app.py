@@ -24,8 +24,7 @@ from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request, Response
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -49,6 +48,7 @@ from pipeline.config.loader import load_config
 from pipeline.config.model import DxConfig
 from pipeline.db import connection
 from pipeline.errors import DxError, ServiceUnavailable
+from pipeline.swagger import mount_swagger
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pipeline.api.access")
@@ -319,9 +319,7 @@ class DataExchangeApi:
         async def _openapi() -> JSONResponse:
             return JSONResponse(api.state.openapi)
 
-        @app.get("/docs", include_in_schema=False)
-        async def _docs() -> HTMLResponse:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="dx API docs")
+        mount_swagger(app, "/openapi.json", title="dx API docs")  # assets served locally
 
         @app.get("/-/health", include_in_schema=False)
         async def _health() -> dict[str, Any]:

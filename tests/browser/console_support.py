@@ -1,0 +1,76 @@
+"""Helpers of the browser tests: the console served in a thread, the dx CLI, logging in."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = os.environ.get("DX_CHROMIUM", "/usr/bin/chromium")
+# This machine's network is closed: Chromium's background connections would hang or fail.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ConsoleServer:
+    """``build_app`` served by uvicorn in a thread, on a free port."""
+
+    def __init__(self, config_path: Path) -> None:
+        import uvicorn
+
+        from pipeline.config.loader import load_config
+        from pipeline.console.app import build_app
+
+        self.port = free_port()
+        self.app = build_app(load_config(config_path))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_config=None, access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ConsoleServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "console did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.app.state.pool.close()
+
+
+def dx(config_path: Path, *args: str, password: str | None = None) -> str:
+    """Run the real ``dx`` CLI; returns stdout, fails the test with stderr."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if password is not None:
+        env["DX_CONSOLE_PASSWORD"] = password
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "-c", str(config_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def login(page: Any, base: str, name: str, password: str) -> None:
+    page.goto(f"{base}/login")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#me")
