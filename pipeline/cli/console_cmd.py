@@ -51,7 +51,7 @@ def _ready(cfg: DxConfig) -> None:
 def serve(config: Path = ConfigOption,
           host: str = typer.Option("127.0.0.1", "--host", envvar=HOST_ENV,
                                    help="listen address (0.0.0.0 in a container)"),
-          port: int = typer.Option(8090, "--port", envvar=PORT_ENV, min=0, max=65535,
+          port: int = typer.Option(8091, "--port", envvar=PORT_ENV, min=0, max=65535,
                                    help="listen port"),
           tls_cert: Path | None = typer.Option(None, "--tls-cert", envvar="DX_CONSOLE_TLS_CERT",
                                                help="serve HTTPS with this certificate (PEM)"),
