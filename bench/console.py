@@ -213,7 +213,7 @@ def main() -> None:
         base = run(url, cfg, args.requests)
         set_indexes(url, True)
         tuned = run(url, cfg, args.requests)
-    print(f"  {'scenario':<30}{'p50 ms':>9}{'p99 ms':>9}   {'store indexes only':>20}")
+    print(f"  {'scenario':<30}{'p50 ms':>9}{'p99 ms':>9}   {'without INDEXES':>18}")
     print(f"  {'':<30}{'':>9}{'':>9}   {'p50 ms':>9}{'p99 ms':>9}")
     for name, (p50, p99) in tuned.items():
         b50, b99 = base[name]

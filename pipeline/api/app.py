@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
+from pipeline.api.managed import Watcher, with_stored
 from pipeline.api.oauth import TOKEN_PREFIX, ClientRing, OAuthError, TokenStore, token_request
 from pipeline.api.openapi import TRANSACTION_HEADER, document
 from pipeline.api.query import (
@@ -72,6 +73,7 @@ def build_state(config: DxConfig, env: dict[str, str] | None = None) -> ApiState
     """Check ``config.api`` against the catalog and build the serving state (ConfigError)."""
     with connection(config.database.url.get_secret_value(), application_name="dx-api",
                     connect_timeout_s=config.database.connect_timeout_s) as conn:
+        config = with_stored(conn, config)  # + the console's entities (dx.api_entity)
         entities = load_entities(conn, config)
         conn.rollback()
     keys = KeyRing(config.api, env, file=config.where()[0])
@@ -93,6 +95,8 @@ class DataExchangeApi:
         self.tokens = TokenStore()  # survives reloads; retain() drops removed clients' tokens
         self._reload_lock = threading.Lock()
         self.app = self._build()
+        self.file_config = config  # dx.yaml as read; the state adds the console's entities
+        self.watcher = Watcher(config.database.url.get_secret_value(), self.refresh).start()
 
     @staticmethod
     def _pool(config: DxConfig) -> Pool:
@@ -114,12 +118,24 @@ class DataExchangeApi:
                 pool, self.pool = self.pool, self._pool(config)
                 pool.close()
             self.state = state
+            self.file_config = config
             revoked = self.tokens.retain(state.clients)
         log.info("api reloaded: %d entities, %d keys, %d clients (%d tokens revoked)",
                  len(state.entities), len(state.keys), len(state.clients), revoked)
         return state
 
+    def refresh(self) -> ApiState:
+        """Rebuild the state with the console's current entities (the watcher calls it when
+        dx.api_entity changed); on any error the running state stays."""
+        with self._reload_lock:
+            state = build_state(self.file_config, self.env)
+            self.state = state
+            self.tokens.retain(state.clients)
+        log.info("api entities refreshed: %d entities", len(state.entities))
+        return state
+
     def close(self) -> None:
+        self.watcher.close()
         self.pool.close()
 
     # ---- request plumbing -------------------------------------------------------------------

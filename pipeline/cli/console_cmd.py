@@ -37,12 +37,13 @@ def _url(cfg: DxConfig) -> str:
 
 def _ready(cfg: DxConfig) -> None:
     """Create the console's and the pause tables (like ``dx init`` does for everything)."""
+    from pipeline.api.managed import ensure_schema as api_entity_schema
     from pipeline.console.schema import ensure_schema
     from pipeline.routes.pause import ensure_schema as pause_schema
     from pipeline.tasks.store import ensure_schema as tasks_schema
 
     with connection(_url(cfg)) as conn:
-        for ensure in (tasks_schema, pause_schema, ensure_schema):
+        for ensure in (tasks_schema, pause_schema, ensure_schema, api_entity_schema):
             ensure(conn)
         conn.commit()
 

@@ -64,12 +64,14 @@ def _extra_schemas() -> list[Any]:
     """ensure_schema() of every other area: tasks, inbound offsets, alert incidents, route
     pauses, the console."""
     from pipeline.alerts.engine import ensure_schema as alerts_schema
+    from pipeline.api.managed import ensure_schema as api_entity_schema
     from pipeline.console.schema import ensure_schema as console_schema
     from pipeline.routes.pause import ensure_schema as pause_schema
     from pipeline.source.offsets import ensure_schema as offsets_schema
     from pipeline.tasks.store import ensure_schema as tasks_schema
 
-    return [tasks_schema, offsets_schema, alerts_schema, pause_schema, console_schema]
+    return [tasks_schema, offsets_schema, alerts_schema, pause_schema, console_schema,
+            api_entity_schema]
 
 
 def validate(config: Path = ConfigOption,

@@ -16,7 +16,7 @@ from pipeline.tasks.store import TaskFilter, TaskStore
 
 #: The least role each action needs (checked on the server for every request).
 NEEDS = {"retry": "operator", "skip": "operator", "pause": "operator", "resume": "operator",
-         "users": "admin", "tokens": "admin"}
+         "users": "admin", "tokens": "admin", "entities": "admin"}
 
 
 class Forbidden(Exception):

@@ -49,7 +49,7 @@ def _form_filter(request: Request, fields: dict[str, str]) -> ConsoleFilter:
         raise HTTPException(400, str(err)) from None
 
 
-def _back(url: str, msg: str) -> RedirectResponse:
+def redirect_with(url: str, msg: str) -> RedirectResponse:
     sep = "&" if "?" in url else "?"
     return RedirectResponse(f"{url}{sep}{urlencode({'msg': msg})}", status_code=303)
 
@@ -141,7 +141,7 @@ def route_action(request: Request, kind: str, route: str, action: str,
     changed = pause_route(conn, c.principal, k, route, action == "pause")
     request.app.state.dashboard.invalidate()
     verb = "paused" if action == "pause" else "resumed"
-    return _back("/", f"route {route} {verb}" if changed else f"route {route} was {verb}")
+    return redirect_with("/", f"route {route} {verb}" if changed else f"route {route} was {verb}")
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def task_one(request: Request, task_id: int, action: str,
     need(c, action)
     done = task_action(conn, c.principal, action, ConsoleFilter(), [task_id])
     verb = "queued for retry" if action == "retry" else "skipped"
-    return _back(f"/tasks/{task_id}", f"task {task_id} {verb}" if done else
+    return redirect_with(f"/tasks/{task_id}", f"task {task_id} {verb}" if done else
                  f"task {task_id} cannot be {'retried' if action == 'retry' else 'skipped'} "
                  "in its status")
 
@@ -234,7 +234,7 @@ def tasks_bulk(request: Request, fields: dict[str, str] = Depends(form_fields),
                       query=f.urlencoded())
     done = task_action(conn, c.principal, action, f)
     verb = "queued for retry" if action == "retry" else "skipped"
-    return _back(f"/tasks?{f.urlencoded()}", f"{len(done)} task(s) {verb}")
+    return redirect_with(f"/tasks?{f.urlencoded()}", f"{len(done)} task(s) {verb}")
 
 
 # -- audit ----------------------------------------------------------------------------------

@@ -280,3 +280,60 @@ def test_roles_csrf_and_the_login_rate_limit_are_enforced_by_the_server(
             assert http.get("/api/docs/assets/swagger-ui-bundle.js").status_code == 200
             assert http.get("/metrics").status_code == 200
             assert http.get("/readyz").json()["status"] == "ready"
+
+
+def test_an_admin_creates_an_api_entity_and_every_replica_serves_it(
+        browser: Any, stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    from tests.integration.test_api_support import KEYS, serve
+
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE brands (id serial PRIMARY KEY, name varchar(20) NOT NULL, "
+                     "secret text)")
+        conn.execute("INSERT INTO brands (name, secret) VALUES ('Acme', 'x')")
+    cfg = setup(tmp_path, stack, pg_db, topic_prefix, "http://127.0.0.1:9")
+    with cfg.open("a") as f:
+        f.write("api:\n  keys:\n    - {id: shop, system: shop, secret_env: TEST_API_KEY_PIM, "
+                "scopes: {'*': [read, write]}}\n")
+    dx(cfg, "console", "user", "add", "root", "--role", "admin", password=PASSWORD)
+    secret = KEYS["TEST_API_KEY_PIM"]
+    with serve(cfg) as one, serve(cfg) as two, ConsoleServer(cfg) as console:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        login(page, console.url, "root", PASSWORD)
+        page.goto(f"{console.url}/entities/new")
+        page.fill("input[name=alias]", "brands")
+        # a column that does not exist: refused with the catalog's reason, nothing stored
+        page.fill("textarea[name=definition]",
+                  "table: public.brands\nfields:\n  id: {creatable: false}\n"
+                  "  title: {column: label}\n")
+        page.click("#save")
+        assert "label" in page.locator("#problems").inner_text()
+        page.fill("textarea[name=definition]",
+                  "table: public.brands\nfields:\n  id: {creatable: false, editable: false}\n"
+                  "  title: {column: name, max_length: 20}\n")
+        page.click("#save")
+        assert "entity brands created" in page.locator(".msg").inner_text()
+        assert "entity create" in page.locator("#audit").inner_text()
+
+        # both replicas serve it within seconds, without a restart; the document follows
+        for n, served in enumerate((one, two)):
+            with served.client(secret) as http:
+                got = wait_for(lambda h=http: (r := h.get("/brands")).status_code == 200 and r,
+                               30, interval=0.3, what="the new entity on a replica")
+                assert "Acme" in [b["title"] for b in got.json()["data"]]
+                assert "secret" not in got.json()["data"][0]  # only exposed fields leave
+                made = http.post("/brands", json={"title": f"Globex {n}"})
+                assert made.status_code == 201, made.text
+                assert "/brands" in http.get("/openapi.json").json()["paths"]
+        page.goto(f"{console.url}/entities")
+        assert "console" in page.locator("table").inner_text()
+
+        # an operator may not change entities (the server says so, not only the page)
+        operator = browser.new_context()
+        op_page = operator.new_page()
+        login(op_page, console.url, "alice", PASSWORD)
+        csrf = op_page.locator("form.who input[name=csrf]").get_attribute("value")
+        r = op_page.request.post(f"{console.url}/entities/brands/delete", form={"csrf": csrf},
+                                 max_redirects=0)
+        assert r.status == 403
+        operator.close()
+        page.close()

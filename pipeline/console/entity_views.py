@@ -1,0 +1,105 @@
+"""Pages and JSON endpoints for the Data Exchange API's entities (admins change them; everyone
+logged in reads them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import yaml
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+
+from pipeline.console import audit, entities
+from pipeline.console.views import redirect_with, render
+from pipeline.console.web import caller, check_csrf, db, form_fields, need
+
+router = APIRouter(include_in_schema=False)
+api_router = APIRouter(prefix="/api/v1", tags=["console"])
+
+
+def _cfg(request: Request) -> Any:
+    return request.app.state.dashboard.cfg
+
+
+@router.get("/entities")
+def entity_list(request: Request, conn: psycopg.Connection[Any] = Depends(db)) -> HTMLResponse:
+    c = caller(request, conn)
+    return render(request, "entities.html", c, listed=entities.listing(conn, _cfg(request)),
+                  msg=request.query_params.get("msg"))
+
+
+@router.get("/entities/{alias}")
+def entity_page(request: Request, alias: str,
+                conn: psycopg.Connection[Any] = Depends(db)) -> HTMLResponse:
+    c = caller(request, conn)
+    found = next((x for x in entities.listing(conn, _cfg(request)) if x.entity.alias == alias),
+                 None)
+    if found is None and alias != "new":
+        raise HTTPException(404, f"no entity {alias!r}")
+    return render(request, "entity.html", c, alias="" if found is None else alias,
+                  found=found, text=entities.as_yaml(found.entity) if found else
+                  "table: public.my_table\nfields:\n  id: {creatable: false}\n",
+                  problems=[], trail=audit.entries(conn, "entity", alias),
+                  msg=request.query_params.get("msg"))
+
+
+@router.post("/entities")
+def entity_save(request: Request, fields: dict[str, str] = Depends(form_fields),
+                conn: psycopg.Connection[Any] = Depends(db)) -> Response:
+    c = caller(request, conn)
+    check_csrf(request, c, fields)
+    need(c, "entities")
+    alias, text = fields.get("alias", "").strip(), fields.get("definition", "")
+    entity, problems = entities.check(conn, _cfg(request), alias, text)
+    if entity is None:
+        return render(request, "entity.html", c, status_code=422, alias=alias, found=None,
+                      text=text, problems=problems, trail=[], msg=None)
+    created = entities.save(conn, c.principal, entity)
+    verb = "created" if created else "saved"
+    return redirect_with(f"/entities/{alias}", f"entity {alias} {verb}; every dx api serve "
+                                               "picks it up within seconds")
+
+
+@router.post("/entities/{alias}/delete")
+def entity_delete(request: Request, alias: str, fields: dict[str, str] = Depends(form_fields),
+                  conn: psycopg.Connection[Any] = Depends(db)) -> Response:
+    c = caller(request, conn)
+    check_csrf(request, c, fields)
+    need(c, "entities")
+    if not entities.remove(conn, c.principal, alias):
+        raise HTTPException(404, f"no console entity {alias!r} (dx.yaml ones are read-only)")
+    return redirect_with("/entities", f"entity {alias} removed")
+
+
+@api_router.get("/entities", summary="every API entity, with who manages it")
+def api_entities(request: Request,
+                 conn: psycopg.Connection[Any] = Depends(db)) -> list[dict[str, Any]]:
+    caller(request, conn)
+    return [{"alias": x.entity.alias, "managed_by": x.managed_by,
+             "definition": x.entity.model_dump(mode="json", exclude={"alias"},
+                                               exclude_defaults=True)}
+            for x in entities.listing(conn, _cfg(request))]
+
+
+@api_router.put("/entities/{alias}", summary="create or replace a console-managed entity")
+def api_entity_put(request: Request, alias: str, definition: dict[str, Any] = Body(...),
+                   conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
+    c = caller(request, conn)
+    check_csrf(request, c, {})
+    need(c, "entities")
+    entity, problems = entities.check(conn, _cfg(request), alias, yaml.safe_dump(definition))
+    if entity is None:
+        raise HTTPException(422, [{"field": p.where, "message": p.message} for p in problems])
+    return {"alias": alias, "created": entities.save(conn, c.principal, entity)}
+
+
+@api_router.delete("/entities/{alias}", summary="remove a console-managed entity")
+def api_entity_delete(request: Request, alias: str,
+                      conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
+    c = caller(request, conn)
+    check_csrf(request, c, {})
+    need(c, "entities")
+    if not entities.remove(conn, c.principal, alias):
+        raise HTTPException(404, f"no console entity {alias!r}")
+    return {"alias": alias, "removed": True}
