@@ -1,5 +1,7 @@
-"""API entities managed from the operator console: stored in ``dx.api_entity``, served next to
-the entities of dx.yaml (which stay read-only in the console; one name in both is refused).
+"""API entities and API keys managed from the operator console: stored in ``dx.api_entity`` and
+``dx.api_key``, served next to those of dx.yaml (which stay read-only in the console; one name in
+both places is refused). A console key's secret is shown once when it is made; only its SHA-256
+is stored (the same form as ``secret_sha256`` in dx.yaml); a revoked key stays listed, unusable.
 
 Every ``dx api serve`` replica watches the table (:class:`Watcher`, one small query every
 ``interval_s``) and rebuilds its state when it changed, so a console edit reaches all replicas
@@ -12,14 +14,18 @@ stays, exactly like a bad dx.yaml on SIGHUP.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from pipeline.config.api import ApiEntity
+from pipeline.api.security import hash_key
+from pipeline.config.api import ApiEntity, ApiKey
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import ConfigError
@@ -36,11 +42,23 @@ CREATE TABLE IF NOT EXISTS dx.api_entity (
 );
 COMMENT ON TABLE dx.api_entity IS
   'dx: Data Exchange API entities managed from the console (dx.yaml ones are not here)';
+CREATE TABLE IF NOT EXISTS dx.api_key (
+    id            text PRIMARY KEY,
+    definition    jsonb NOT NULL,
+    secret_sha256 text NOT NULL,
+    created_by    text NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    revoked_at    timestamptz
+);
+COMMENT ON TABLE dx.api_key IS
+  'dx: Data Exchange API keys made in the console (secret never stored, only its SHA-256)';
 """
 
-#: What changes when any stored entity is added, changed or removed.
-SIGNATURE = ("SELECT count(*) || ':' || coalesce(md5(string_agg(alias || '@' || updated_at, ',' "
-             "ORDER BY alias)), '') FROM dx.api_entity")
+#: What changes when any stored entity or key is added, changed, revoked or removed.
+SIGNATURE = ("SELECT (SELECT count(*) || ':' || coalesce(md5(string_agg(alias || '@' || "
+             "updated_at, ',' ORDER BY alias)), '') FROM dx.api_entity) || '/' || "
+             "(SELECT count(*) || ':' || coalesce(md5(string_agg(id || '@' || coalesce("
+             "revoked_at, created_at), ',' ORDER BY id)), '') FROM dx.api_key)")
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
@@ -51,7 +69,7 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
 
 
 def _exists(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute("SELECT to_regclass('dx.api_entity') IS NOT NULL").fetchone()
+    row = conn.execute("SELECT to_regclass('dx.api_key') IS NOT NULL").fetchone()
     return bool(row and row[0])
 
 
@@ -78,22 +96,75 @@ def signature(conn: psycopg.Connection[Any]) -> str:
     return str(row[0]) if row else ""
 
 
-def with_entities(config: DxConfig, extra: list[ApiEntity]) -> DxConfig:
-    """``config`` serving ``extra`` after its own entities; a name in both is a ConfigError."""
-    if not extra:
+def with_entities(config: DxConfig, extra: list[ApiEntity],
+                  keys: list[ApiKey] | None = None) -> DxConfig:
+    """``config`` serving ``extra`` after its own entities (and ``keys`` after its keys); a name
+    in both is a ConfigError."""
+    keys = keys or []
+    if not extra and not keys:
         return config
-    mine = {e.alias for e in config.api.entities}
-    clash = sorted(e.alias for e in extra if e.alias in mine)
-    if clash:
-        file, line = config.where("api", "entities")
-        raise ConfigError(f"entity {', '.join(map(repr, clash))} is defined in {file} and in "
-                          "the console (dx.api_entity); remove one", file=file, line=line)
-    api = config.api.model_copy(update={"entities": [*config.api.entities, *extra]})
+    for what, mine, theirs, table in (
+            ("entity", {e.alias for e in config.api.entities}, [e.alias for e in extra],
+             "dx.api_entity"),
+            ("api key", {k.id for k in config.api.keys}, [k.id for k in keys], "dx.api_key")):
+        clash = sorted(n for n in theirs if n in mine)
+        if clash:
+            file, line = config.where("api")
+            raise ConfigError(f"{what} {', '.join(map(repr, clash))} is defined in {file} and "
+                              f"in the console ({table}); remove one", file=file, line=line)
+    api = config.api.model_copy(update={"entities": [*config.api.entities, *extra],
+                                        "keys": [*config.api.keys, *keys]})
     return config.model_copy(update={"api": api})  # keeps the file and lines for errors
 
 
 def with_stored(conn: psycopg.Connection[Any], config: DxConfig) -> DxConfig:
-    return with_entities(config, stored(conn))
+    return with_entities(config, stored(conn), stored_keys(conn))
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    key: ApiKey
+    created_by: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def keys(conn: psycopg.Connection[Any]) -> list[StoredKey]:
+    """Every console key, revoked ones too ([] before the table exists)."""
+    if not _exists(conn):
+        return []
+    return [StoredKey(ApiKey.model_validate({**d, "id": i, "secret_sha256": h}), by, at, gone)
+            for i, d, h, by, at, gone in conn.execute(
+                "SELECT id, definition, secret_sha256, created_by, created_at, revoked_at "
+                "FROM dx.api_key ORDER BY id")]
+
+
+def stored_keys(conn: psycopg.Connection[Any]) -> list[ApiKey]:
+    """The console keys that work (not revoked)."""
+    return [k.key for k in keys(conn) if k.revoked_at is None]
+
+
+def add_key(conn: psycopg.Connection[Any], key_id: str, system: str,
+            scopes: dict[str, list[str]], who: str) -> str:
+    """A new key; returns its secret (shown once). Validated like a dx.yaml key; an id in use
+    (revoked ones too) is a ValueError. Does not commit."""
+    secret = "dxk_" + secrets.token_urlsafe(32)
+    key = ApiKey.model_validate({"id": key_id, "system": system, "scopes": scopes,
+                                 "secret_sha256": hash_key(secret)})
+    row = conn.execute(
+        "INSERT INTO dx.api_key (id, definition, secret_sha256, created_by) "
+        "VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING 1",
+        (key.id, Jsonb({"system": key.system, "scopes": key.scopes}), key.secret_sha256,
+         who)).fetchone()
+    if row is None:
+        raise ValueError(f"api key {key_id!r} exists (ids are never reused)")
+    return secret
+
+
+def revoke_key(conn: psycopg.Connection[Any], key_id: str) -> bool:
+    """Does not commit."""
+    return bool(conn.execute("UPDATE dx.api_key SET revoked_at = clock_timestamp() "
+                             "WHERE id = %s AND revoked_at IS NULL", (key_id,)).rowcount)
 
 
 def save(conn: psycopg.Connection[Any], entity: ApiEntity, who: str) -> bool:

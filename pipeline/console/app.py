@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder
 from pipeline.api.errors import ApiError
 from pipeline.api.store import Pool
 from pipeline.config import DxConfig
-from pipeline.console import api, entity_views, views
+from pipeline.console import api, api_admin, views
 from pipeline.console.actions import Forbidden
 from pipeline.console.dashboard import Dashboard
 from pipeline.console.web import LoginRequired
@@ -56,9 +56,9 @@ def build_app(cfg: DxConfig, *, pool_size: int = 8) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     mount_swagger(app, "/api/openapi.json", path="/api/docs", title="dx console API")
     app.include_router(views.router)
-    app.include_router(entity_views.router)
+    app.include_router(api_admin.router)
     app.include_router(api.router)
-    app.include_router(entity_views.api_router)
+    app.include_router(api_admin.api_router)
 
     @app.middleware("http")
     async def _observe(request: Request,

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.api import managed
-from pipeline.api.catalog import load_entities
+from pipeline.api.catalog import check_references, load_entities
 from pipeline.config.api import ApiEntity
 from pipeline.config.model import DxConfig
 from pipeline.console import audit
@@ -97,5 +97,69 @@ def remove(conn: psycopg.Connection[Any], who: Principal, alias: str) -> bool:
     gone = managed.delete(conn, alias)
     if gone:
         audit.record(conn, who.actor, "entity delete", "entity", [alias])
+    conn.commit()
+    return gone
+
+
+# -- API keys -----------------------------------------------------------------------------------
+
+
+def key_listing(conn: psycopg.Connection[Any], cfg: DxConfig) -> list[dict[str, Any]]:
+    """dx.yaml's keys (read-only) and the console's, revoked ones too."""
+    out: list[dict[str, Any]] = [
+        {"id": k.id, "system": k.system, "scopes": k.scopes, "managed_by": "dx.yaml",
+         "created_by": None, "created_at": None, "revoked_at": None} for k in cfg.api.keys]
+    out += [{"id": s.key.id, "system": s.key.system, "scopes": s.key.scopes,
+             "managed_by": "console", "created_by": s.created_by, "created_at": s.created_at,
+             "revoked_at": s.revoked_at} for s in managed.keys(conn)]
+    conn.commit()
+    return sorted(out, key=lambda k: str(k["id"]))
+
+
+def parse_scopes(text: str) -> dict[str, list[str]]:
+    """``brands: read, write`` lines (``*`` for every entity) as the scopes mapping."""
+    out: dict[str, list[str]] = {}
+    for line in text.replace(";", "\n").splitlines():
+        if not line.strip():
+            continue
+        alias, sep, rest = line.partition(":")
+        if not sep:
+            raise ValueError(f"scope line {line.strip()!r}: write 'entity: read, write'")
+        out[alias.strip()] = [s.strip() for s in rest.split(",") if s.strip()]
+    return out
+
+
+def create_key(conn: psycopg.Connection[Any], who: Principal, cfg: DxConfig, key_id: str,
+               system: str, scopes_text: str) -> tuple[str | None, list[Problem]]:
+    """A new API key; returns its secret (shown once) or the problems."""
+    require(who, "entities")
+    if any(k.id == key_id for k in cfg.api.keys):
+        return None, [Problem("id", f"{key_id!r} is a key of dx.yaml")]
+    try:
+        scopes = parse_scopes(scopes_text)
+        secret = managed.add_key(conn, key_id, system, scopes, who.actor)
+    except ValidationError as err:
+        conn.rollback()
+        return None, [Problem(".".join(str(p) for p in e["loc"]), e["msg"])
+                      for e in err.errors()]
+    except ValueError as err:
+        conn.rollback()
+        return None, [Problem("", str(err))]
+    try:  # the scopes must name entities the API serves
+        check_references(managed.with_stored(conn, cfg))
+    except ConfigError as err:
+        conn.rollback()
+        return None, [Problem("scopes", _bare(err))]
+    audit.record(conn, who.actor, "key create", "key", [key_id],
+                 {"system": system, "scopes": scopes})
+    conn.commit()
+    return secret, []
+
+
+def revoke_key(conn: psycopg.Connection[Any], who: Principal, key_id: str) -> bool:
+    require(who, "entities")
+    gone = managed.revoke_key(conn, key_id)
+    if gone:
+        audit.record(conn, who.actor, "key revoke", "key", [key_id])
     conn.commit()
     return gone

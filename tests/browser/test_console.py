@@ -327,6 +327,24 @@ def test_an_admin_creates_an_api_entity_and_every_replica_serves_it(
         page.goto(f"{console.url}/entities")
         assert "console" in page.locator("table").inner_text()
 
+        # an API key made on the page: secret shown once, its scope holds, revoking ends it
+        page.goto(f"{console.url}/keys")
+        page.fill("input[name=id]", "bi")
+        page.fill("input[name=system]", "bi")
+        page.fill("textarea[name=scopes]", "brands: read")
+        page.click("#create-key")
+        key = page.locator("#secret").inner_text().strip()
+        assert key.startswith("dxk_") and key not in page.locator("#keys").inner_text()
+        with one.client(key) as http:
+            wait_for(lambda: http.get("/brands").status_code == 200, 30, interval=0.3,
+                     what="the new key to work")
+            assert http.post("/brands", json={"title": "Initech"}).status_code == 403
+            page.once("dialog", lambda d: d.accept())
+            page.locator("#keys tr", has_text="bi").locator("button.revoke").click()
+            assert "key bi revoked" in page.locator(".msg").inner_text()
+            wait_for(lambda: http.get("/brands").status_code == 401, 30, interval=0.3,
+                     what="the revoked key to be refused")
+
         # an operator may not change entities (the server says so, not only the page)
         operator = browser.new_context()
         op_page = operator.new_page()

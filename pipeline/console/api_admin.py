@@ -1,5 +1,5 @@
-"""Pages and JSON endpoints for the Data Exchange API's entities (admins change them; everyone
-logged in reads them)."""
+"""Pages and JSON endpoints for the Data Exchange API's entities and keys (admins change them;
+everyone logged in reads them; a key's secret is shown once, to the admin who made it)."""
 
 from __future__ import annotations
 
@@ -103,3 +103,77 @@ def api_entity_delete(request: Request, alias: str,
     if not entities.remove(conn, c.principal, alias):
         raise HTTPException(404, f"no console entity {alias!r}")
     return {"alias": alias, "removed": True}
+
+
+# -- API keys -----------------------------------------------------------------------------------
+
+
+@router.get("/keys")
+def key_list(request: Request, conn: psycopg.Connection[Any] = Depends(db)) -> HTMLResponse:
+    c = caller(request, conn)
+    return render(request, "keys.html", c, keys=entities.key_listing(conn, _cfg(request)),
+                  trail=audit.entries(conn, "key"), problems=[], secret=None, form={},
+                  msg=request.query_params.get("msg"))
+
+
+@router.post("/keys")
+def key_create(request: Request, fields: dict[str, str] = Depends(form_fields),
+               conn: psycopg.Connection[Any] = Depends(db)) -> HTMLResponse:
+    c = caller(request, conn)
+    check_csrf(request, c, fields)
+    need(c, "entities")
+    key_id = fields.get("id", "").strip()
+    secret, problems = entities.create_key(conn, c.principal, _cfg(request), key_id,
+                                           fields.get("system", "").strip(),
+                                           fields.get("scopes", ""))
+    return render(request, "keys.html", c, status_code=201 if secret else 422,
+                  keys=entities.key_listing(conn, _cfg(request)),
+                  trail=audit.entries(conn, "key"), problems=problems, secret=secret,
+                  new_id=key_id, form={} if secret else fields, msg=None)
+
+
+@router.post("/keys/{key_id}/revoke")
+def key_revoke(request: Request, key_id: str, fields: dict[str, str] = Depends(form_fields),
+               conn: psycopg.Connection[Any] = Depends(db)) -> Response:
+    c = caller(request, conn)
+    check_csrf(request, c, fields)
+    need(c, "entities")
+    if not entities.revoke_key(conn, c.principal, key_id):
+        raise HTTPException(404, f"no active console key {key_id!r}")
+    return redirect_with("/keys", f"key {key_id} revoked; every dx api serve refuses it within "
+                                  "seconds")
+
+
+@api_router.get("/keys", summary="API keys (never their secrets)")
+def api_keys(request: Request,
+             conn: psycopg.Connection[Any] = Depends(db)) -> list[dict[str, Any]]:
+    caller(request, conn)
+    return entities.key_listing(conn, _cfg(request))
+
+
+@api_router.post("/keys", summary="create an API key; the secret is in this answer only")
+def api_key_create(request: Request, body: dict[str, Any] = Body(...),
+                   conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
+    c = caller(request, conn)
+    check_csrf(request, c, {})
+    need(c, "entities")
+    scopes = body.get("scopes") or {}
+    text = "\n".join(f"{k}: {', '.join(v)}" for k, v in scopes.items()) \
+        if isinstance(scopes, dict) else ""
+    secret, problems = entities.create_key(conn, c.principal, _cfg(request),
+                                           str(body.get("id", "")), str(body.get("system", "")),
+                                           text)
+    if secret is None:
+        raise HTTPException(422, [{"field": p.where, "message": p.message} for p in problems])
+    return {"id": body.get("id"), "secret": secret}
+
+
+@api_router.post("/keys/{key_id}/revoke", summary="revoke a console-made API key")
+def api_key_revoke(request: Request, key_id: str,
+                   conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
+    c = caller(request, conn)
+    check_csrf(request, c, {})
+    need(c, "entities")
+    if not entities.revoke_key(conn, c.principal, key_id):
+        raise HTTPException(404, f"no active console key {key_id!r}")
+    return {"id": key_id, "revoked": True}
