@@ -11,7 +11,7 @@ import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from pipeline.console import audit
+from pipeline.console import audit, views
 from pipeline.console.actions import pause_route, task_action
 from pipeline.console.taskquery import ConsoleFilter, FilterError, page
 from pipeline.console.web import Caller, caller, check_csrf, db, need
@@ -139,3 +139,8 @@ def get_audit(subject_kind: str | None = None, subject: str | None = None, limit
               c: Caller = Depends(who),
               conn: psycopg.Connection[Any] = Depends(db)) -> list[dict[str, Any]]:
     return audit.entries(conn, subject_kind, subject, max(1, min(limit, 1000)))
+
+
+router.add_api_route("/tasks.csv", views.tasks_csv, methods=["GET"],
+                     summary="the tasks of a filter as CSV (task columns, data.<field> columns, "
+                             "masked); same query parameters as /tasks")
