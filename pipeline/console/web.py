@@ -41,6 +41,9 @@ def pool(request: Request) -> Pool:
 def db(request: Request) -> Iterator[psycopg.Connection[Any]]:
     """One pooled connection for the request (FastAPI dependency)."""
     with pool(request).connection() as conn:
+        # no prepared statements: a generic plan guesses an average status frequency and
+        # walks the whole table for a rare one (a 1,000x slower page); custom plans see it
+        conn.prepare_threshold = None
         yield conn
 
 
