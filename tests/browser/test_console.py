@@ -278,6 +278,13 @@ def test_roles_csrf_and_the_login_rate_limit_are_enforced_by_the_server(
             html = http.get("/api/docs").text
             assert "/api/docs/assets/swagger-ui-bundle.js" in html and "cdn" not in html
             assert http.get("/api/docs/assets/swagger-ui-bundle.js").status_code == 200
+            ops = {"Authorization": "Bearer " + dx(cfg, "console", "token", "add", "ops",
+                                                   "--role", "operator").strip()}
+            done = http.post("/api/v1/tasks:skip", json={"status": ["pending"]}, headers=ops)
+            assert done.status_code == 200 and done.json() == {"count": 1, "ids": [task_id]}
+            assert status() == "skipped"
+            trail = http.get("/api/v1/audit", params={"subject_kind": "task"}, headers=auth)
+            assert [a["actor"] for a in trail.json()][:2] == ["token:ops", "alice"]
             assert http.get("/metrics").status_code == 200
             assert http.get("/readyz").json()["status"] == "ready"
 
