@@ -176,8 +176,8 @@ def token_revoke(name: str = typer.Argument(..., help="token name"),
 
 
 def _pause(kind: str, route: str, paused: bool, config: Path) -> None:
-    from pipeline.console import audit
-    from pipeline.routes.pause import set_paused
+    from pipeline.console.accounts import Principal
+    from pipeline.console.actions import pause_route
 
     cfg = config_from(config)
     names = {r.name for r in (cfg.sinks if kind == "sink" else cfg.sources)}
@@ -185,13 +185,10 @@ def _pause(kind: str, route: str, paused: bool, config: Path) -> None:
         raise TerminalError(f"no {kind} route {route!r} in {config} "
                             f"(routes: {', '.join(sorted(names)) or 'none'})")
     _ready(cfg)
-    who = f"cli:{getpass.getuser()}"
+    who = Principal(f"cli:{getpass.getuser()}", "admin", "session")  # audited by that name
     with connection(_url(cfg)) as conn:
-        changed = set_paused(conn, "sink" if kind == "sink" else "source", route, paused, who)
-        if changed:
-            audit.record(conn, who, "pause" if paused else "resume", "route",
-                         [f"{kind}/{route}"])
-        conn.commit()
+        changed = pause_route(conn, who, cfg, "sink" if kind == "sink" else "source", route,
+                              paused)
     state = "paused" if paused else "resumed"
     typer.echo(f"{kind} route {route} {state}" + ("" if changed else " already")
                + (" (running workers stop consuming within seconds and keep their place)"

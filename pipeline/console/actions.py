@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from pipeline.config import DxConfig
 from pipeline.console import audit
 from pipeline.console.accounts import Principal
 from pipeline.console.taskquery import ConsoleFilter, lock_actionable
@@ -56,10 +57,16 @@ def _apply(conn: psycopg.Connection[Any], store: TaskStore, action: str, ids: li
     return store.retry(tf) if action == "retry" else store.skip(tf, f"skipped by {who.actor}")
 
 
-def pause_route(conn: psycopg.Connection[Any], who: Principal, kind: RouteKindName, route: str,
-                paused: bool) -> bool:
-    """Pause or resume a route; returns whether its state changed."""
+class UnknownRoute(LookupError):
+    """No route of that kind and name in dx.yaml (HTTP 404)."""
+
+
+def pause_route(conn: psycopg.Connection[Any], who: Principal, cfg: DxConfig,
+                kind: RouteKindName, route: str, paused: bool) -> bool:
+    """Pause or resume a configured route; returns whether its state changed."""
     require(who, "pause" if paused else "resume")
+    if route not in {r.name for r in (cfg.sinks if kind == "sink" else cfg.sources)}:
+        raise UnknownRoute(f"no {kind} route {route!r} in the configuration")
     with conn.transaction():
         changed = set_paused(conn, kind, route, paused, who.actor)
         if changed:

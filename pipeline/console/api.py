@@ -129,7 +129,8 @@ def act_route(request: Request, kind: Literal["sink", "source"], route: str,
               action: Literal["pause", "resume"], c: Caller = Depends(who),
               conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
     _mutating(request, c, action)
-    changed = pause_route(conn, c.principal, kind, route, action == "pause")
+    changed = pause_route(conn, c.principal, request.app.state.dashboard.cfg, kind, route,
+                          action == "pause")
     request.app.state.dashboard.invalidate()
     return {"kind": kind, "route": route, "paused": action == "pause", "changed": changed}
 

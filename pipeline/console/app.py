@@ -22,7 +22,7 @@ from pipeline.api.errors import ApiError
 from pipeline.api.store import Pool
 from pipeline.config import DxConfig
 from pipeline.console import api, api_admin, views
-from pipeline.console.actions import Forbidden
+from pipeline.console.actions import Forbidden, UnknownRoute
 from pipeline.console.dashboard import Dashboard
 from pipeline.console.web import LoginRequired
 from pipeline.errors import ServiceUnavailable
@@ -88,6 +88,10 @@ def build_app(cfg: DxConfig, *, pool_size: int = 8) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException) -> Response:
         return _error(request, err.status_code, str(err.detail), dict(err.headers or {}))
+
+    @app.exception_handler(UnknownRoute)
+    async def _unknown_route(request: Request, err: UnknownRoute) -> Response:
+        return _error(request, 404, str(err), {})
 
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, err: Forbidden) -> Response:

@@ -139,7 +139,8 @@ def route_action(request: Request, kind: str, route: str, action: str,
         raise HTTPException(404, "no such route action")
     need(c, action)
     k: RouteKindName = "sink" if kind == "sink" else "source"
-    changed = pause_route(conn, c.principal, k, route, action == "pause")
+    changed = pause_route(conn, c.principal, request.app.state.dashboard.cfg, k, route,
+                          action == "pause")
     request.app.state.dashboard.invalidate()
     verb = "paused" if action == "pause" else "resumed"
     return redirect_with("/", f"route {route} {verb}" if changed else f"route {route} was {verb}")
@@ -195,11 +196,16 @@ def task_page(request: Request, task_id: int,
         raise HTTPException(404, f"no task {task_id}")
     logs = {k: redact(json.dumps(row[k], indent=2, default=str)) if row[k] else None
             for k in ("import_log", "export_log")}
+    export = row["export_log"] if isinstance(row.get("export_log"), dict) else None
+    if export is not None:  # request and response as the text they were, masked
+        export = {k: redact(v if isinstance(v, str) else json.dumps(v, indent=2, default=str))
+                  if v is not None else None for k, v in export.items()}
     payload = None
     imp = row.get("import_log") or {}
     if isinstance(imp, dict) and imp.get("mapped") is not None:
         payload = redact(json.dumps(imp["mapped"], indent=2, default=str))
-    return render(request, "task.html", c, t=row, logs=logs, payload=payload, trail=trail,
+    return render(request, "task.html", c, t=row, logs=logs, export=export, payload=payload,
+                  trail=trail,
                   raw_bytes=len(bytes(row["raw_value"])) if row.get("raw_value") else None,
                   error=redact(row["error"]) if row.get("error") else None,
                   msg=request.query_params.get("msg"))
