@@ -89,6 +89,15 @@ def set_password(conn: psycopg.Connection[Any], name: str, password: str,
     conn.execute("DELETE FROM dx.console_session WHERE username = %s", (name,))
 
 
+def set_role(conn: psycopg.Connection[Any], name: str, role: str) -> None:
+    """A new role; the user's sessions end (they log in again with it)."""
+    check_role(role)
+    if not conn.execute("UPDATE dx.console_user SET role = %s, updated_at = now() "
+                        "WHERE name = %s", (role, name)).rowcount:
+        raise TerminalError(f"no user {name!r}")
+    conn.execute("DELETE FROM dx.console_session WHERE username = %s", (name,))
+
+
 def remove_user(conn: psycopg.Connection[Any], name: str) -> None:
     if not conn.execute("DELETE FROM dx.console_user WHERE name = %s", (name,)).rowcount:
         raise TerminalError(f"no user {name!r}")
@@ -97,6 +106,13 @@ def remove_user(conn: psycopg.Connection[Any], name: str) -> None:
 def users(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
     return [(str(n), str(r)) for n, r in
             conn.execute("SELECT name, role FROM dx.console_user ORDER BY name")]
+
+
+def tokens(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT name, role, created_by, created_at, revoked_at "
+                        "FROM dx.console_token ORDER BY name").fetchall()
+    return [{"name": n, "role": r, "created_by": b, "created_at": c, "revoked_at": v}
+            for n, r, b, c, v in rows]
 
 
 def locked_out(conn: psycopg.Connection[Any], name: str) -> bool:

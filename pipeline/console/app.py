@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder
 from pipeline.api.errors import ApiError
 from pipeline.api.store import Pool
 from pipeline.config import DxConfig
-from pipeline.console import api, api_admin, views
+from pipeline.console import api, api_admin, user_views, views
 from pipeline.console.actions import Forbidden, UnknownRoute
 from pipeline.console.dashboard import Dashboard
 from pipeline.console.web import LoginRequired
@@ -57,6 +57,7 @@ def build_app(cfg: DxConfig, *, pool_size: int = 8) -> FastAPI:
     mount_swagger(app, "/api/openapi.json", path="/api/docs", title="dx console API")
     app.include_router(views.router)
     app.include_router(api_admin.router)
+    app.include_router(user_views.router)
     app.include_router(api.router)
     app.include_router(api_admin.api_router)
 

@@ -352,6 +352,22 @@ def test_an_admin_creates_an_api_entity_and_every_replica_serves_it(
             wait_for(lambda: http.get("/brands").status_code == 401, 30, interval=0.3,
                      what="the revoked key to be refused")
 
+        # users from the page: add, change the role, remove; audited
+        page.goto(f"{console.url}/users")
+        page.fill("form[action='/users/add'] input[name=name]", "vera")
+        page.select_option("form[action='/users/add'] select[name=role]", "viewer")
+        page.fill("form[action='/users/add'] input[name=password]", PASSWORD)
+        page.click("form[action='/users/add'] button")
+        assert "user vera added (viewer)" in page.locator(".msg").inner_text()
+        row = page.locator("#users tr", has_text="vera")
+        row.locator("select[name=role]").select_option("operator")
+        row.locator("form[action='/users/role'] button").click()
+        assert "user vera is now operator" in page.locator(".msg").inner_text()
+        page.locator("#users tr", has_text="vera").locator(
+            "form[action='/users/remove'] button").click()
+        assert "vera" not in page.locator("#users").inner_text()
+        assert "user remove" in page.locator("table").last.inner_text()
+
         # an operator may not change entities (the server says so, not only the page)
         operator = browser.new_context()
         op_page = operator.new_page()
@@ -360,5 +376,6 @@ def test_an_admin_creates_an_api_entity_and_every_replica_serves_it(
         r = op_page.request.post(f"{console.url}/entities/brands/delete", form={"csrf": csrf},
                                  max_redirects=0)
         assert r.status == 403
+        assert op_page.request.get(f"{console.url}/users").status == 403
         operator.close()
         page.close()
