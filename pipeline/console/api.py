@@ -48,11 +48,6 @@ class ActionResult(BaseModel):
     ids: list[int]
 
 
-def _mutating(request: Request, c: Caller, action: str) -> None:
-    check_csrf(request, c, {})
-    need(c, action)
-
-
 @router.get("/status", summary="dashboard: relay, routes, incidents")
 def get_status(request: Request, c: Caller = Depends(who),
                conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
@@ -92,7 +87,8 @@ def get_task(task_id: int, c: Caller = Depends(who),
 def act_one(request: Request, task_id: int, action: Literal["retry", "skip"],
             c: Caller = Depends(who),
             conn: psycopg.Connection[Any] = Depends(db)) -> ActionResult:
-    _mutating(request, c, action)
+    check_csrf(request, c, {})
+    need(c, action)
     done = task_action(conn, c.principal, action, ConsoleFilter(), [task_id])
     return ActionResult(count=len(done), ids=done)
 
@@ -102,7 +98,8 @@ def act_one(request: Request, task_id: int, action: Literal["retry", "skip"],
 def act_filter(request: Request, action: Literal["retry", "skip"], body: Filter,
                c: Caller = Depends(who),
                conn: psycopg.Connection[Any] = Depends(db)) -> ActionResult:
-    _mutating(request, c, action)
+    check_csrf(request, c, {})
+    need(c, action)
     done = task_action(conn, c.principal, action, body.console())
     return ActionResult(count=len(done), ids=done)
 
@@ -128,7 +125,8 @@ def list_routes(request: Request, c: Caller = Depends(who),
 def act_route(request: Request, kind: Literal["sink", "source"], route: str,
               action: Literal["pause", "resume"], c: Caller = Depends(who),
               conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
-    _mutating(request, c, action)
+    check_csrf(request, c, {})
+    need(c, action)
     changed = pause_route(conn, c.principal, request.app.state.dashboard.cfg, kind, route,
                           action == "pause")
     request.app.state.dashboard.invalidate()

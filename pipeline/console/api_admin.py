@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from pipeline.console import audit, entities
 from pipeline.console.views import redirect_with, render
-from pipeline.console.web import caller, check_csrf, db, form_fields, need
+from pipeline.console.web import acting, caller, db, form_fields
 
 router = APIRouter(include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["console"])
@@ -47,9 +47,7 @@ def entity_page(request: Request, alias: str,
 @router.post("/entities")
 def entity_save(request: Request, fields: dict[str, str] = Depends(form_fields),
                 conn: psycopg.Connection[Any] = Depends(db)) -> Response:
-    c = caller(request, conn)
-    check_csrf(request, c, fields)
-    need(c, "entities")
+    c = acting(request, conn, fields, "entities")
     alias, text = fields.get("alias", "").strip(), fields.get("definition", "")
     entity, problems = entities.check(conn, _cfg(request), alias, text)
     if entity is None:
@@ -64,9 +62,7 @@ def entity_save(request: Request, fields: dict[str, str] = Depends(form_fields),
 @router.post("/entities/{alias}/delete")
 def entity_delete(request: Request, alias: str, fields: dict[str, str] = Depends(form_fields),
                   conn: psycopg.Connection[Any] = Depends(db)) -> Response:
-    c = caller(request, conn)
-    check_csrf(request, c, fields)
-    need(c, "entities")
+    c = acting(request, conn, fields, "entities")
     if not entities.remove(conn, c.principal, alias):
         raise HTTPException(404, f"no console entity {alias!r} (dx.yaml ones are read-only)")
     return redirect_with("/entities", f"entity {alias} removed")
@@ -85,9 +81,7 @@ def api_entities(request: Request,
 @api_router.put("/entities/{alias}", summary="create or replace a console-managed entity")
 def api_entity_put(request: Request, alias: str, definition: dict[str, Any] = Body(...),
                    conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
-    c = caller(request, conn)
-    check_csrf(request, c, {})
-    need(c, "entities")
+    c = acting(request, conn, {}, "entities")
     entity, problems = entities.check(conn, _cfg(request), alias, yaml.safe_dump(definition))
     if entity is None:
         raise HTTPException(422, [{"field": p.where, "message": p.message} for p in problems])
@@ -97,9 +91,7 @@ def api_entity_put(request: Request, alias: str, definition: dict[str, Any] = Bo
 @api_router.delete("/entities/{alias}", summary="remove a console-managed entity")
 def api_entity_delete(request: Request, alias: str,
                       conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
-    c = caller(request, conn)
-    check_csrf(request, c, {})
-    need(c, "entities")
+    c = acting(request, conn, {}, "entities")
     if not entities.remove(conn, c.principal, alias):
         raise HTTPException(404, f"no console entity {alias!r}")
     return {"alias": alias, "removed": True}
@@ -119,9 +111,7 @@ def key_list(request: Request, conn: psycopg.Connection[Any] = Depends(db)) -> H
 @router.post("/keys")
 def key_create(request: Request, fields: dict[str, str] = Depends(form_fields),
                conn: psycopg.Connection[Any] = Depends(db)) -> HTMLResponse:
-    c = caller(request, conn)
-    check_csrf(request, c, fields)
-    need(c, "entities")
+    c = acting(request, conn, fields, "entities")
     key_id = fields.get("id", "").strip()
     secret, problems = entities.create_key(conn, c.principal, _cfg(request), key_id,
                                            fields.get("system", "").strip(),
@@ -135,9 +125,7 @@ def key_create(request: Request, fields: dict[str, str] = Depends(form_fields),
 @router.post("/keys/{key_id}/revoke")
 def key_revoke(request: Request, key_id: str, fields: dict[str, str] = Depends(form_fields),
                conn: psycopg.Connection[Any] = Depends(db)) -> Response:
-    c = caller(request, conn)
-    check_csrf(request, c, fields)
-    need(c, "entities")
+    c = acting(request, conn, fields, "entities")
     if not entities.revoke_key(conn, c.principal, key_id):
         raise HTTPException(404, f"no active console key {key_id!r}")
     return redirect_with("/keys", f"key {key_id} revoked; every dx api serve refuses it within "
@@ -154,9 +142,7 @@ def api_keys(request: Request,
 @api_router.post("/keys", summary="create an API key; the secret is in this answer only")
 def api_key_create(request: Request, body: dict[str, Any] = Body(...),
                    conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
-    c = caller(request, conn)
-    check_csrf(request, c, {})
-    need(c, "entities")
+    c = acting(request, conn, {}, "entities")
     scopes = body.get("scopes") or {}
     text = "\n".join(f"{k}: {', '.join(v)}" for k, v in scopes.items()) \
         if isinstance(scopes, dict) else ""
@@ -171,9 +157,7 @@ def api_key_create(request: Request, body: dict[str, Any] = Body(...),
 @api_router.post("/keys/{key_id}/revoke", summary="revoke a console-made API key")
 def api_key_revoke(request: Request, key_id: str,
                    conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
-    c = caller(request, conn)
-    check_csrf(request, c, {})
-    need(c, "entities")
+    c = acting(request, conn, {}, "entities")
     if not entities.revoke_key(conn, c.principal, key_id):
         raise HTTPException(404, f"no active console key {key_id!r}")
     return {"id": key_id, "revoked": True}

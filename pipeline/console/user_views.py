@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from pipeline.console import accounts, audit
 from pipeline.console.views import redirect_with, render
-from pipeline.console.web import caller, check_csrf, db, form_fields, need
+from pipeline.console.web import acting, caller, db, form_fields, need
 from pipeline.errors import TerminalError
 
 router = APIRouter(include_in_schema=False)
@@ -34,9 +34,7 @@ def users_page(request: Request, conn: psycopg.Connection[Any] = Depends(db)) ->
 @router.post("/users/{action}")
 def users_action(request: Request, action: str, fields: dict[str, str] = Depends(form_fields),
                  conn: psycopg.Connection[Any] = Depends(db)) -> Response:
-    c = caller(request, conn)
-    check_csrf(request, c, fields)
-    need(c, "users")
+    c = acting(request, conn, fields, "users")
     name, role = fields.get("name", "").strip(), fields.get("role", "viewer")
     who = c.principal.actor
     try:

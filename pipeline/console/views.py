@@ -18,7 +18,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from pipeline.console import accounts, audit, sessions
 from pipeline.console.actions import pause_route, task_action
 from pipeline.console.taskquery import ConsoleFilter, FilterError, count, csv_rows, page
-from pipeline.console.web import Caller, caller, check_csrf, db, form_fields, form_list, need
+from pipeline.console.web import (
+    Caller,
+    caller,
+    check_csrf,
+    db,
+    form_fields,
+    form_list,
+    need,
+)
 from pipeline.db import connection
 from pipeline.observability.logging import redact
 from pipeline.routes.pause import KINDS, RouteKindName, states

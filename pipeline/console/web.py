@@ -91,3 +91,12 @@ async def form_fields(request: Request) -> dict[str, str]:
 
 def form_list(request: Request, name: str) -> list[str]:
     return [v for k, v in getattr(request.state, "form_pairs", []) if k == name]
+
+
+def acting(request: Request, conn: psycopg.Connection[Any], fields: dict[str, str],
+           action: str) -> Caller:
+    """The caller of a state-changing request, after the CSRF and the role checks."""
+    c = caller(request, conn)
+    check_csrf(request, c, fields)
+    need(c, action)
+    return c
