@@ -182,6 +182,7 @@ class RouteStatus:
     partitions: list[PartitionLag] = field(default_factory=list)
     tasks: dict[str, int] = field(default_factory=dict)
     note: str | None = None
+    incoming: list[IncomingStatus] = field(default_factory=list)  # source routes' inbound kinds
     paused: bool = False  # an operator paused it ('dx sink|source pause')
 
     @property
@@ -190,6 +191,48 @@ class RouteStatus:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "dead": self.dead}
+
+
+@dataclass
+class IncomingStatus:
+    """One inbound kind of a source route (``dx.inbound_state``): webhook, pull or files."""
+
+    kind: str
+    cursor: str | None
+    last_run_age_s: float | None
+    last_ok_age_s: float | None
+    pages: int
+    entities: int
+    requests: int
+    refused: int
+    errors: int
+    files_done: int
+    files_failed: int
+    last_error: str | None
+    failing: bool  # the last run failed (its error is newer than the last success)
+
+
+def incoming(conn: psycopg.Connection[Any]) -> dict[str, list[IncomingStatus]]:
+    """Inbound kinds by route ({} before any inbound command ran)."""
+    if not table_exists(conn, "dx.inbound_state"):
+        conn.commit()
+        return {}
+    out: dict[str, list[IncomingStatus]] = {}
+    for row in conn.execute(
+            "SELECT route, kind, cursor, extract(epoch FROM now() - last_run_at), "
+            "extract(epoch FROM now() - last_ok_at), pages, entities, requests, refused, "
+            "errors, files_done, files_failed, last_error, "
+            "last_error_at IS NOT NULL AND (last_ok_at IS NULL OR last_error_at > last_ok_at) "
+            "FROM dx.inbound_state ORDER BY route, kind"):
+        n = [int(v) for v in row[5:12]]
+        out.setdefault(str(row[0]), []).append(IncomingStatus(
+            kind=str(row[1]), cursor=row[2],
+            last_run_age_s=None if row[3] is None else float(row[3]),
+            last_ok_age_s=None if row[4] is None else float(row[4]), pages=n[0], entities=n[1],
+            requests=n[2], refused=n[3], errors=n[4], files_done=n[5], files_failed=n[6],
+            last_error=row[12], failing=bool(row[13])))
+    conn.commit()
+    return out
 
 
 def task_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
@@ -372,8 +415,11 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
                          backlog_age_s=limits.backlog_age_s)
     routes = configured_routes(cfg)
     counts = task_counts(conn)
+    kinds = incoming(conn)
     for route in routes:
         route.tasks = counts.pop(route.name, {})
+        if route.kind == "source":
+            route.incoming = kinds.get(route.name, [])
     routes += [RouteStatus(name, "unconfigured", None, [], tasks=c)
                for name, c in sorted(counts.items())]
     paused = paused_routes(conn)
@@ -402,6 +448,11 @@ def route_problems(r: RouteStatus, limits: Thresholds) -> list[str]:
     elif r.lag and r.members == 0:
         out.append(f"{what}: {r.lag} messages behind and no worker is running "
                    f"('dx {r.kind} run {r.name}')")
+    for i in r.incoming:
+        if i.failing and i.kind == "pull":
+            out.append(f"{what}: the last pull failed: {i.last_error}")
+        elif i.failing and i.kind == "files":
+            out.append(f"{what}: a dropped file failed: {i.last_error}")
     if r.dead > limits.max_dead:
         out.append(f"{what}: {r.dead} dead task(s); see "
                    f"'dx tasks list --route {r.name} --status dead'")

@@ -28,8 +28,15 @@ from urllib.parse import quote
 import httpx
 
 from connectors.base import Backpressure, Outcome, Record, RecordConnector
-from connectors.http.configuration import HmacAuth, HttpSettings, OAuth2ClientCredentials
+from connectors.http.configuration import HttpSettings
 from connectors.templating import Part, parse, record_resolver, render
+from pipeline.config.auth import (
+    ApiKeyAuth,
+    BasicAuth,
+    BearerAuth,
+    HmacAuth,
+    OAuth2ClientCredentials,
+)
 from pipeline.errors import DxError, TerminalError, TransientError
 from pipeline.observability.logging import redact
 
@@ -78,7 +85,7 @@ class RateLimiter:
             time.sleep(wait)
 
 
-class _TokenCache:
+class TokenCache:
     """OAuth2 client-credentials token, fetched lazily, shared by lanes, renewed before expiry."""
 
     def __init__(self, auth: OAuth2ClientCredentials, client: httpx.Client) -> None:
@@ -120,6 +127,33 @@ class _TokenCache:
             self.token = None
 
 
+def signature(secret: str, algorithm: str, timestamp: str, body: bytes) -> str:
+    """Hex HMAC of ``"<timestamp>.<body>"`` (the :class:`HmacAuth` scheme, both directions)."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body,
+                    getattr(hashlib, algorithm)).hexdigest()
+
+
+def auth_headers(auth: BearerAuth | BasicAuth | OAuth2ClientCredentials | HmacAuth | ApiKeyAuth
+                 | None, tokens: TokenCache | None, body: bytes) -> dict[str, str]:
+    """The headers that authenticate one request to a third party (``tokens``: the OAuth2
+    token cache when ``auth`` is OAuth2). Shared by sink deliveries and inbound pulls."""
+    if auth is None:
+        return {}
+    if isinstance(auth, BearerAuth):
+        return {"Authorization": f"Bearer {auth.token.get_secret_value()}"}
+    if isinstance(auth, BasicAuth):
+        raw = f"{auth.username}:{auth.password.get_secret_value()}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+    if isinstance(auth, HmacAuth):
+        ts = str(int(time.time()))
+        mac = signature(auth.secret.get_secret_value(), auth.algorithm, ts, body)
+        return {auth.header: f"t={ts},v1={mac}"}
+    if isinstance(auth, ApiKeyAuth):
+        return {auth.header: auth.key.get_secret_value()}
+    assert tokens is not None
+    return {"Authorization": f"Bearer {tokens.get()}"}
+
+
 class HttpConnector(RecordConnector[HttpSettings]):
     """REST/webhook target. Thread-safe: lanes share the client, limiter and token cache."""
 
@@ -137,7 +171,7 @@ class HttpConnector(RecordConnector[HttpSettings]):
             verify=s.verify_tls, follow_redirects=False,
             headers={"User-Agent": "dx-sink/0.1", **s.headers})
         self.limiter = RateLimiter(s.rate_limit_per_s) if s.rate_limit_per_s else None
-        self.tokens = (_TokenCache(s.auth, self.client)
+        self.tokens = (TokenCache(s.auth, self.client)
                        if isinstance(s.auth, OAuth2ClientCredentials) else None)
 
     @property
@@ -157,21 +191,7 @@ class HttpConnector(RecordConnector[HttpSettings]):
         return record.payload
 
     def _auth_headers(self, body: bytes) -> dict[str, str]:
-        auth = self.settings.auth
-        if auth is None:
-            return {}
-        if auth.kind == "bearer":
-            return {"Authorization": f"Bearer {auth.token.get_secret_value()}"}
-        if auth.kind == "basic":
-            raw = f"{auth.username}:{auth.password.get_secret_value()}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        if isinstance(auth, HmacAuth):
-            ts = str(int(time.time()))
-            mac = hmac.new(auth.secret.get_secret_value().encode(), ts.encode() + b"." + body,
-                           getattr(hashlib, auth.algorithm)).hexdigest()
-            return {auth.header: f"t={ts},v1={mac}"}
-        assert self.tokens is not None
-        return {"Authorization": f"Bearer {self.tokens.get()}"}
+        return auth_headers(self.settings.auth, self.tokens, body)
 
     def _ce_headers(self, record: Record) -> dict[str, str]:
         ts = (dt.datetime.fromtimestamp(record.ts_ms / 1000, dt.UTC)

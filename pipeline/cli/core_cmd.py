@@ -61,17 +61,18 @@ def init(config: Path = ConfigOption) -> None:
 
 
 def _extra_schemas() -> list[Any]:
-    """ensure_schema() of every other area: tasks, inbound offsets, alert incidents, route
-    pauses, the console."""
+    """ensure_schema() of every other area: tasks, inbound offsets, alert incidents, inbound
+    state, route pauses, the console, console-managed API entities and keys."""
     from pipeline.alerts.engine import ensure_schema as alerts_schema
     from pipeline.api.managed import ensure_schema as api_entity_schema
     from pipeline.console.schema import ensure_schema as console_schema
+    from pipeline.inbound.state import ensure_schema as inbound_schema
     from pipeline.routes.pause import ensure_schema as pause_schema
     from pipeline.source.offsets import ensure_schema as offsets_schema
     from pipeline.tasks.store import ensure_schema as tasks_schema
 
-    return [tasks_schema, offsets_schema, alerts_schema, pause_schema, console_schema,
-            api_entity_schema]
+    return [tasks_schema, offsets_schema, alerts_schema, inbound_schema, pause_schema,
+            console_schema, api_entity_schema]
 
 
 def validate(config: Path = ConfigOption,
@@ -278,6 +279,7 @@ def _print_status(st: Any) -> None:
                        *[str(route.tasks.get(s, 0)) for s in STATUS_ORDER[:-1]],
                        f"[red]{dead}[/red]" if dead else "0")
         console.print(rt)
+        _print_incoming(st.routes)
         for route in st.routes:
             if route.note:
                 console.print(f"route {route.name}: {route.note}", highlight=False)
@@ -295,6 +297,24 @@ def _print_status(st: Any) -> None:
         console.print(f"[red]problem:[/red] {p}", highlight=False)
     if st.healthy:
         console.print("[green]healthy[/green]")
+
+
+def _print_incoming(routes: list[Any]) -> None:
+    """The inbound kinds of source routes (webhooks, pulls, file drops), when any ran."""
+    from pipeline.status import age_text
+
+    kinds = [(r.name, i) for r in routes for i in r.incoming]
+    if not kinds:
+        return
+    t = Table("route", "kind", "last run", "pages", "requests", "entities", "refused",
+              "files ok/failed", "errors", "since", title="incoming (dx inbound)")
+    for name, i in kinds:
+        last = age_text(i.last_run_age_s) + " ago" if i.last_run_age_s is not None else "-"
+        since = json.loads(i.cursor).get("since") if i.cursor else None
+        t.add_row(name, i.kind, f"[red]{last}[/red]" if i.failing else last, str(i.pages),
+                  str(i.requests), str(i.entities), str(i.refused),
+                  f"{i.files_done}/{i.files_failed}", str(i.errors), str(since or "-")[:32])
+    console.print(t)
 
 
 schemas_app = typer.Typer(help="Generate, check and register the Avro contracts.",

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.config.inbound import InboundConfig
+
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
@@ -91,6 +93,9 @@ class SourceRoute(_Base):
         description="also commit offsets to Kafka after each batch, for lag tools only; "
         "the offsets in dx.source_offsets are the source of truth",
     )
+    inbound: InboundConfig | None = Field(
+        None, description="webhooks, scheduled pulls and file drops feeding this route's topic "
+        "(format json); see 'dx inbound'")
 
     @field_validator("name")
     @classmethod
@@ -124,6 +129,8 @@ class SourceRoute(_Base):
                     raise ValueError(f"fields: column {col!r} is not in 'columns'")
             if self.conflict is not None and self.conflict.column not in self.columns:
                 raise ValueError(f"conflict.column {self.conflict.column!r} is not in 'columns'")
+        if self.inbound is not None and self.format != "json":
+            raise ValueError("inbound (webhook, pull, files) produces JSON: set format: json")
         if self.conflict is not None and self.mode in ("insert", "delete"):
             raise ValueError(f"conflict applies to upserts; mode {self.mode!r} has none")
         return self

@@ -390,7 +390,8 @@ def test_demo_script_runs_end_to_end(stack: Any, pg_db: str, topic_prefix: str,
         assert done.stderr.strip() == "", done.stderr
         pids = {n: p["pid"] for n, p in json.loads((state / "run.json").read_text())["pids"]
                 .items()}
-        assert set(pids) == {"pim", "relay", "sink", "source"}
+        assert set(pids) == {"pim", "relay", "sink", "source", "inbound", "pull"}
+        assert "came as webhooks (dx inbound serve) and again from the changes feed" in out
         # both directions, shown
         assert len(re.findall(r"shop -> PIM\s+product \d+ version \d+ arrived", out)) == 3
         assert len(re.findall(r"PIM -> shop\s+product \d+ version \d+ applied", out)) == 3
@@ -407,7 +408,7 @@ def test_demo_script_runs_end_to_end(stack: Any, pg_db: str, topic_prefix: str,
         stopped = subprocess.run([sys.executable, str(run_py), "stop", "--state-dir", str(state)],
                                  capture_output=True, text=True, timeout=60, cwd=REPO)
     assert stopped.returncode == 0, stopped.stderr
-    assert "stopped pim, relay, sink, source" in stopped.stdout
+    assert "stopped inbound, pim, relay, sink, source, pull" in stopped.stdout
     for pid in pids.values():
         wait_for(f"pid {pid} to exit", lambda pid=pid: not _running(pid), 30)
 
