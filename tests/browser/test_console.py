@@ -185,9 +185,15 @@ def test_pause_holds_events_and_resume_delivers_them(
             page.click("#route-erp-items button")  # resume
             assert "resumed" in page.locator(".msg").inner_text()
             wait_for(lambda: items() == 6, 60, what="the held events after resume")
+
+            # the CLI pauses too, and the open dashboard shows it without a reload
+            dx(cfg, "source", "pause", "erp-items")
+            page.locator("#route-erp-items .badge").wait_for(timeout=30_000)
+            dx(cfg, "source", "resume", "erp-items")
             page.goto(f"{console.url}/audit")
             trail = page.locator("table").inner_text()
             assert "pause" in trail and "resume" in trail and "route source/erp-items" in trail
+            assert "cli:" in trail
             page.close()
     finally:
         worker.terminate()
