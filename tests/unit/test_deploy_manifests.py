@@ -92,7 +92,7 @@ def test_kustomization_builds() -> None:
                          timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(out.stdout) if d]
-    assert kinds.count("Deployment") == 3
+    assert kinds.count("Deployment") == 4
 
 
 # -- operational rules ----------------------------------------------------------------------
@@ -101,14 +101,15 @@ def test_kustomization_builds() -> None:
 def test_one_deployment_per_role_relay_with_standby() -> None:
     deps = deployments()
     roles = {key.split(":")[0] for key in deps}
-    assert roles == {"relay", "sink", "source"}
+    assert roles == {"relay", "sink", "source", "console"}
     relay = deps["relay:default"]
     assert relay["spec"]["replicas"] == 2  # active + hot standby
     rolling = relay["spec"]["strategy"]["rollingUpdate"]
     assert rolling["maxUnavailable"] == 0
 
 
-@pytest.mark.parametrize("key", ["relay:default", "sink:pim-products", "source:pim-inbound"])
+@pytest.mark.parametrize("key", ["relay:default", "sink:pim-products", "source:pim-inbound",
+                                 "console:default"])
 def test_pod_spec_is_operable(key: str) -> None:
     dep = deployments()[key]
     pod = dep["spec"]["template"]["spec"]
@@ -141,7 +142,7 @@ def test_pod_spec_is_operable(key: str) -> None:
 
 
 def test_metrics_service_selects_every_worker() -> None:
-    (svc,) = resources("Service")
+    (svc,) = [s for s in resources("Service") if s["metadata"]["name"] == "dx-metrics"]
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert svc["spec"]["ports"][0]["port"] == METRICS_PORT
@@ -173,7 +174,7 @@ def test_configmap_dx_yaml_loads_and_runs_the_deployed_routes(tmp_path: Path) ->
         elif args[0] == "source":
             assert args[1:] == ["run", args[2]] and args[2] in sources
         else:
-            assert args == ["relay"]
+            assert args in (["relay"], ["console", "serve"])
 
 
 # -- Dockerfile -----------------------------------------------------------------------------
