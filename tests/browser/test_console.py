@@ -291,6 +291,10 @@ def test_roles_csrf_and_the_login_rate_limit_are_enforced_by_the_server(
             assert status() == "skipped"
             trail = http.get("/api/v1/audit", params={"subject_kind": "task"}, headers=auth)
             assert [a["actor"] for a in trail.json()][:2] == ["token:ops", "alice"]
+            exported = http.get("/api/v1/tasks.csv", params={"route": "pim"}, headers=auth)
+            assert exported.headers["content-type"].startswith("text/csv")
+            assert [r["status"] for r in csv.DictReader(io.StringIO(exported.text))] == \
+                ["skipped"]
             assert http.get("/metrics").status_code == 200
             assert http.get("/readyz").json()["status"] == "ready"
 
