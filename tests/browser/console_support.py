@@ -27,21 +27,23 @@ def free_port() -> int:
 class ConsoleServer:
     """``build_app`` served by uvicorn in a thread, on a free port."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, tls: tuple[Path, Path] | None = None) -> None:
         import uvicorn
 
         from pipeline.config.loader import load_config
         from pipeline.console.app import build_app
 
         self.port = free_port()
+        self.scheme = "https" if tls else "http"
         self.app = build_app(load_config(config_path))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_config=None, access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
+            ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> ConsoleServer:
         self.thread.start()

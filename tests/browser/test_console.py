@@ -389,3 +389,27 @@ def test_an_admin_creates_an_api_entity_and_every_replica_serves_it(
         assert op_page.request.get(f"{console.url}/users").status == 403
         operator.close()
         page.close()
+
+
+def test_over_tls_the_session_cookie_is_secure_httponly_and_samesite(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    import re
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    cfg = setup(tmp_path, stack, pg_db, topic_prefix, "http://127.0.0.1:9")
+    with ConsoleServer(cfg, tls=(cert, key)) as console, \
+            httpx.Client(base_url=console.url, verify=False, timeout=30) as http:
+        page = http.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        r = http.post("/login", data={"csrf": token.group(1), "name": "alice",
+                                      "password": PASSWORD, "next": "/"})
+        assert r.status_code == 303
+        cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("dx_session="))
+        flags = {f.strip().lower() for f in cookie.split(";")}
+        assert {"secure", "httponly", "samesite=lax"} <= flags
+        assert "content-security-policy" in http.get("/").headers
