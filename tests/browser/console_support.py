@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -60,14 +58,16 @@ class ConsoleServer:
 
 
 def dx(config_path: Path, *args: str, password: str | None = None) -> str:
-    """Run the real ``dx`` CLI; returns stdout, fails the test with stderr."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if password is not None:
-        env["DX_CONSOLE_PASSWORD"] = password
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "-c", str(config_path)],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    """Run the real ``dx`` CLI (in this process: no interpreter start per call); returns its
+    output, fails the test with the error."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli.main import app
+
+    env = {"DX_CONSOLE_PASSWORD": password} if password is not None else {}
+    result = CliRunner().invoke(app, [*args, "-c", str(config_path)], env=env)
+    assert result.exit_code == 0, f"dx {' '.join(args)}: {result.output} {result.exception!r}"
+    return str(result.stdout)
 
 
 def login(page: Any, base: str, name: str, password: str) -> None:
