@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
-from pipeline.api.managed import Watcher, with_stored
+from pipeline.api.managed import Watcher, read_signature, with_stored
 from pipeline.api.oauth import TOKEN_PREFIX, ClientRing, OAuthError, TokenStore, token_request
 from pipeline.api.openapi import TRANSACTION_HEADER, document
 from pipeline.api.query import (
@@ -89,6 +89,8 @@ class DataExchangeApi:
                  env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.env = env
+        # read before the state is built, so no console change slips in between
+        seen = read_signature(config.database.url.get_secret_value())
         self.state = build_state(config, env)
         self.pool = self._pool(config)
         self.limiter = RateLimiter()
@@ -96,7 +98,8 @@ class DataExchangeApi:
         self._reload_lock = threading.Lock()
         self.app = self._build()
         self.file_config = config  # dx.yaml as read; the state adds the console's entities
-        self.watcher = Watcher(config.database.url.get_secret_value(), self.refresh).start()
+        self.watcher = Watcher(config.database.url.get_secret_value(), self.refresh,
+                               seen=seen).start()
 
     @staticmethod
     def _pool(config: DxConfig) -> Pool:

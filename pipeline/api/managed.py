@@ -28,7 +28,7 @@ from pipeline.api.security import hash_key
 from pipeline.config.api import ApiEntity, ApiKey
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,21 @@ def signature(conn: psycopg.Connection[Any]) -> str:
         return ""
     row = conn.execute(SIGNATURE).fetchone()
     return str(row[0]) if row else ""
+
+
+def read_signature(url: str) -> str | None:
+    """:func:`signature` over a short connection of its own; None when it cannot be read (the
+    watcher then takes its first reading as the baseline)."""
+    try:
+        conn = connect(url, autocommit=True, application_name="dx-api:entities")
+    except ServiceUnavailable:  # build_state reports it in its own words
+        return None
+    try:
+        return signature(conn)
+    except psycopg.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def with_entities(config: DxConfig, extra: list[ApiEntity],
