@@ -111,7 +111,7 @@ def fill(url: str, n: int) -> None:
             ensure(conn)
         t = time.perf_counter()
         for statement in FILL:
-            conn.execute(statement, {"n": n, "routes": ROUTES})  # type: ignore[arg-type]
+            conn.execute(statement, {"n": n, "routes": ROUTES})
         conn.execute("VACUUM ANALYZE dx.task")
         print(f"  {n:,} tasks written in {time.perf_counter() - t:.0f}s", flush=True)
         accounts.add_user(conn, "bench", "operator", "bench-password")
@@ -189,9 +189,9 @@ def run(url: str, cfg: Path, n: int) -> dict[str, tuple[float, float]]:
 def set_indexes(url: str, present: bool) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for name, ddl in INDEXES.items():
-            conn.execute(f"DROP INDEX IF EXISTS dx.{name}")  # type: ignore[arg-type]
+            conn.execute(f"DROP INDEX IF EXISTS dx.{name}")
             if present:
-                conn.execute(ddl.format(name=name))  # type: ignore[arg-type]
+                conn.execute(ddl.format(name=name))
         conn.execute("ANALYZE dx.task")
 
 
@@ -221,7 +221,7 @@ def main() -> None:
     admin = env["DX_DATABASE_URL"]
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'
-                     )  # type: ignore[arg-type]
+                     )
 
 
 if __name__ == "__main__":

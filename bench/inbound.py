@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import psycopg
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,7 +125,7 @@ def catalog(n: int) -> tuple[str, ThreadingHTTPServer]:
 
 def count(db: str, table: str) -> int:
     with psycopg.connect(db) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[arg-type]
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
     return int(row[0]) if row else 0
 
 
@@ -192,7 +192,7 @@ def main() -> None:
                                     for t in ("p_hook", "p_pull")]).values():
         fut.result(30)
     with psycopg.connect(db) as conn:
-        conn.execute(TABLES)  # type: ignore[arg-type]
+        conn.execute(TABLES)
     pim, pim_server = catalog(n)
     os.environ["BENCH_HOOK_SECRET"] = SECRET
     results: dict[str, tuple[float, float, float]] = {}  # scenario -> (req/s, acked/s, db/s)
@@ -248,7 +248,7 @@ def main() -> None:
         pim_server.shutdown()
         time.sleep(0.5)
         with psycopg.connect(env["DX_DATABASE_URL"], autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db.rsplit("/", 1)[1]}" WITH (FORCE)')  # type: ignore[arg-type]
+            conn.execute(f'DROP DATABASE IF EXISTS "{db.rsplit("/", 1)[1]}" WITH (FORCE)')
     print(f"Inbound into PostgreSQL, {n:,} entities per scenario, {os.cpu_count()} CPUs, "
           f"{args.clients} clients, {args.batch} entities per request, pages of {args.page}")
     print(f"  {'scenario':<18}{'requests/s':>12}{'entities/s acked':>18}{'entities/s in DB':>18}")

@@ -15,6 +15,7 @@ import psycopg
 from psycopg.types.json import set_json_loads
 
 from pipeline.errors import ServiceUnavailable
+from pipeline.observability.logging import redact as redact_secrets
 
 #: jsonb numbers become Decimal so numeric(p, s) values keep every digit on their way to Avro.
 json_loads_exact = partial(json.loads, parse_float=Decimal)
@@ -28,6 +29,25 @@ def redact(url: str) -> str:
     return f"{host}{port}{parts.path or ''}"
 
 
+def driver_detail(err: BaseException) -> str:
+    """The driver's first line, redacted: the cause in one line.
+
+    libpq puts the cause first ("connection to server at ..., port 5432 failed: Connection
+    refused") and a hint after it ("Is the server running on that host ...?"), so the first line
+    is the one to keep: the last one would say where to look but not what happened."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return redact_secrets(" ".join(line.split()))
+    return type(err).__name__
+
+
+def unreachable(url: str, err: BaseException, context: str = "") -> ServiceUnavailable:
+    """``postgresql unreachable at host:port/db: [context: ]<driver's first line>``."""
+    detail = driver_detail(err)
+    return ServiceUnavailable("postgresql", redact(url), f"{context}: {detail}" if context
+                              else detail)
+
+
 def connect(url: str, *, autocommit: bool = False, application_name: str = "dx",
             connect_timeout_s: float = 5.0, exact_json: bool = False,
             **kwargs: Any) -> psycopg.Connection[Any]:
@@ -36,8 +56,7 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "dx",
         conn = psycopg.connect(url, autocommit=autocommit, application_name=application_name,
                                connect_timeout=max(1, int(connect_timeout_s)), **kwargs)
     except psycopg.OperationalError as err:
-        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ServiceUnavailable("postgresql", redact(url), detail) from None
+        raise unreachable(url, err) from None
     if exact_json:
         set_json_loads(json_loads_exact, conn)
     return conn

@@ -27,10 +27,13 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
+from pipeline.capture import logical
 from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.routes.pause import paused_routes
+from pipeline.tasks import health
+from pipeline.tasks.store import TaskStore
 
 RouteKind = Literal["sink", "source", "unconfigured"]
 #: Task statuses in the order ``dx status`` shows them (dead last, it is what needs a person).
@@ -71,6 +74,8 @@ class RelayStatus:
     last_delivery_age_s: float | None = None
     open_transactions: list[OpenTransaction] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    capture_mode: str = "trigger"  # as installed (logical: the publication exists)
+    slot: dict[str, Any] | None = None  # logical mode: the replication slot's state
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,7 +161,32 @@ def relay_status(conn: psycopg.Connection[Any], relay_name: str, *,
                            f"({st.committed_not_relayed} committed events not relayed)")
     if st.committed_not_relayed and st.relay_active is None:
         st.problems.append("no relay is active and committed events are waiting")
+    _slot_status(conn, st, backlog_age_s)
     return st
+
+
+def _slot_status(conn: psycopg.Connection[Any], st: RelayStatus, backlog_age_s: float) -> None:
+    """Logical mode: the slot keeps WAL until the relay confirms it; say how much and since
+    when, and that a missing or invalidated slot needs the runbook."""
+    st.capture_mode = logical.installed_mode(conn)
+    if st.capture_mode != "logical":
+        conn.commit()
+        return
+    info = logical.slot_info(conn)
+    conn.commit()
+    if info is None:
+        st.problems.append(f"replication slot {logical.current_slot(conn)} is missing: see the "
+                           "README runbook 'lost replication slot'")
+        return
+    st.slot = asdict(info)
+    if info.lost:
+        st.problems.append(f"replication slot {info.name} was invalidated (WAL it needed is "
+                           "gone): see the README runbook 'lost replication slot'")
+    elif info.unconfirmed_bytes and info.confirmed_age_s is not None \
+            and info.confirmed_age_s > backlog_age_s:
+        st.problems.append(f"replication slot {info.name} not confirmed for "
+                           f"{info.confirmed_age_s:.0f}s; it retains {info.retained_bytes} bytes "
+                           "of WAL (is the relay running?)")
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -237,15 +267,7 @@ def incoming(conn: psycopg.Connection[Any]) -> dict[str, list[IncomingStatus]]:
 
 def task_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
     """Tasks by route and status ({} when the task table does not exist yet)."""
-    if not table_exists(conn, "dx.task"):
-        conn.commit()
-        return {}
-    out: dict[str, dict[str, int]] = {}
-    for route, status, n in conn.execute(
-            "SELECT route, status, count(*) FROM dx.task GROUP BY route, status"):
-        out.setdefault(str(route), {})[str(status)] = int(n)
-    conn.commit()
-    return out
+    return TaskStore(conn).counts_by_route()
 
 
 def source_offsets(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, int], int]:
@@ -437,6 +459,12 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
             st.problems.append(f"{st.kafka_error}; consumer lag unknown")
     for r in routes:
         st.problems.extend(route_problems(r, limits))
+    down = health.read(conn)  # a sink worker's circuit breaker: "target down since ..."
+    for r in routes:
+        h = down.get(r.name)
+        if r.kind == "sink" and h is not None and h.target_down:
+            r.note = f"{r.note}; {h.text()}" if r.note else h.text()
+            st.problems.append(f"route {r.name} (sink): {h.text()}")
     return st
 
 

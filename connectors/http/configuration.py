@@ -19,7 +19,9 @@ Auth = Annotated[BearerAuth | BasicAuth | OAuth2ClientCredentials | HmacAuth,
 
 
 class BulkConfig(BaseModel):
-    """A batch endpoint: one request carries many records; the whole request succeeds or fails."""
+    """A batch endpoint: one request carries many records. With ``results`` the target's
+    answer says per record what happened; without, a refused request (4xx) is split in halves
+    until the refused records stand alone (the others are delivered)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -27,6 +29,9 @@ class BulkConfig(BaseModel):
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     max_batch: int = Field(100, ge=1, le=10_000)
     wrap: str | None = Field(None, description="send {wrap: [...]} instead of a bare array")
+    results: str | None = Field(
+        None, description="field of the JSON answer with one result per record, in order "
+        "('.' for a bare array); a result with a 'status' code or an 'error' fails its record")
 
 
 class HttpSettings(ConnectorSettings):

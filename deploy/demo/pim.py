@@ -9,7 +9,9 @@ It plays both directions of the exchange:
   nothing. A bearer token is checked when one is configured. Like the shop database, the PIM
   keeps the newest ``version`` of a record: a delivery carrying an *older* version than the one
   stored (a shop change that lost the race against an edit made here) is answered ``200`` with
-  status ``stale`` and changes nothing; an equal version is taken (the shop wins ties, because
+  status ``stale`` and changes nothing, and so is a delivery whose ``Dx-Position`` header is not
+  above the last one applied to that record (a request dx timed out on, arriving late after the
+  next change of the key); an equal version is taken (the shop wins ties, because
   the shop's inbound route refuses an equal version), so both sides settle on the same row.
 * **PIM → dx**: ``POST /products/{id}/edit`` (or ``--edit-every N`` seconds, at random) edits a
   product *in the PIM*, bumps its ``version`` and publishes the row as JSON to an inbound Kafka
@@ -185,13 +187,17 @@ class Pim:
         self.collections: dict[str, dict[str, dict[str, Any]]] = {}
         self.deliveries: deque[dict[str, Any]] = deque(maxlen=keep_deliveries)
         self.replies: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        # last ``Dx-Position`` applied per record: a write with a lower one is stale (a request
+        # that timed out at dx and arrived after the next change of the same key)
+        self.positions: dict[tuple[str, str], str] = {}
         self.stats: Counter[str] = Counter()
         self.started = time.time()
 
     # -- dx → PIM --------------------------------------------------------------------------
 
     def deliver(self, method: str, collection: str, item_id: str, body: Any,
-                idempotency_key: str | None) -> tuple[int, dict[str, Any], bool]:
+                idempotency_key: str | None,
+                position: str | None = None) -> tuple[int, dict[str, Any], bool]:
         """Apply one delivery; returns (status, response, replayed)."""
         with self.lock:
             if idempotency_key and idempotency_key in self.replies:
@@ -200,7 +206,14 @@ class Pim:
                 self._record(method, collection, item_id, idempotency_key, status, True, body,
                              response)
                 return status, response, True
-            status, response = self._apply(method, collection, item_id, body)
+            last = self.positions.get((collection, item_id))
+            if position and last is not None and position <= last:
+                self.stats["stale"] += 1
+                status, response = 200, {"status": "stale", "id": item_id, "position": last}
+            else:
+                status, response = self._apply(method, collection, item_id, body)
+                if position and status < 300:
+                    self.positions[(collection, item_id)] = position
             if idempotency_key and status < 500:  # a 503 must be retried for real
                 self.replies[idempotency_key] = (status, response)
                 while len(self.replies) > _IDEMPOTENCY_KEYS:
@@ -434,7 +447,8 @@ def make_handler(pim: Pim) -> type[BaseHTTPRequestHandler]:
                 collection, item_id = m["collection"], m["id"]
                 body = None if self.command == "DELETE" else self._body()
             status, response, replayed = pim.deliver(
-                self.command, collection, item_id, body, self.headers.get("Idempotency-Key"))
+                self.command, collection, item_id, body, self.headers.get("Idempotency-Key"),
+                self.headers.get("Dx-Position"))
             log.info("%s /%s/%s -> %d %s%s", self.command, collection, item_id, status,
                      response.get("status") or "", " (replayed)" if replayed else "")
             self._json(status, response, replayed=replayed)

@@ -1,6 +1,6 @@
 """Writes through the API: one transaction per request, or one savepoint per row.
 
-Every write transaction starts with ``set_config('dx.origin', <system of the API key>, true)``
+Every write transaction starts with ``mark_origin(<system of the API key>)``
 (transaction-local, exactly what a source worker does), so the capture triggers record the
 change's origin and no route delivers it back to the system that made it.
 
@@ -32,7 +32,7 @@ from psycopg import sql
 from pipeline.api.catalog import Entity, Field
 from pipeline.api.errors import ApiError, Problem, fail, join_path
 from pipeline.api.query import Row, get_row, key_condition, to_row
-from pipeline.capture.ddl import ORIGIN_GUC
+from pipeline.capture.origin import mark_origin
 from pipeline.db import connect
 from pipeline.source.apply import is_row_error, row_error_reason
 
@@ -150,7 +150,7 @@ class Writer:
         self.conn = conn
         self.entity = entity
         self._sp = 0
-        conn.execute("SELECT set_config(%s, %s, true)", (ORIGIN_GUC, system))
+        mark_origin(conn, system)
 
     # ---- single-row statements --------------------------------------------------------------
 

@@ -15,11 +15,15 @@ from pipeline.config import DxConfig, TableConfig
 from pipeline.errors import CatalogError
 from pipeline.events.avro import avro_name
 
+# A domain column is described by its base type (and the domain's type modifier), as Debezium
+# does: consumers get the base type's Avro form, a replica's domain column accepts it.
 _COLUMNS = """
-SELECT a.attname, COALESCE(et.typname, t.typname), NOT a.attnotnull,
-       et.oid IS NOT NULL, a.atttypmod, COALESCE(et.typcategory, t.typcategory)
+SELECT a.attname, COALESCE(et.typname, bt.typname, t.typname), NOT a.attnotnull,
+       et.oid IS NOT NULL, CASE WHEN bt.oid IS NULL THEN a.atttypmod ELSE t.typtypmod END,
+       COALESCE(et.typcategory, bt.typcategory, t.typcategory)
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
 LEFT JOIN pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem
 WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
@@ -89,8 +93,9 @@ def _error(config: DxConfig, index: int, msg: str, *loc: str | int) -> CatalogEr
 
 
 def capture_mode(config: DxConfig, index: int) -> str:
-    """``row`` or ``statement``: the table's ``capture:``, else the ``capture.mode`` default."""
-    return config.tables[index].capture or config.capture.mode
+    """``row`` or ``statement``: the table's ``capture:``, else the ``capture.trigger``
+    default (the trigger kind; logical mode has no triggers but the TRUNCATE guard)."""
+    return config.tables[index].capture or config.capture.trigger
 
 
 def partitions(conn: psycopg.Connection[Any], schema: str,

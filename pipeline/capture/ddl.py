@@ -142,6 +142,14 @@ BEGIN
             quote_literal(aggregatetype)
             USING HINT = 'use letters, digits, ".", "_" and "-"';
     END IF;
+    IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'dx_capture') THEN
+        -- logical capture: a transactional message in the change stream, nothing to purge
+        PERFORM pg_logical_emit_message(true, 'dx.outbox', jsonb_build_object(
+            'aggregatetype', aggregatetype, 'aggregateid', aggregateid, 'type', type,
+            'payload', payload, 'event_id', event_id,
+            'origin', NULLIF(current_setting('{ORIGIN_GUC}', true), ''))::text);
+        RETURN event_id;
+    END IF;
     PERFORM dx.mark_txn();
     INSERT INTO dx.outbox (entity, op, key, after, origin, event_id, event_type)
     VALUES (aggregatetype, 'e', to_jsonb(aggregateid), payload,
@@ -342,10 +350,16 @@ def install_statements(spec: TableSpec, version: int, mode: str, body_text: str,
                     "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT "
                     "EXECUTE FUNCTION {}()").format(table, fn),
         ]
-    stmts += [sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
-                      "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()").format(t)
-              for t in [table, *(sql.Identifier(*p) for p in partitions)]]
-    return stmts
+    return stmts + truncate_guards(spec, partitions)
+
+
+def truncate_guards(spec: TableSpec,
+                    partitions: tuple[tuple[str, str], ...] = ()) -> list[sql.Composed]:
+    """The TRUNCATE guard on the table and each partition (a TRUNCATE reaches no capture)."""
+    table = sql.Identifier(spec.schema, spec.table)
+    return [sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
+                    "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()").format(t)
+            for t in [table, *(sql.Identifier(*p) for p in partitions)]]
 
 
 def drop_triggers(spec: TableSpec,

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pipeline.capture import ddl
+from pipeline.capture import ddl, logical
 from pipeline.capture.catalog import capture_mode, partitions, read_table
 from pipeline.capture.spec import TableSpec
 from pipeline.config import DxConfig
@@ -22,6 +22,7 @@ def ensure_schema(conn: psycopg.Connection[Any], config: DxConfig) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (ddl.LEASE_LOCK_CLASS,))
         conn.execute(ddl.BASE_DDL)
         conn.execute(ddl.on_commit_ddl(config.capture.notify))
+        conn.execute(logical.SLOT_DDL)
 
 
 def spec_version(conn: psycopg.Connection[Any], spec: TableSpec) -> int:
@@ -63,6 +64,7 @@ def install_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -
         conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(
             sql.Identifier(spec.schema, spec.table)))
         parts = partitions(conn, spec.schema, spec.table)
+        logical.leave(conn, spec)
         version = spec_version(conn, spec)
         maker = ddl.row_function if mode == "row" else ddl.statement_function
         body = maker(spec, version).as_string(conn)
@@ -77,6 +79,7 @@ def uninstall_table(conn: psycopg.Connection[Any], config: DxConfig, index: int)
         for stmt in ddl.drop_triggers(spec, partitions(conn, spec.schema, spec.table)):
             conn.execute(stmt)
         conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(ddl.function_name(spec)))
+        logical.leave(conn, spec)
     return spec
 
 
@@ -103,7 +106,19 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
         (sql.Identifier(spec.schema, spec.table).as_string(conn),))}
     mode = "row" if "dx_capture" in triggers else (
         "statement" if "dx_capture_insert_stmt" in triggers else None)
-    wanted = capture_mode(config, index)
+    in_publication = logical.published(conn, spec)
+    if mode is None and in_publication:
+        mode = "logical"
+        problems += logical.table_problems(conn, spec)
+    elif mode is not None and in_publication:
+        problems.append(f"{spec.entity}: captured by triggers and by the publication (changes "
+                        "would be published twice); run 'dx capture install'")
+    try:
+        resolved, _ = logical.resolve_mode(conn, config)
+    except CatalogError as err:
+        resolved = "logical"
+        problems.append(str(err))
+    wanted = "logical" if resolved == "logical" else capture_mode(config, index)
     if mode is not None and mode != wanted:
         problems.append(f"{spec.entity}: installed as {mode} capture but dx.yaml says {wanted}; "
                         "run 'dx capture install'")
@@ -121,7 +136,7 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
     row = conn.execute("SELECT version, fingerprint FROM dx.capture_spec WHERE entity = %s "
                        "ORDER BY version DESC LIMIT 1", (spec.entity,)).fetchone()
     pending_row = conn.execute("SELECT count(*) FROM dx.outbox WHERE entity = %s",
-                               (spec.entity,)).fetchone()
+                               (spec.entity,)).fetchone() if mode != "logical" else None
     return CaptureState(
         entity=spec.entity, installed=mode is not None, mode=mode,
         version=int(row[0]) if row else None,

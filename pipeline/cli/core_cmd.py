@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline.capture import install as capture_install
+from pipeline.capture import logical
 from pipeline.capture.catalog import read_all
 from pipeline.capture.snapshot import installed_spec, snapshot_table
 from pipeline.cli.common import (
@@ -28,7 +29,7 @@ from pipeline.cli.common import (
 )
 from pipeline.config import DxConfig
 from pipeline.db import connection
-from pipeline.errors import ConfigError
+from pipeline.errors import CatalogError, ConfigError
 
 console = Console(stderr=False)
 capture_app = typer.Typer(help="Install, remove and inspect capture triggers.",
@@ -111,10 +112,25 @@ def capture_install_cmd(config: Path = ConfigOption,
             registrar.check_reachable()
             for i in indexes:
                 require_compatible(read_table(conn, cfg, i), cfg.kafka.topic_prefix, registrar)
+        mode, why = logical.resolve_mode(conn, cfg)
+        typer.echo(f"capture mode: {mode} ({why})")
         for i in indexes:
-            spec, version, mode = capture_install.install_table(conn, cfg, i)
-            typer.echo(f"captured {spec.entity} -> {spec.topic} ({mode} trigger, "
+            if mode == "logical":
+                spec, version = logical.install_table(conn, cfg, i)
+                typer.echo(f"captured {spec.entity} -> {spec.topic} (logical, schema "
+                           f"v{version}, {len(spec.columns)} columns)")
+                continue
+            spec, version, kind = capture_install.install_table(conn, cfg, i)
+            typer.echo(f"captured {spec.entity} -> {spec.topic} ({kind} trigger, "
                        f"schema v{version}, {len(spec.columns)} columns)")
+        if mode == "logical":
+            if logical.slot_info(conn) is None:
+                typer.echo("creating the replication slot (PostgreSQL waits for the "
+                           "transactions running now to finish)")
+            slot, created = logical.ensure_slot(conn)
+            typer.echo(f"replication slot {slot} {'created' if created else 'in place'}")
+        elif logical.drop_slot(conn):
+            typer.echo("replication slot dropped (no table is captured logically any more)")
 
 
 @capture_app.command("uninstall")
@@ -127,6 +143,8 @@ def capture_uninstall_cmd(config: Path = ConfigOption,
         for i in indexes:
             spec = capture_install.uninstall_table(conn, cfg, i)
             typer.echo(f"removed capture from {spec.entity}")
+        if logical.drop_slot(conn):
+            typer.echo("replication slot dropped (no table is captured logically any more)")
 
 
 @capture_app.command("status")
@@ -137,6 +155,16 @@ def capture_status_cmd(config: Path = ConfigOption) -> None:
     drift = False
     problems: list[str] = []
     with _db(cfg) as conn:
+        try:
+            mode, why = logical.resolve_mode(conn, cfg)
+            typer.echo(f"capture mode: {mode} ({why})")
+        except CatalogError as err:
+            typer.echo(str(err))
+        slot = logical.slot_info(conn) if logical.installed_mode(conn) == "logical" else None
+        if slot is not None:
+            typer.echo(f"replication slot {slot.name}: "
+                       f"{'active' if slot.active else 'inactive'}, {slot.wal_status}, "
+                       f"retains {slot.retained_bytes or 0} bytes of WAL")
         for i in range(len(cfg.tables)):
             st = capture_install.table_state(conn, cfg, i)
             drift |= not (st.installed and st.current)
@@ -264,6 +292,13 @@ def _print_status(st: Any) -> None:
     t.add_row("relay standbys", str(r.relay_standbys))
     t.add_row("last delivery", age_text(r.last_delivery_age_s) + " ago"
               if r.last_delivery_age_s is not None else "-")
+    t.add_row("capture mode", r.capture_mode)
+    if r.slot is not None:
+        t.add_row("slot", f"{r.slot['name']} ({'active' if r.slot['active'] else 'inactive'}, "
+                          f"{r.slot['wal_status']})")
+        t.add_row("slot retains (bytes)", str(r.slot["retained_bytes"]))
+        t.add_row("slot last confirmed", age_text(r.slot["confirmed_age_s"]) + " ago"
+                  if r.slot["confirmed_age_s"] is not None else "-")
     console.print(t)
     if st.routes:
         short = {"pending": "pend", "retrying": "retry", "failed": "fail",

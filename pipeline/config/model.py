@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.alerts.config import AlertsConfig
 from pipeline.config.api import ApiConfig
@@ -81,7 +89,7 @@ class TableConfig(Base):
     key: list[str] | None = Field(None, description="key columns; default the primary key")
     topic: str | None = Field(None, description="default <topic_prefix>.<schema>.<table>")
     capture: Literal["row", "statement"] | None = Field(
-        None, description="trigger kind; default capture.mode"
+        None, description="trigger kind in trigger mode; default capture.trigger"
     )
 
     @property
@@ -114,10 +122,30 @@ class TableConfig(Base):
 class CaptureConfig(Base):
     """Defaults for change capture."""
 
-    mode: Literal["row", "statement"] = Field(
-        "row", description="row: per-row triggers; statement: transition tables (bulk)"
+    mode: Literal["auto", "logical", "trigger"] = Field(
+        "auto",
+        description="logical: read the WAL through a replication slot (no trigger on the write "
+        "path); trigger: capture triggers and the dx.outbox table; auto: logical where "
+        "wal_level=logical and the role may replicate, else trigger (the earlier values row "
+        "and statement still mean trigger mode of that kind)",
+    )
+    trigger: Literal["row", "statement"] = Field(
+        "row", description="trigger mode's kind: row triggers, or statement triggers with "
+        "transition tables (bulk)"
     )
     notify: bool = Field(True, description="NOTIFY the relay on commit (a wake-up hint only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_mode(cls, data: Any) -> Any:
+        """``mode: row|statement`` (before logical capture existed) means trigger mode of
+        that kind, so existing files keep capturing exactly as they did."""
+        if isinstance(data, dict) and data.get("mode") in ("row", "statement"):
+            if "trigger" in data:
+                raise ValueError("capture.mode row/statement is the old spelling of "
+                                 "capture.trigger; set only 'trigger' (and 'mode: trigger')")
+            data = {**data, "trigger": data["mode"], "mode": "trigger"}
+        return data
 
 
 class OutboxConfig(Base):

@@ -34,7 +34,7 @@ from pipeline.capture.spec import ColumnSpec
 from pipeline.config.model import DxConfig
 from pipeline.config.sources import SourceRoute
 from pipeline.errors import CatalogError, ConfigError, ServiceUnavailable, TerminalError
-from pipeline.events.avro import avro_type
+from pipeline.events.avro import avro_type, define_once, python_converter
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_client
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.source.catalog import Column, Target, find_route, read_target
@@ -107,22 +107,20 @@ class _Encoder:
                 else None
             registrar = SchemaRegistrar(registry_client(reg.url, auth), reg.url)
             ns = f"dx.import.{route.name}".replace("-", "_")
-            self.value_schema = registrar.get(f"{route.topic}-value", {
+            self.value_schema = registrar.get(f"{route.topic}-value", define_once({
                 "type": "record", "name": "Value", "namespace": ns,
                 "fields": [{"name": f, "type": ["null", avro_type(_spec(self.columns[f]))],
-                            "default": None} for f in fields]})
-            self.key_schema = registrar.get(f"{route.topic}-key", {
+                            "default": None} for f in fields]}))
+            self.key_schema = registrar.get(f"{route.topic}-key", define_once({
                 "type": "record", "name": "Key", "namespace": ns,
                 "fields": [{"name": f, "type": avro_type(_spec(self.columns[f]))}
-                           for f in self.key_fields]})
+                           for f in self.key_fields]}))
 
     def _avro_value(self, f: str, v: Any) -> Any:
-        col = self.columns[f]
         if v is None:
             return None
-        if col.type == "numeric" and col.scale is None:  # carried as text (dx.Numeric)
-            return [None if x is None else str(x) for x in v] if col.is_array else str(v)
-        return v
+        convert = python_converter(_spec(self.columns[f]))  # Debezium's representations
+        return v if convert is None else convert(v)
 
     def encode(self, record: dict[str, Any]) -> tuple[bytes, bytes]:
         key = {f: record[f] for f in self.key_fields}

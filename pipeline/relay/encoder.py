@@ -7,6 +7,7 @@ compatibility and registered the first time a row of that version appears.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import uuid
@@ -18,6 +19,7 @@ from pipeline.capture.spec import TableSpec
 from pipeline.errors import OutboxRowError
 from pipeline.events import avro
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar
+from pipeline.relay.envelope import Writer, envelope_writer, record_writer
 from pipeline.relay.reader import OutboxRow
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -41,6 +43,15 @@ class _Entity:
     value: RegisteredSchema
     convert: Callable[[dict[str, Any]], dict[str, Any]]
     convert_key: Callable[[dict[str, Any]], dict[str, Any]]
+    write_value: Writer | None = None  # the fast envelope writer, when the shape is known
+    write_key: Callable[[dict[str, Any]], bytes] | None = None  # likewise for the key
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _micros(at: datetime.datetime) -> int:
+    return (at - _EPOCH) // datetime.timedelta(microseconds=1)
 
 
 class Encoder:
@@ -64,13 +75,22 @@ class Encoder:
         hit = self._entities.get((entity, version))
         if hit is None:
             spec = self.load_spec(entity, version)
+            schema = avro.value_schema(spec, self.prefix)
+            key_schema = avro.key_schema(spec, self.prefix)
+            try:
+                writer = envelope_writer(schema, {
+                    "version": DX_VERSION, "connector": "dx", "name": self.prefix,
+                    "db": self.db, "schema": spec.schema, "table": spec.table})
+            except Exception:  # a shape fastavro parses only in context: fastavro it is
+                writer = None
             hit = _Entity(
                 spec=spec,
-                key=self.registrar.get(f"{spec.topic}-key", avro.key_schema(spec, self.prefix)),
-                value=self.registrar.get(f"{spec.topic}-value",
-                                         avro.value_schema(spec, self.prefix)),
+                key=self.registrar.get(f"{spec.topic}-key", key_schema),
+                value=self.registrar.get(f"{spec.topic}-value", schema),
                 convert=avro.row_converter(spec.columns),
                 convert_key=avro.row_converter(spec.key_columns),
+                write_value=writer,
+                write_key=record_writer(key_schema),
             )
             self._entities[(entity, version)] = hit
         return hit
@@ -93,7 +113,8 @@ class Encoder:
             return [self._encode_app_event(row, event_id, headers)]
         ent = self._entity(row.entity, row.version)
         spec = ent.spec
-        key = ent.key.encode(ent.convert_key(row.key))
+        key = ent.key.header + ent.write_key(ent.convert_key(row.key)) \
+            if ent.write_key is not None else ent.key.encode(ent.convert_key(row.key))
         value = {
             "before": ent.convert(row.before) if row.before is not None else None,
             "after": ent.convert(row.after) if row.after is not None else None,
@@ -108,13 +129,18 @@ class Encoder:
                 "table": spec.table,
                 "txId": row.xid,
                 "sequence": f"{row.seq}:{row.id}",
+                "ts_us": _micros(row.committed_at),
+                "lsn": getattr(row, "lsn", None),
             },
             "op": row.op,
             "ts_ms": int(time.time() * 1000),
+            "ts_us": time.time_ns() // 1000,
             "event_id": event_id,
             "origin": row.origin,
         }
-        records = [Record(spec.topic, key, ent.value.encode(value), headers, row)]
+        data = ent.value.header + ent.write_value(value) if ent.write_value is not None \
+            else ent.value.encode(value)
+        records = [Record(spec.topic, key, data, headers, row)]
         if row.op == "d":
             records.append(Record(spec.topic, key, None, headers, row))  # tombstone
         return records

@@ -39,7 +39,7 @@ class OutboxRow:
     before: dict[str, Any] | None
     after: Any
     origin: str | None
-    event_id: uuid.UUID | None
+    event_id: uuid.UUID | str | None  # logical capture derives it (text) from the position
     event_type: str | None
     committed_at: dt.datetime
 

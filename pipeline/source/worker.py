@@ -42,8 +42,10 @@ from confluent_kafka import (
 )
 
 from pipeline import db
+from pipeline.capture.origin import mark_origin
 from pipeline.config.model import DxConfig
 from pipeline.errors import EventError, ServiceUnavailable, TransientError
+from pipeline.events.deadletter import dead_letter_headers
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
 from pipeline.observability.lag import report_lag
@@ -57,6 +59,8 @@ from pipeline.source.catalog import Target, find_route, read_target
 from pipeline.source.decode import AvroDecoder
 from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
+from pipeline.tasks.headers import decode_headers
+from pipeline.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +202,7 @@ class SourceWorker:
             consumer = self._consumer(conn)
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
-            raise ServiceUnavailable("postgresql", db.redact(url), str(err).strip()) from None
+            raise db.unreachable(url, err) from None
         except KafkaException as err:
             raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
                                      str(err)) from None
@@ -380,7 +384,7 @@ class SourceWorker:
         expected = {p: self.expected.get(p) for p in next_offsets}
         try:
             with conn.transaction():
-                conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
+                mark_origin(conn, route.system)
                 offsets.lock_and_check(conn, route.name, route.topic, expected)
                 failures.extend(applier.apply(events))
                 failures.sort(key=lambda f: (f.message.partition, f.message.offset))
@@ -437,11 +441,7 @@ class SourceWorker:
         redriven event overwrites newer data of its key, as the operator asked."""
         route = self.route
         with conn.transaction():
-            rows = conn.execute(
-                'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
-                "raw_headers FROM dx.task WHERE route = %s AND status = 'pending' AND redrive "
-                "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (route.name, route.batch_size)).fetchall()
+            rows = TaskStore(conn).lock_redrivable(route.name, route.batch_size)
             if not rows:
                 return False
             events: list[Event] = []
@@ -451,21 +451,18 @@ class SourceWorker:
                 raw = RawMessage(topic=topic, partition=part, offset=off,
                                  key=None if key is None else bytes(key),
                                  value=None if value is None else bytes(value),
-                                 headers=tuple((h[0], h[1].encode()) for h in headers or ()))
+                                 headers=tuple(decode_headers(headers)))
                 attempts[(part, off)] = int(n) + 1
                 out = convert(raw)
                 (events if isinstance(out, Event) else failures).append(out)  # type: ignore[arg-type]
-            conn.execute("SELECT set_config('dx.origin', %s, true)", (route.system,))
+            mark_origin(conn, route.system)
             failures.extend(applier.apply(events))
             failed = {(f.message.partition, f.message.offset) for f in failures}
             self.recorder.record(conn, route.name, failures,
                                  attempts=[attempts[(f.message.partition, f.message.offset)]
                                            for f in failures])
             ok = [r[0] for r in rows if (r[2], r[3]) not in failed]
-            conn.execute(
-                "UPDATE dx.task SET status = 'succeeded', redrive = false, error = NULL, "
-                "attempts = attempts + 1, raw_key = NULL, raw_value = NULL, raw_headers = NULL, "
-                "updated_at = now() WHERE id = ANY(%s)", (ok,))
+            TaskStore(conn).mark_redriven(ok)
             self._dead_letter(producer, failures)
         self.stats.add(len(rows), failures)
         log.info("route %s: redrove %d tasks, %d failed again", route.name, len(rows),
@@ -484,14 +481,9 @@ class SourceWorker:
 
         for f in dead:
             m = f.message
-            headers: list[tuple[str, str | bytes | None]] = [*m.headers,
-                       ("dx.route", self.route.name.encode()),
-                       ("dx.error.reason", f.reason.encode()),
-                       ("dx.source.topic", m.topic.encode()),
-                       ("dx.source.partition", str(m.partition).encode()),
-                       ("dx.source.offset", str(m.offset).encode())]
-            if f.field:
-                headers.append(("dx.error.field", f.field.encode()))
+            headers: list[tuple[str, str | bytes | None]] = [*m.headers, *dead_letter_headers(
+                route=self.route.name, topic=m.topic, partition=m.partition, offset=m.offset,
+                error=f.reason, error_class="terminal:Rejected", field=f.field)]
             producer.produce(self.route.dlq_topic, key=m.key, value=m.value, headers=headers,
                              on_delivery=delivered)
         left = producer.flush(30)

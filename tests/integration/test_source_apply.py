@@ -104,7 +104,7 @@ def test_bad_events_fail_alone_and_good_ones_land(tmp_path: Path, stack: Any, pg
         assert fragment in dead[offsets[key]][1], (key, dead[offsets[key]])
     assert "is not present in table \"cats\"" in dead[offsets[103]][1]
     letters = read_raw(stack, f"{topic}.dlq", 6)
-    assert sorted(int(dict(m.headers())["dx.source.offset"]) for m in letters) == \
+    assert sorted(int(dict(m.headers())["dx.dlq.offset"]) for m in letters) == \
         sorted(offsets[k] for k in expect)
     with psycopg.connect(pg_db) as conn:
         assert conn.execute("SELECT next_offset FROM dx.source_offsets WHERE route = %s",

@@ -168,9 +168,10 @@ class Exchange:
 
 
 @pytest.fixture
-def exchange(stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> Iterator[Exchange]:
-    """Shop database loaded and captured, products snapshotted, the PIM and the three dx
-    workers running as subprocesses, exactly as the demo wires them."""
+def exchange(stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path,
+             capture_mode: str) -> Iterator[Exchange]:
+    """Shop database loaded and captured (in each capture mode), products snapshotted, the
+    PIM and the three dx workers running as subprocesses, exactly as the demo wires them."""
     with psycopg.connect(pg_db, autocommit=True) as conn:
         conn.execute((DEMO / "shop.sql").read_text())  # type: ignore[arg-type]
     port = free_port()
@@ -178,6 +179,8 @@ def exchange(stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> Itera
         "DX_DEMO_DATABASE_URL": pg_db, "DX_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
         "DX_SCHEMA_REGISTRY_URL": stack.schema_registry_url, "DX_DEMO_PREFIX": topic_prefix,
         "DX_PIM_URL": f"http://127.0.0.1:{port}", "DX_PIM_TOKEN": TOKEN})
+    config.write_text(config.read_text().replace("capture:\n  mode: row",
+                                                 f"capture:\n  mode: {capture_mode}"))
     ex = Exchange(pg_db, config, f"http://127.0.0.1:{port}", topic_prefix, stack)
     dx(config, "init")
     dx(config, "capture", "install", "--table", "public.products")
