@@ -38,12 +38,11 @@ from pipeline.config.auth import (
     OAuth2ClientCredentials,
 )
 from pipeline.errors import DxError, TerminalError, TransientError
-from pipeline.observability.logging import redact
+from pipeline.observability.logging import is_secret_name, redact
 
 #: every request carries the change's per-key position (see ``Record.position``)
 POSITION_HEADER = "Dx-Position"
 _CE_VERB = {"c": "created", "u": "updated", "d": "deleted", "r": "read"}
-_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
@@ -371,20 +370,12 @@ class HttpConnector(RecordConnector[HttpSettings]):
         return self._send(self.request_for(record))
 
 
-def _secret_header(name: str) -> bool:
-    low = name.lower()
-    if low == "idempotency-key":  # the event id: what an operator looks for, not a secret
-        return False
-    return low in _SECRET_HEADERS or any(
-        part in low for part in ("signature", "token", "key", "secret", "auth", "session"))
-
-
 def _describe(request: httpx.Request) -> str:
     """The request for the export log, with credentials masked: the log is shown by
     ``dx tasks show`` and exported to CSV for people without access, so a header like
     ``X-Api-Key`` or a ``user:password@`` / ``?api_key=`` URL must not reach it."""
     lines = [f"{request.method} {redact(str(request.url))}"]
     for name, value in request.headers.items():
-        lines.append(f"{name}: {'***' if _secret_header(name) else value}")
+        lines.append(f"{name}: {'***' if is_secret_name(name) else value}")
     body = request.content.decode("utf-8", "replace") if request.content else ""
     return "\n".join(lines) + ("\n\n" + body if body else "")

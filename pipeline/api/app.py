@@ -28,10 +28,18 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.api.body_limit import BodyLimit
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
 from pipeline.api.managed import Watcher, read_signature, with_stored
-from pipeline.api.oauth import TOKEN_PREFIX, ClientRing, OAuthError, TokenStore, token_request
+from pipeline.api.oauth import (
+    MAX_BODY,
+    TOKEN_PREFIX,
+    ClientRing,
+    OAuthError,
+    TokenStore,
+    token_request,
+)
 from pipeline.api.openapi import TRANSACTION_HEADER, document
 from pipeline.api.query import (
     attach_children,
@@ -49,6 +57,7 @@ from pipeline.config.loader import load_config
 from pipeline.config.model import DxConfig
 from pipeline.db import connection
 from pipeline.errors import DxError, ServiceUnavailable
+from pipeline.row_errors import log_text
 from pipeline.swagger import mount_swagger
 
 log = logging.getLogger(__name__)
@@ -317,6 +326,24 @@ class DataExchangeApi:
                         else type(err).__name__)
             return _errors(503, [{"code": "unavailable", "message": "database error; retry"}],
                            {"Retry-After": "1"})
+
+        @app.exception_handler(psycopg.Error)
+        async def _db_error(request: Request, err: psycopg.Error) -> Response:
+            # Not a row's fault (those are problems at their path): a deadlock or serialization
+            # failure is worth a retry, anything else is ours. The text stays in our log only
+            # (it can quote hidden columns), as SQLSTATE, table and constraint.
+            log.error("%s %s: database error (%s)", request.method, request.url.path,
+                      log_text(err))
+            if (err.sqlstate or "").startswith("40"):
+                return _errors(503, [{"code": "unavailable", "message": "the database asked "
+                                      "for a retry (conflict with another transaction)"}],
+                               {"Retry-After": "1"})
+            return _errors(500, [{"code": "internal_error", "message": "the request failed "
+                                  "inside dx; the operator log has the details"}])
+
+        # Inside the access log (added first), so refused bodies are logged like any request.
+        app.add_middleware(BodyLimit, limit_for=lambda path: MAX_BODY
+                           if path == "/oauth/token" else api.state.config.api.max_body_bytes)
 
         @app.middleware("http")
         async def _access(request: Request,

@@ -39,6 +39,19 @@ class DatabaseConfig(Base):
     connect_timeout_s: float = Field(5.0, gt=0, description="seconds to wait for a connection")
 
 
+class NewTopicsConfig(Base):
+    """How dx creates the topics it writes to when they do not exist (it never relies on
+    broker auto-create, which production clusters usually turn off)."""
+
+    partitions: int = Field(1, ge=1, le=10_000, description="partitions of a topic dx creates")
+    replication_factor: int | None = Field(
+        None, ge=1, le=32, description="replicas of a topic dx creates; default the broker's "
+        "default.replication.factor")
+    config: dict[str, str | int] = Field(
+        default_factory=dict, description="topic settings of a topic dx creates, e.g. "
+        "min.insync.replicas: 2")
+
+
 class KafkaConfig(Base):
     """The Kafka cluster the exchange runs on."""
 
@@ -47,6 +60,9 @@ class KafkaConfig(Base):
     client: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="extra librdkafka properties (security.protocol, sasl.*); unknown ones fail",
+    )
+    new_topics: NewTopicsConfig = Field(
+        default_factory=NewTopicsConfig, description="how dx creates topics it needs"
     )
 
     @field_validator("topic_prefix")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,25 +62,32 @@ def dx(*args: str, env: dict[str, str] | None = None, check: bool = False,
 
 
 @contextmanager
-def relay_thread(config_path: Path, *, reset_state: bool = False) -> Iterator[Relay]:
-    relay = Relay(load_config(config_path), keep_latencies=True, reset_state=reset_state)
+def in_thread(run: Callable[[], Any], stop: Callable[[], Any]) -> Iterator[None]:
+    """``run`` in a daemon thread for the block; ``stop`` ends it; its error is raised here."""
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def target() -> None:
         try:
-            relay.run()
+            run()
         except BaseException as err:  # surfaced to the test below
             errors.append(err)
 
-    t = threading.Thread(target=run, daemon=True)
+    t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
-        yield relay
+        yield
     finally:
-        relay.stop.set()
+        stop()
         t.join(60)
     if errors:
         raise errors[0]
+
+
+@contextmanager
+def relay_thread(config_path: Path, *, reset_state: bool = False) -> Iterator[Relay]:
+    relay = Relay(load_config(config_path), keep_latencies=True, reset_state=reset_state)
+    with in_thread(relay.run, relay.stop.set):
+        yield relay
 
 
 def start_relay_process(config_path: Path) -> subprocess.Popen[str]:
