@@ -55,6 +55,7 @@ from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS, WorkerMetrics
 from pipeline.observability.server import WorkerServer
+from pipeline.routes.pause import RoutePause
 from pipeline.sink.breaker import Breaker
 from pipeline.sink.deadletter import DeadLetters
 from pipeline.sink.decode import Decoder, Undecodable
@@ -101,8 +102,11 @@ class SinkWorker:
                  paused: Callable[[], bool] | None = None) -> None:
         """``paused``: polled every loop (cache it): while it says True the worker consumes
         nothing (its partitions stay assigned and keep their place; work already taken
-        finishes) — an operator's route pause."""
+        finishes) — an operator's route pause. By default the route's row in dx.route_state
+        (``dx sink pause|resume``, the console)."""
         self.config = config
+        if paused is None:
+            paused = RoutePause(config.database.url.get_secret_value(), "sink", route_name).paused
         self.operator_paused = paused
         self._held_by_operator = False
         self.server = server if server is not None else WorkerServer(0)
