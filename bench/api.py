@@ -95,7 +95,7 @@ def baseline(db: str) -> FastAPI:
     @app.get("/products/{pid}")
     def get_one(pid: int) -> JSONResponse:
         with pool.connection() as conn:
-            found = rows(conn.execute(f"SELECT {cols} FROM products WHERE id = %s",  # type: ignore[arg-type]
+            found = rows(conn.execute(f"SELECT {cols} FROM products WHERE id = %s",
                                       (pid,)))
             conn.rollback()
         return JSONResponse({"data": found[0]})
@@ -105,10 +105,10 @@ def baseline(db: str) -> FastAPI:
         with pool.connection() as conn:
             args = (status, price_gte, price_lt)
             where = "WHERE status = %s AND price >= %s AND price < %s"
-            total = conn.execute(f"SELECT count(*) FROM products {where}",  # type: ignore[arg-type]
+            total = conn.execute(f"SELECT count(*) FROM products {where}",
                                  args).fetchone()
             data = rows(conn.execute(
-                f"SELECT {cols} FROM products {where} ORDER BY price, id LIMIT 50",  # type: ignore[arg-type]
+                f"SELECT {cols} FROM products {where} ORDER BY price, id LIMIT 50",
                 args))
             conn.rollback()
         return JSONResponse({"data": data, "meta": {"total": total[0] if total else 0}})
@@ -121,7 +121,7 @@ def baseline(db: str) -> FastAPI:
             with pool.connection() as conn, conn.cursor() as cur:
                 cur.execute("SELECT set_config('dx.origin', 'bench', true)")
                 cur.executemany(
-                    f"INSERT INTO products (sku, name, price) VALUES (%s, %s, %s) "  # type: ignore[arg-type]
+                    f"INSERT INTO products (sku, name, price) VALUES (%s, %s, %s) "
                     f"RETURNING {cols}",
                     [(r["sku"], r["name"], r["price"]) for r in body["data"]], returning=True)
                 out = []
@@ -200,7 +200,7 @@ def main() -> None:
     env = services()
     db = fresh_db(env["DX_DATABASE_URL"], "bench_api")
     with psycopg.connect(db) as conn:
-        conn.execute(TABLE)  # type: ignore[arg-type]
+        conn.execute(TABLE)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dx.yaml"
         path.write_text(config(db, env))
@@ -215,7 +215,7 @@ def main() -> None:
         api.close()
     time.sleep(0.5)
     with psycopg.connect(env["DX_DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{db.rsplit("/", 1)[1]}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{db.rsplit("/", 1)[1]}" WITH (FORCE)')
     print(f"Data Exchange API vs hand-written SQL endpoint, {os.cpu_count()} CPUs, sequential "
           "keep-alive client")
     print(f"  {'scenario':<26}{'dx api req/s':>14}{'p50 ms':>9}{'p99 ms':>9}"

@@ -34,7 +34,7 @@ from pathlib import Path
 import fastavro
 import psycopg
 from confluent_kafka import Consumer, KafkaError, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def naive(env: dict[str, str], db: str, topic: str, n: int, table: str,
           commit_every: int) -> float:
     """Consume, decode, upsert one row per statement; offsets stored in the same transaction."""
     with psycopg.connect(db) as conn:
-        conn.execute(f"CREATE TABLE {table} (LIKE items INCLUDING ALL)")  # type: ignore[arg-type]
+        conn.execute(f"CREATE TABLE {table} (LIKE items INCLUDING ALL)")
         conn.execute("CREATE TABLE IF NOT EXISTS naive_offsets (name text PRIMARY KEY, "
                      "next_offset bigint)")
     registry = SchemaRegistryClient({"url": env["DX_SCHEMA_REGISTRY_URL"]})
@@ -160,12 +160,14 @@ def naive(env: dict[str, str], db: str, topic: str, n: int, table: str,
                 raise SystemExit(f"bench: {err}")
             if start is None:
                 start = time.perf_counter()
-            row = decode(msg.value())
+            value, offset = msg.value(), msg.offset()
+            assert value is not None and offset is not None  # a data message has both
+            row = decode(value)
             conn.execute("SELECT set_config('dx.origin', 'erp', true)")
-            conn.execute(upsert, row)  # type: ignore[arg-type]
+            conn.execute(upsert, row)
             conn.execute("INSERT INTO naive_offsets VALUES (%s, %s) ON CONFLICT (name) DO "
                          "UPDATE SET next_offset = excluded.next_offset",
-                         (table, msg.offset() + 1))
+                         (table, offset + 1))
             done += 1
             if done % commit_every == 0:
                 conn.commit()
@@ -185,7 +187,7 @@ def main() -> None:
     env = services()
     db = fresh_db(env["DX_DATABASE_URL"], "bench_apply")
     with psycopg.connect(db) as conn:
-        conn.execute(TABLE)  # type: ignore[arg-type]
+        conn.execute(TABLE)
     topic = f"bench.apply.{uuid.uuid4().hex[:8]}"
     print(f"producing {args.events} Avro events to {topic} ...", file=sys.stderr)
     produce_events(env, topic, args.events)

@@ -30,5 +30,5 @@ def fresh_db(admin_url: str, prefix: str = "bench") -> str:
     """A new, empty database on the same server; its URL."""
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'CREATE DATABASE "{name}"')
     return admin_url.rsplit("/", 1)[0] + "/" + name

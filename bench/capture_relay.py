@@ -5,8 +5,9 @@ latency, each beside its baseline measured in the same run.
     python bench/capture_relay.py --quick    # smaller run
 
 Write throughput is measured with pgbench (C client, so the driver does not hide trigger cost):
-no capture (baseline) vs row trigger vs statement trigger vs application outbox, for single-row
-and 500-row UPDATE transactions. Relay throughput: draining a backlog, and while writers run;
+no capture (baseline) vs row trigger vs statement trigger vs logical capture vs application
+outbox, for single-row and 500-row UPDATE transactions. Relay figures for logical and trigger
+capture. Relay throughput: draining a backlog, and while writers run;
 baseline is a bare producer sending the same number of pre-encoded records (no database).
 Latency: writers at a fixed rate; a read_committed consumer measures receive time minus the
 commit timestamp carried in ``source.ts_ms``.
@@ -27,16 +28,34 @@ from pathlib import Path
 
 import psycopg
 from confluent_kafka import Consumer, Producer
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_stack import fresh_db, services  # noqa: E402
+from bench_stack import fresh_db as new_db  # noqa: E402
+from bench_stack import services  # noqa: E402
 
 from pipeline.config.loader import load_config  # noqa: E402
 from pipeline.relay.runner import Relay  # noqa: E402
 
 ROWS = 10_000
+#: databases this run created: dropped at the end, with their replication slots (a slot left
+#: behind keeps WAL and takes one of the server's max_replication_slots)
+CREATED: list[str] = []
+
+
+def fresh_db(admin_url: str) -> str:
+    url = new_db(admin_url)
+    CREATED.append(url)
+    return url
+
+
+def drop_created(admin_url: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        for url in CREATED:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(url.rsplit("/", 1)[1])))
 
 
 def write_config(tmp: Path, env: dict[str, str], db: str, prefix: str, mode: str,
@@ -110,11 +129,16 @@ def bench_writes(env: dict[str, str], tmp: Path, seconds: int) -> None:
     setup_table(db, ROWS)
     cfg_row = write_config(tmp, env, db, "bw_row", "at-least-once", "row")
     cfg_stmt = write_config(tmp, env, db, "bw_stmt", "at-least-once", "statement")
+    cfg_logical = write_config(tmp, env, db, "bw_logical", "at-least-once", "logical")
     dx("init", "-c", str(cfg_row))
     results: dict[str, tuple[float, float]] = {}
+    # logical: the slot exists and no relay decodes meanwhile (the write path's own cost:
+    # REPLICA IDENTITY FULL's old rows in the WAL); decoding runs in the walsender
     for name, setup in [("no capture (baseline)", None), ("row trigger", cfg_row),
-                        ("statement trigger", cfg_stmt), ("application outbox", "outbox")]:
-        if setup in (cfg_row, cfg_stmt):
+                        ("statement trigger", cfg_stmt), ("logical (slot, REPLICA IDENTITY "
+                                                          "FULL)", cfg_logical),
+                        ("application outbox", "outbox")]:
+        if setup in (cfg_row, cfg_stmt, cfg_logical):
             dx("capture", "install", "-c", str(setup))
         else:
             dx("capture", "uninstall", "-c", str(cfg_row))
@@ -180,15 +204,24 @@ def bare_producer_rate(env: dict[str, str], n: int) -> float:
 
 def bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int) -> None:
     print("\n## Relay throughput (events/s committed to Kafka)")
-    print("| scenario | exactly-once | at-least-once |")
-    print("|---|---:|---:|")
+    print("| capture | scenario | exactly-once | at-least-once |")
+    print("|---|---|---:|---:|")
+    for capture in ("logical", "statement"):
+        _bench_relay(env, tmp, backlog, seconds, capture)
+    bare = bare_producer_rate(env, backlog)
+    print(f"| - | baseline: bare idempotent producer, pre-encoded 120-byte records, no "
+          f"database | {bare:,.0f} | |")
+
+
+def _bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int,
+                 capture: str) -> None:
     drain: dict[str, float] = {}
     under: dict[str, float] = {}
     for mode in ("exactly-once", "at-least-once"):
         db = fresh_db(env["DX_DATABASE_URL"])
         setup_table(db, backlog)
         prefix = f"br{uuid.uuid4().hex[:6]}"
-        cfg = write_config(tmp, env, db, prefix, mode, "statement")
+        cfg = write_config(tmp, env, db, prefix, mode, capture)
         dx("capture", "install", "-c", str(cfg))
         fill_backlog(db, backlog)
         drain[mode] = run_relay_until_empty(cfg, db, backlog)
@@ -206,14 +239,12 @@ def bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int) -> N
         t.join(30)
         under[mode] = relayed / elapsed
         under[mode + " writes"] = tps * 50
-    bare = bare_producer_rate(env, backlog)
-    print(f"| draining a backlog of {backlog:,} | {drain['exactly-once']:,.0f} | "
+    name = "dx logical" if capture == "logical" else f"dx trigger ({capture})"
+    print(f"| {name} | draining a backlog of {backlog:,} | {drain['exactly-once']:,.0f} | "
           f"{drain['at-least-once']:,.0f} |")
-    print(f"| under concurrent writes (50-row tx, 2 writers) | {under['exactly-once']:,.0f} "
-          f"(written {under['exactly-once writes']:,.0f}/s) | {under['at-least-once']:,.0f} "
-          f"(written {under['at-least-once writes']:,.0f}/s) |")
-    print(f"| baseline: bare idempotent producer, pre-encoded 120-byte records, no database | "
-          f"{bare:,.0f} | |")
+    print(f"| {name} | under concurrent writes (50-row tx, 2 writers) | "
+          f"{under['exactly-once']:,.0f} (written {under['exactly-once writes']:,.0f}/s) | "
+          f"{under['at-least-once']:,.0f} (written {under['at-least-once writes']:,.0f}/s) |")
 
 
 def start_relay(cfg: Path) -> subprocess.Popen[str]:
@@ -230,13 +261,14 @@ def start_relay(cfg: Path) -> subprocess.Popen[str]:
 
 def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> None:
     print(f"\n## Commit-to-Kafka latency at {rate:,} rows/s (ms)")
-    print("| relay mode | p50 | p99 | max | events |")
-    print("|---|---:|---:|---:|---:|")
-    for mode in ("at-least-once", "exactly-once"):
+    print("| capture | relay mode | p50 | p99 | max | events |")
+    print("|---|---|---:|---:|---:|---:|")
+    for capture, mode in [(c, m) for c in ("logical", "row")
+                          for m in ("at-least-once", "exactly-once")]:
         db = fresh_db(env["DX_DATABASE_URL"])
         setup_table(db, ROWS)
         prefix = f"bl{uuid.uuid4().hex[:6]}"
-        cfg = write_config(tmp, env, db, prefix, mode, "row")
+        cfg = write_config(tmp, env, db, prefix, mode, capture)
         dx("capture", "install", "-c", str(cfg))
         relay = start_relay(cfg)
         try:
@@ -245,8 +277,12 @@ def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> No
             relay.terminate()
             relay.wait(30)
         lat.sort()
-        p = lambda q, lat=lat: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-        print(f"| {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | {len(lat):,} |")
+
+        def p(q: float, lat: list[float] = lat) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))]
+
+        print(f"| {capture} | {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | "
+              f"{len(lat):,} |")
 
 
 def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,
@@ -312,14 +348,21 @@ def main() -> None:
     os.environ.update(env)
     seconds = 5 if args.quick else 15
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        print(f"# dx capture/relay benchmark ({os.cpu_count()} cores)")
-        if "writes" in parts:
-            bench_writes(env, tmp, seconds)
-        if "relay" in parts:
-            bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
-        if "latency" in parts:
-            bench_latency(env, tmp, 2000, seconds)
+        try:
+            run(args, parts, env, seconds, Path(d))
+        finally:
+            drop_created(env["DX_DATABASE_URL"])
+
+
+def run(args: argparse.Namespace, parts: set[str], env: dict[str, str], seconds: int,
+        tmp: Path) -> None:
+    print(f"# dx capture/relay benchmark ({os.cpu_count()} cores)")
+    if "writes" in parts:
+        bench_writes(env, tmp, seconds)
+    if "relay" in parts:
+        bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
+    if "latency" in parts:
+        bench_latency(env, tmp, 2000, seconds)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def capture(peer: Peer, rows: int) -> Iterator[Capture]:
     setup_table(db, rows)
     cap = Capture(peer, db, f"dbz{uuid.uuid4().hex[:8]}")
     with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(f"CREATE PUBLICATION {cap.slot} FOR TABLE items")  # type: ignore[arg-type]
+        conn.execute(f"CREATE PUBLICATION {cap.slot} FOR TABLE items")
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (cap.slot,))
     try:
         yield cap
@@ -153,7 +153,7 @@ def _drop(admin_url: str, db: str, slot: str | None) -> None:
                 break
             time.sleep(0.2)
         name = db.rsplit("/", 1)[1]
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _consumer(env: dict[str, str], topic: str) -> Consumer:

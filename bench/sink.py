@@ -1,12 +1,15 @@
-"""Sink throughput and per-task overhead, against a bare consume-and-POST loop, in one run.
+"""Sink throughput under failure and slowness, and per-task overhead, against a bare
+consume-and-POST loop, in one run.
 
-    eval "$(deploy/local/stack env)"; python bench/sink.py [--events 5000] [--keys 200]
+    eval "$(deploy/local/stack env)"; python bench/sink.py [--events 3000] [--keys 300]
 
-Prints events/s for: a bare loop (confluent_kafka consumer + httpx POST per message, no decode,
-no task log, no offsets beyond auto-commit), the dx sink worker to the same HTTP target, and the
-dx sink worker to PostgreSQL (postgres connector, batched upserts); plus the per-task overhead
-(ms, p50/p99) from the moment a message is consumed to the moment it is handed to the target.
-The HTTP target is a separate process (http.server, keep-alive), so it does not share our GIL.
+Prints events/s for: the bare loop (confluent_kafka consumer + httpx POST per message, no
+decode, no task log) and the dx sink worker at concurrency 1 against a healthy target; the
+worker at concurrency 8 against a healthy target, against one that fails 10% of first attempts
+transiently (500/503/429), and against one that takes 20 ms per request at concurrency 1 and 8;
+the dx sink worker to PostgreSQL; and the per-task overhead (ms, p50/p99) from the moment a
+message is consumed to the moment it is handed to the target, with events trickled below
+capacity. The HTTP target is a separate process (keep-alive), so it does not share our GIL.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 import psycopg
+from bench_stack import fresh_db, services
 from confluent_kafka import Consumer
 
 from pipeline.config.loader import load_config
@@ -40,20 +46,36 @@ from tests.integration.test_sink_support import (
 
 
 class Stack:
-    database_url = os.environ.get("DX_DATABASE_URL", "postgresql://dx:dx@127.0.0.1:55432/dx")
-    kafka_bootstrap = os.environ.get("DX_KAFKA_BOOTSTRAP", "127.0.0.1:59092")
-    schema_registry_url = os.environ.get("DX_SCHEMA_REGISTRY_URL",
-                                         "http://127.0.0.1:58081/apis/ccompat/v7")
+    def __init__(self, env: dict[str, str]) -> None:
+        self.database_url = env["DX_DATABASE_URL"]
+        self.kafka_bootstrap = env["DX_KAFKA_BOOTSTRAP"]
+        self.schema_registry_url = env["DX_SCHEMA_REGISTRY_URL"]
 
 
 def serve(port_q: Any) -> None:
+    """/ok: 200; /flaky: 10% of events fail their first attempt; /slow: 20 ms per request."""
+    seen: set[str] = set()
+    lock = threading.Lock()
+
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # else delayed ACKs cap keep-alive at 25 req/s
 
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(200)
+            status = 200
+            if self.path.startswith("/flaky"):
+                idem = self.headers.get("Idempotency-Key") or ""
+                with lock:
+                    first = idem not in seen
+                    seen.add(idem)
+                if first and zlib.crc32(idem.encode()) % 10 == 0:
+                    status = (500, 503, 429)[zlib.crc32(idem.encode()) % 3]
+            elif self.path.startswith("/slow"):
+                time.sleep(0.02)
+            self.send_response(status)
+            if status == 429:
+                self.send_header("Retry-After", "0")
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"{}")
@@ -76,43 +98,45 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))] * 1000
 
 
-def baseline(topic: str, url: str, n: int) -> tuple[float, list[float]]:
-    c = Consumer({"bootstrap.servers": Stack.kafka_bootstrap, "group.id": str(uuid.uuid4()),
+def baseline(stack: Stack, topic: str, url: str, n: int) -> float:
+    """Events/s of the bare loop: consume, POST each message, nothing else."""
+    c = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": str(uuid.uuid4()),
                   "auto.offset.reset": "earliest"})
     c.subscribe([topic])
     client = httpx.Client()
-    got, t0, overheads = 0, 0.0, []
+    got, t0 = 0, 0.0
     while got < n:
         for m in c.consume(500, 0.5):
             if m.error():
                 continue
-            consumed = time.perf_counter()
             if not t0:
-                t0 = consumed
-            overheads.append(time.perf_counter() - consumed)
+                t0 = time.perf_counter()
             client.post(url, content=m.value(), headers={"Idempotency-Key": str(got)})
             got += 1
     elapsed = time.perf_counter() - t0
     c.close()
     client.close()
-    return n / elapsed, overheads
+    return (n - 1) / elapsed
 
 
 def run_worker(cfg: Path, route: str, n: int) -> tuple[float, list[float]]:
+    """Events/s from the first delivery to the ``n``-th (the backlog is in the topic)."""
     w = SinkWorker(load_config(cfg), route, keep_overheads=True)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     while not w.stats.counts.get("succeeded"):
-        time.sleep(0.005)
+        time.sleep(0.002)
+        if not t.is_alive():
+            raise SystemExit(f"worker {route} stopped early")
     t0, c0 = time.perf_counter(), w.stats.counts.get("succeeded", 0)
     while w.stats.counts.get("succeeded", 0) < n:
-        time.sleep(0.005)
+        time.sleep(0.002)
         if not t.is_alive():
-            raise SystemExit(f"worker stopped early: {w.stats.counts}")
+            raise SystemExit(f"worker {route} stopped early: {w.stats.counts}")
     elapsed = time.perf_counter() - t0
     w.stop.set()
     t.join(60)
-    return (n - c0) / elapsed, w.overheads
+    return (w.stats.counts.get("succeeded", 0) - c0) / elapsed, w.overheads
 
 
 def trickle(prod: EventProducer, n: int, rate: float, keys: int) -> None:
@@ -141,23 +165,25 @@ def latency_worker(cfg: Path, route: str, prod: EventProducer, n: int, rate: flo
     return w.overheads
 
 
-def latency_baseline(topic: str, url: str, prod: EventProducer, n: int, rate: float,
-                     keys: int) -> list[float]:
+def latency_baseline(stack: Stack, topic: str, url: str, prod: EventProducer, n: int,
+                     rate: float, keys: int) -> list[float]:
+    """The bare loop's consume -> send overhead with the same trickle (consume(timeout=0.1)
+    returns a message as soon as it arrives; the overhead is the loop's own)."""
     out: list[float] = []
     done = threading.Event()
 
     def loop() -> None:
-        c = Consumer({"bootstrap.servers": Stack.kafka_bootstrap, "group.id": str(uuid.uuid4()),
-                      "auto.offset.reset": "earliest"})
+        c = Consumer({"bootstrap.servers": stack.kafka_bootstrap,
+                      "group.id": str(uuid.uuid4()), "auto.offset.reset": "earliest"})
         c.subscribe([topic])
         client = httpx.Client()
         while len(out) < n:
-            for m in c.consume(100, 0.1):
-                if m.error():
-                    continue
-                consumed = time.perf_counter()
-                out.append(time.perf_counter() - consumed)
-                client.post(url, content=m.value())
+            m = c.poll(0.1)
+            if m is None or m.error():
+                continue
+            consumed = time.perf_counter()
+            out.append(time.perf_counter() - consumed)
+            client.post(url, content=m.value())
         c.close()
         done.set()
 
@@ -168,90 +194,112 @@ def latency_baseline(topic: str, url: str, prod: EventProducer, n: int, rate: fl
     return out
 
 
+def route(name: str, topic: str, url: str, concurrency: int, extra: str = "") -> str:
+    return f"""
+  - name: {name}
+    topics: [{topic}]
+    concurrency: {concurrency}
+    retry: {{backoff_base_s: 0.1}}
+    connector: {{type: http, url: "{url}", max_connections: 32}}
+{extra}"""
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=5000)
-    ap.add_argument("--keys", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--events", type=int, default=3000)
+    ap.add_argument("--keys", type=int, default=300)
+    ap.add_argument("--slow-events", type=int, default=150,
+                    help="events measured per concurrency unit against the 20 ms target")
     ap.add_argument("--latency-events", type=int, default=400)
     ap.add_argument("--latency-rate", type=float, default=200, help="events/s while measuring")
     args = ap.parse_args()
     n = args.events
+    stack = Stack(services())
 
     q: Any = multiprocessing.Queue()
     server = multiprocessing.Process(target=serve, args=(q,), daemon=True)
     server.start()
     url = f"http://127.0.0.1:{q.get(timeout=10)}"
 
-    db = "bench_" + uuid.uuid4().hex[:8]
-    with psycopg.connect(Stack.database_url, autocommit=True) as c:
-        c.execute(f"CREATE DATABASE {db}")
-    db_url = Stack.database_url.rsplit("/", 1)[0] + "/" + db
+    db_url = fresh_db(stack.database_url)
     with psycopg.connect(db_url, autocommit=True) as c:
         c.execute("CREATE TABLE products (id int PRIMARY KEY, name text, behaviour text, "
                   "seq int, price numeric(10,2))")
     prefix = "bench" + uuid.uuid4().hex[:6]
     topic = f"{prefix}.public.products"
+    results: dict[str, float] = {}
     try:
-        create_topic(Stack, topic, partitions=3)
-        prod = EventProducer(Stack, topic, prefix)
+        create_topic(stack, topic, partitions=3)
+        prod = EventProducer(stack, topic, prefix)
         for i in range(n):
             prod.send(i % args.keys, seq=i // args.keys)
         prod.flush()
         tmp = Path(tempfile.mkdtemp())
-        cfg = write_config(tmp / "dx.yaml", Stack, db_url, prefix, f"""
-  - name: bench-http
+        item = "{$key.id}"
+        cfg = write_config(tmp / "dx.yaml", stack, db_url, prefix, "".join([
+            route("http-c1", topic, f"{url}/ok/{item}", 1),
+            route("http-c8", topic, f"{url}/ok/{item}", 8),
+            route("flaky-c8", topic, f"{url}/flaky/{item}", 8,
+                  "    breaker: {failures: 1000}\n"),
+            route("slow-c1", topic, f"{url}/slow/{item}", 1),
+            route("slow-c8", topic, f"{url}/slow/{item}", 8),
+            route("lat", f"{topic}.lat", f"{url}/ok/{item}", 8),
+            f"""
+  - name: pg
     topics: [{topic}]
-    concurrency: {args.concurrency}
-    connector: {{type: http, url: "{url}/products/{{$key.id}}", max_connections: 32}}
-  - name: bench-lat
-    topics: [{topic}.lat]
-    concurrency: {args.concurrency}
-    connector: {{type: http, url: "{url}/products/{{$key.id}}", max_connections: 32}}
-  - name: bench-pg
-    topics: [{topic}]
-    concurrency: {args.concurrency}
+    concurrency: 8
     batch_size: 500
     connector: {{type: postgres, url: "{db_url}", table: products}}
-""")
-        base_rate, _ = baseline(topic, url + "/bare", n)
-        http_rate, http_over = run_worker(cfg, "bench-http", n)
-        pg_rate, pg_over = run_worker(cfg, "bench-pg", n)
+"""]))
+        results["bare"] = baseline(stack, topic, url + "/ok/bare", n)
+        results["http-c1"], _ = run_worker(cfg, "http-c1", n)
+        results["http-c8"], _ = run_worker(cfg, "http-c8", n)
+        results["flaky-c8"], _ = run_worker(cfg, "flaky-c8", n)
+        results["slow-c1"], _ = run_worker(cfg, "slow-c1", args.slow_events)
+        results["slow-c8"], _ = run_worker(cfg, "slow-c8", min(n, 8 * args.slow_events))
+        results["pg"], _ = run_worker(cfg, "pg", n)
         # latency: a trickle below capacity, so consume->send is overhead, not queueing
-        create_topic(Stack, f"{topic}.lat", partitions=3)
-        create_topic(Stack, f"{topic}.latbase", partitions=3)
+        create_topic(stack, f"{topic}.lat", partitions=3)
+        create_topic(stack, f"{topic}.latbase", partitions=3)
         ln, lr = args.latency_events, args.latency_rate
-        lat_dx = latency_worker(cfg, "bench-lat", EventProducer(Stack, f"{topic}.lat", prefix),
+        lat_dx = latency_worker(cfg, "lat", EventProducer(stack, f"{topic}.lat", prefix),
                                 ln, lr, args.keys)
-        lat_base = latency_baseline(f"{topic}.latbase", url + "/bare",
-                                    EventProducer(Stack, f"{topic}.latbase", prefix), ln, lr,
+        lat_base = latency_baseline(stack, f"{topic}.latbase", url + "/ok/bare",
+                                    EventProducer(stack, f"{topic}.latbase", prefix), ln, lr,
                                     args.keys)
     finally:
         server.terminate()
-        with psycopg.connect(Stack.database_url, autocommit=True) as c:
-            c.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        with psycopg.connect(stack.database_url, autocommit=True) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {db_url.rsplit('/', 1)[1]} WITH (FORCE)")
 
+    r = results
     print(f"\nthroughput: {n} events already in the topic, {args.keys} keys, 3 partitions, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'path':<58} {'events/s':>10}")
-    for name, rate in [("bare consume+POST loop (baseline)", base_rate),
-                       (f"dx sink -> HTTP (concurrency {args.concurrency})", http_rate),
-                       (f"dx sink -> PostgreSQL (concurrency {args.concurrency}, batch 500)",
-                        pg_rate)]:
-        print(f"{name:<58} {rate:>10.0f}")
+    print(f"{'path':<62} {'events/s':>9} {'ratio':>7}")
+    rows = [
+        ("bare consume+POST loop (baseline)", r["bare"], ""),
+        ("dx -> HTTP, healthy, concurrency 1", r["http-c1"],
+         f"{r['http-c1'] / r['bare']:.2f}x bare"),
+        ("dx -> HTTP, healthy, concurrency 8", r["http-c8"], ""),
+        ("dx -> HTTP, 10% transient failures, concurrency 8", r["flaky-c8"],
+         f"{r['flaky-c8'] / r['http-c8']:.2f}x healthy"),
+        ("dx -> HTTP, 20 ms target, concurrency 1", r["slow-c1"], ""),
+        ("dx -> HTTP, 20 ms target, concurrency 8", r["slow-c8"],
+         f"{r['slow-c8'] / r['slow-c1']:.2f}x c1"),
+        ("dx -> PostgreSQL, concurrency 8, batch 500", r["pg"], ""),
+    ]
+    for name, rate, ratio in rows:
+        print(f"{name:<62} {rate:>9.0f} {ratio:>7}")
     print(f"\nper-task overhead, consume -> send (ms), {ln} events trickled at {lr:g}/s")
-    print(f"{'path':<58} {'p50':>8} {'p99':>8}")
+    print(f"{'path':<62} {'p50':>8} {'p99':>8}")
     for name, over in [("bare consume+POST loop (baseline)", lat_base),
-                       ("dx sink -> HTTP (decode, filter, map, lane, task log)", lat_dx)]:
-        print(f"{name:<58} {pct(over, 0.5):>8.2f} {pct(over, 0.99):>8.2f}")
-    print(json.dumps({"events": n, "baseline_eps": round(base_rate),
-                      "http_eps": round(http_rate), "postgres_eps": round(pg_rate),
+                       ("dx -> HTTP (decode, filter, map, lane, task log)", lat_dx)]:
+        print(f"{name:<62} {pct(over, 0.5):>8.2f} {pct(over, 0.99):>8.2f}")
+    print(json.dumps({"events": n, **{f"{k}_eps": round(v) for k, v in r.items()},
                       "overhead_ms_p50": round(pct(lat_dx, 0.5), 2),
                       "overhead_ms_p99": round(pct(lat_dx, 0.99), 2),
                       "baseline_overhead_ms_p50": round(pct(lat_base, 0.5), 3),
-                      "baseline_overhead_ms_p99": round(pct(lat_base, 0.99), 3),
-                      "backlog_overhead_ms_p50": round(pct(http_over, 0.5), 1),
-                      "postgres_backlog_overhead_ms_p50": round(pct(pg_over, 0.5), 1)}))
+                      "baseline_overhead_ms_p99": round(pct(lat_base, 0.99), 3)}))
 
 
 if __name__ == "__main__":

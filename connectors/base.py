@@ -21,15 +21,15 @@ record carries ``event_id``, which connectors pass to the target as an idempoten
 from __future__ import annotations
 
 import abc
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import DxError, TerminalError, TransientError
+from pipeline.tasks.keys import key_text
 
 
 class ConnectorSettings(BaseModel):
@@ -70,6 +70,10 @@ class Record:
     table: str = ""
     origin: str | None = None
     ts_ms: int | None = None
+    #: the change's per-key monotonic position (text order = change order): a target that
+    #: keeps the last position it applied per key drops a write with a lower one (a request
+    #: that timed out and was applied late, after the next version of the key)
+    position: str | None = None
 
     @property
     def is_delete(self) -> bool:
@@ -112,6 +116,10 @@ class Connector(abc.ABC, Generic[S]):
     #: the settings model validated from dx.yaml (``connector:`` block)
     settings_model: ClassVar[type[ConnectorSettings]]
 
+    #: whether outcomes of successful deliveries carry ``request``/``response`` (the worker
+    #: turns it off unless the route's task log keeps them): building them costs per record
+    log_successes: bool = True
+
     def __init__(self, settings: S, *, route: str) -> None:
         self.settings = settings
         self.route = route
@@ -128,6 +136,13 @@ class Connector(abc.ABC, Generic[S]):
     def max_batch(self) -> int:
         """Largest batch ``deliver`` accepts; the route's ``batch_size`` is capped by it."""
         return 1_000
+
+    @property
+    def sends_one_at_a_time(self) -> bool:
+        """True when ``deliver`` sends record by record: the worker then calls it with one
+        record at a time, checking partition ownership and the route's circuit breaker before
+        each (a revoke waits for one request, not for a whole batch)."""
+        return False
 
     @abc.abstractmethod
     def deliver(self, batch: Sequence[Record]) -> list[Outcome]:
@@ -147,6 +162,10 @@ class RecordConnector(Connector[S]):
     attempted (the target is probably down; the worker backs off). After a terminal failure the
     remaining records of *other* keys still go.
     """
+
+    @property
+    def sends_one_at_a_time(self) -> bool:
+        return True
 
     @abc.abstractmethod
     def send(self, record: Record) -> Outcome:
@@ -178,9 +197,21 @@ class RecordConnector(Connector[S]):
         return outcomes
 
 
-def key_text(key: dict[str, Any]) -> str:
-    """Canonical text of a key: the same key always gives the same text (task store, lanes)."""
-    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+def one_by_one(batch: Sequence[Record], attempt: Callable[[Record], Outcome]) -> list[Outcome]:
+    """Replay a batch record by record (after the whole batch failed on a data error, to find
+    the culprit): a record after a failed record of its key is not attempted."""
+    outcomes: list[Outcome] = []
+    failed: set[str] = set()
+    for r in batch:
+        k = key_text(r.key)
+        if k in failed:
+            outcomes.append(Outcome.failed(NOT_ATTEMPTED))
+            continue
+        outcome = attempt(r)
+        outcomes.append(outcome)
+        if outcome.error is not None:
+            failed.add(k)
+    return outcomes
 
 
 __all__ = ["NOT_ATTEMPTED", "Backpressure", "Connector", "ConnectorSettings", "Outcome",

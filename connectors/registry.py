@@ -26,6 +26,8 @@ BUILTIN: dict[str, tuple[str, str]] = {
                  "connectors.postgres.connector:PostgresConnector"),
     "csv": ("connectors.csv.configuration:CsvSettings",
             "connectors.csv.connector:CsvConnector"),
+    "sql": ("connectors.sql.configuration:SqlSettings",
+            "connectors.sql.connector:SqlConnector"),
 }
 
 

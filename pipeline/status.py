@@ -27,9 +27,13 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
+from pipeline.capture import logical
 from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
+from pipeline.routes.pause import paused_routes
+from pipeline.tasks import health
+from pipeline.tasks.store import TaskStore
 
 RouteKind = Literal["sink", "source", "unconfigured"]
 #: Task statuses in the order ``dx status`` shows them (dead last, it is what needs a person).
@@ -70,6 +74,8 @@ class RelayStatus:
     last_delivery_age_s: float | None = None
     open_transactions: list[OpenTransaction] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    capture_mode: str = "trigger"  # as installed (logical: the publication exists)
+    slot: dict[str, Any] | None = None  # logical mode: the replication slot's state
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,7 +161,32 @@ def relay_status(conn: psycopg.Connection[Any], relay_name: str, *,
                            f"({st.committed_not_relayed} committed events not relayed)")
     if st.committed_not_relayed and st.relay_active is None:
         st.problems.append("no relay is active and committed events are waiting")
+    _slot_status(conn, st, backlog_age_s)
     return st
+
+
+def _slot_status(conn: psycopg.Connection[Any], st: RelayStatus, backlog_age_s: float) -> None:
+    """Logical mode: the slot keeps WAL until the relay confirms it; say how much and since
+    when, and that a missing or invalidated slot needs the runbook."""
+    st.capture_mode = logical.installed_mode(conn)
+    if st.capture_mode != "logical":
+        conn.commit()
+        return
+    info = logical.slot_info(conn)
+    conn.commit()
+    if info is None:
+        st.problems.append(f"replication slot {logical.current_slot(conn)} is missing: see the "
+                           "README runbook 'lost replication slot'")
+        return
+    st.slot = asdict(info)
+    if info.lost:
+        st.problems.append(f"replication slot {info.name} was invalidated (WAL it needed is "
+                           "gone): see the README runbook 'lost replication slot'")
+    elif info.unconfirmed_bytes and info.confirmed_age_s is not None \
+            and info.confirmed_age_s > backlog_age_s:
+        st.problems.append(f"replication slot {info.name} not confirmed for "
+                           f"{info.confirmed_age_s:.0f}s; it retains {info.retained_bytes} bytes "
+                           "of WAL (is the relay running?)")
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -181,6 +212,8 @@ class RouteStatus:
     partitions: list[PartitionLag] = field(default_factory=list)
     tasks: dict[str, int] = field(default_factory=dict)
     note: str | None = None
+    incoming: list[IncomingStatus] = field(default_factory=list)  # source routes' inbound kinds
+    paused: bool = False  # an operator paused it ('dx sink|source pause')
 
     @property
     def dead(self) -> int:
@@ -190,17 +223,51 @@ class RouteStatus:
         return {**asdict(self), "dead": self.dead}
 
 
-def task_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
-    """Tasks by route and status ({} when the task table does not exist yet)."""
-    if not table_exists(conn, "dx.task"):
+@dataclass
+class IncomingStatus:
+    """One inbound kind of a source route (``dx.inbound_state``): webhook, pull or files."""
+
+    kind: str
+    cursor: str | None
+    last_run_age_s: float | None
+    last_ok_age_s: float | None
+    pages: int
+    entities: int
+    requests: int
+    refused: int
+    errors: int
+    files_done: int
+    files_failed: int
+    last_error: str | None
+    failing: bool  # the last run failed (its error is newer than the last success)
+
+
+def incoming(conn: psycopg.Connection[Any]) -> dict[str, list[IncomingStatus]]:
+    """Inbound kinds by route ({} before any inbound command ran)."""
+    if not table_exists(conn, "dx.inbound_state"):
         conn.commit()
         return {}
-    out: dict[str, dict[str, int]] = {}
-    for route, status, n in conn.execute(
-            "SELECT route, status, count(*) FROM dx.task GROUP BY route, status"):
-        out.setdefault(str(route), {})[str(status)] = int(n)
+    out: dict[str, list[IncomingStatus]] = {}
+    for row in conn.execute(
+            "SELECT route, kind, cursor, extract(epoch FROM now() - last_run_at), "
+            "extract(epoch FROM now() - last_ok_at), pages, entities, requests, refused, "
+            "errors, files_done, files_failed, last_error, "
+            "last_error_at IS NOT NULL AND (last_ok_at IS NULL OR last_error_at > last_ok_at) "
+            "FROM dx.inbound_state ORDER BY route, kind"):
+        n = [int(v) for v in row[5:12]]
+        out.setdefault(str(row[0]), []).append(IncomingStatus(
+            kind=str(row[1]), cursor=row[2],
+            last_run_age_s=None if row[3] is None else float(row[3]),
+            last_ok_age_s=None if row[4] is None else float(row[4]), pages=n[0], entities=n[1],
+            requests=n[2], refused=n[3], errors=n[4], files_done=n[5], files_failed=n[6],
+            last_error=row[12], failing=bool(row[13])))
     conn.commit()
     return out
+
+
+def task_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
+    """Tasks by route and status ({} when the task table does not exist yet)."""
+    return TaskStore(conn).counts_by_route()
 
 
 def source_offsets(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, int], int]:
@@ -370,10 +437,17 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
                          backlog_age_s=limits.backlog_age_s)
     routes = configured_routes(cfg)
     counts = task_counts(conn)
+    kinds = incoming(conn)
     for route in routes:
         route.tasks = counts.pop(route.name, {})
+        if route.kind == "source":
+            route.incoming = kinds.get(route.name, [])
     routes += [RouteStatus(name, "unconfigured", None, [], tasks=c)
                for name, c in sorted(counts.items())]
+    paused = paused_routes(conn)
+    conn.commit()
+    for route in routes:
+        route.paused = (route.kind, route.name) in paused
     st = Status(relay, routes, problems=list(relay.problems))
     if any(r.kind != "unconfigured" for r in routes):
         try:
@@ -385,6 +459,12 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
             st.problems.append(f"{st.kafka_error}; consumer lag unknown")
     for r in routes:
         st.problems.extend(route_problems(r, limits))
+    down = health.read(conn)  # a sink worker's circuit breaker: "target down since ..."
+    for r in routes:
+        h = down.get(r.name)
+        if r.kind == "sink" and h is not None and h.target_down:
+            r.note = f"{r.note}; {h.text()}" if r.note else h.text()
+            st.problems.append(f"route {r.name} (sink): {h.text()}")
     return st
 
 
@@ -396,6 +476,11 @@ def route_problems(r: RouteStatus, limits: Thresholds) -> list[str]:
     elif r.lag and r.members == 0:
         out.append(f"{what}: {r.lag} messages behind and no worker is running "
                    f"('dx {r.kind} run {r.name}')")
+    for i in r.incoming:
+        if i.failing and i.kind == "pull":
+            out.append(f"{what}: the last pull failed: {i.last_error}")
+        elif i.failing and i.kind == "files":
+            out.append(f"{what}: a dropped file failed: {i.last_error}")
     if r.dead > limits.max_dead:
         out.append(f"{what}: {r.dead} dead task(s); see "
                    f"'dx tasks list --route {r.name} --status dead'")

@@ -2,7 +2,9 @@
 
 Where the services come from, first match wins:
 1. DX_DATABASE_URL, DX_KAFKA_BOOTSTRAP and DX_SCHEMA_REGISTRY_URL, when all three are set;
-2. containers started with testcontainers, when a Docker engine answers;
+2. containers started with testcontainers, when asked (DX_TEST_CONTAINERS=1) or when a Docker
+   engine answers and already holds the three images: an engine alone is not enough, since no
+   registry may be reachable to pull them (tests/integration/test_image.py starts an engine);
 3. `deploy/local/stack up` (PostgreSQL from Debian, Kafka and Apicurio from Maven Central), which
    stays running after the session so the next run starts in a second.
 
@@ -44,7 +46,7 @@ ENV_VARS = ("DX_DATABASE_URL", "DX_KAFKA_BOOTSTRAP", "DX_SCHEMA_REGISTRY_URL")
 
 @dataclass(frozen=True)
 class Stack:
-    database_url: str  # postgresql://dx:dx@host:port/dx (a superuser: tests create databases)
+    database_url: str  # postgresql://shop:shop@host:port/dx (a superuser: tests create databases)
     kafka_bootstrap: str  # host:port
     schema_registry_url: str  # Confluent-compatible API root, e.g. http://host:port/apis/ccompat/v7
 
@@ -64,20 +66,25 @@ def stack() -> Iterator[Stack]:
     if all(values):
         yield Stack(*values)
         return
-    if _docker_answers():
+    if _use_containers():
         with _containers() as started:
             yield started
         return
     yield _local_stack()
 
 
-def _docker_answers() -> bool:
+def _use_containers() -> bool:
+    asked = os.environ.get("DX_TEST_CONTAINERS", "")
+    if asked:
+        return asked not in ("0", "false", "no")
     if os.environ.get("DX_TEST_NO_DOCKER"):
         return False
     try:
         from testcontainers.core.docker_client import DockerClient
 
-        DockerClient().client.ping()
+        images = DockerClient().client.images
+        for ref in (POSTGRES_IMAGE, KAFKA_IMAGE, REGISTRY_IMAGE):
+            images.get(ref)  # raises when the image is not there
     except Exception:
         return False
     return True
@@ -143,8 +150,8 @@ class _containers:
 
         pg = (
             DockerContainer(POSTGRES_IMAGE)
-            .with_env("POSTGRES_USER", "dx")
-            .with_env("POSTGRES_PASSWORD", "dx")
+            .with_env("POSTGRES_USER", "shop")
+            .with_env("POSTGRES_PASSWORD", "shop")
             .with_env("POSTGRES_DB", "dx")
             .with_command(
                 "postgres -c wal_level=logical -c max_connections=200 -c fsync=off "
@@ -156,7 +163,7 @@ class _containers:
         )
         self._started.append(pg.start())
         host = pg.get_container_host_ip()
-        database_url = f"postgresql://dx:dx@{host}:{pg.get_exposed_port(5432)}/dx"
+        database_url = f"postgresql://shop:shop@{host}:{pg.get_exposed_port(5432)}/dx"
 
         def pg_ready() -> bool:
             with psycopg.connect(database_url, connect_timeout=3, autocommit=True) as conn:
@@ -227,8 +234,8 @@ def _registry_env(jdbc_url: str) -> dict[str, str]:
         "APICURIO_STORAGE_KIND": "sql",
         "APICURIO_STORAGE_SQL_KIND": "postgresql",
         "APICURIO_DATASOURCE_URL": jdbc_url,
-        "APICURIO_DATASOURCE_USERNAME": "dx",
-        "APICURIO_DATASOURCE_PASSWORD": "dx",
+        "APICURIO_DATASOURCE_USERNAME": "shop",
+        "APICURIO_DATASOURCE_PASSWORD": "shop",
         "APICURIO_RULES_GLOBAL_COMPATIBILITY": "BACKWARD",
         "APICURIO_REST_DELETION_ARTIFACT_ENABLED": "true",
         "APICURIO_REST_DELETION_ARTIFACT_VERSION_ENABLED": "true",
@@ -302,6 +309,12 @@ def pg_db(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
     try:
         yield _with_database(stack.database_url, name)
     finally:
+        # a relay a failed test left running still reads the database's replication slot, and
+        # PostgreSQL refuses to drop a database with an active slot (FORCE or not); inactive
+        # slots go with the database
+        admin(sql.SQL("SELECT pg_terminate_backend(active_pid), pg_sleep(0.2) "
+                      "FROM pg_replication_slots WHERE database = {} AND active_pid IS NOT NULL"
+                      ).format(sql.Literal(name)))
         admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 

@@ -8,60 +8,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from connectors.base import ConnectorSettings
+from pipeline.config.auth import BasicAuth, BearerAuth, HmacAuth, OAuth2ClientCredentials
 from pipeline.config.sinks import Op, template_paths
-
-
-class _Auth(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BearerAuth(_Auth):
-    """``Authorization: Bearer <token>``."""
-
-    kind: Literal["bearer"]
-    token: SecretStr
-
-
-class BasicAuth(_Auth):
-    """HTTP basic authentication."""
-
-    kind: Literal["basic"]
-    username: str
-    password: SecretStr
-
-
-class OAuth2ClientCredentials(_Auth):
-    """OAuth 2.0 client-credentials grant. The token is cached until shortly before it expires
-    and fetched again after a 401."""
-
-    kind: Literal["oauth2"]
-    token_url: str
-    client_id: str
-    client_secret: SecretStr
-    scope: str | None = None
-    audience: str | None = None
-    refresh_margin_s: float = Field(30, ge=0, description="renew this long before expiry")
-
-
-class HmacAuth(_Auth):
-    """Signed webhooks: header ``<header>: t=<unix seconds>,v1=<hex HMAC(secret, "t.body")>``
-    (the Stripe scheme; receivers check the timestamp to refuse replays)."""
-
-    kind: Literal["hmac"]
-    secret: SecretStr
-    header: str = "X-Dx-Signature"
-    algorithm: Literal["sha256", "sha512"] = "sha256"
-
 
 Auth = Annotated[BearerAuth | BasicAuth | OAuth2ClientCredentials | HmacAuth,
                  Field(discriminator="kind")]
 
 
 class BulkConfig(BaseModel):
-    """A batch endpoint: one request carries many records; the whole request succeeds or fails."""
+    """A batch endpoint: one request carries many records. With ``results`` the target's
+    answer says per record what happened; without, a refused request (4xx) is split in halves
+    until the refused records stand alone (the others are delivered)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,6 +29,9 @@ class BulkConfig(BaseModel):
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     max_batch: int = Field(100, ge=1, le=10_000)
     wrap: str | None = Field(None, description="send {wrap: [...]} instead of a bare array")
+    results: str | None = Field(
+        None, description="field of the JSON answer with one result per record, in order "
+        "('.' for a bare array); a result with a 'status' code or an 'error' fails its record")
 
 
 class HttpSettings(ConnectorSettings):

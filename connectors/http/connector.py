@@ -27,14 +27,22 @@ from urllib.parse import quote
 
 import httpx
 
-from connectors.base import Backpressure, Outcome, Record, RecordConnector
-from connectors.http.configuration import HmacAuth, HttpSettings, OAuth2ClientCredentials
+from connectors.base import NOT_ATTEMPTED, Backpressure, Outcome, Record, RecordConnector, key_text
+from connectors.http.configuration import HttpSettings
 from connectors.templating import Part, parse, record_resolver, render
+from pipeline.config.auth import (
+    ApiKeyAuth,
+    BasicAuth,
+    BearerAuth,
+    HmacAuth,
+    OAuth2ClientCredentials,
+)
 from pipeline.errors import DxError, TerminalError, TransientError
-from pipeline.observability.logging import redact
+from pipeline.observability.logging import is_secret_name, redact
 
+#: every request carries the change's per-key position (see ``Record.position``)
+POSITION_HEADER = "Dx-Position"
 _CE_VERB = {"c": "created", "u": "updated", "d": "deleted", "r": "read"}
-_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
@@ -78,7 +86,7 @@ class RateLimiter:
             time.sleep(wait)
 
 
-class _TokenCache:
+class TokenCache:
     """OAuth2 client-credentials token, fetched lazily, shared by lanes, renewed before expiry."""
 
     def __init__(self, auth: OAuth2ClientCredentials, client: httpx.Client) -> None:
@@ -120,6 +128,33 @@ class _TokenCache:
             self.token = None
 
 
+def signature(secret: str, algorithm: str, timestamp: str, body: bytes) -> str:
+    """Hex HMAC of ``"<timestamp>.<body>"`` (the :class:`HmacAuth` scheme, both directions)."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body,
+                    getattr(hashlib, algorithm)).hexdigest()
+
+
+def auth_headers(auth: BearerAuth | BasicAuth | OAuth2ClientCredentials | HmacAuth | ApiKeyAuth
+                 | None, tokens: TokenCache | None, body: bytes) -> dict[str, str]:
+    """The headers that authenticate one request to a third party (``tokens``: the OAuth2
+    token cache when ``auth`` is OAuth2). Shared by sink deliveries and inbound pulls."""
+    if auth is None:
+        return {}
+    if isinstance(auth, BearerAuth):
+        return {"Authorization": f"Bearer {auth.token.get_secret_value()}"}
+    if isinstance(auth, BasicAuth):
+        raw = f"{auth.username}:{auth.password.get_secret_value()}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+    if isinstance(auth, HmacAuth):
+        ts = str(int(time.time()))
+        mac = signature(auth.secret.get_secret_value(), auth.algorithm, ts, body)
+        return {auth.header: f"t={ts},v1={mac}"}
+    if isinstance(auth, ApiKeyAuth):
+        return {auth.header: auth.key.get_secret_value()}
+    assert tokens is not None
+    return {"Authorization": f"Bearer {tokens.get()}"}
+
+
 class HttpConnector(RecordConnector[HttpSettings]):
     """REST/webhook target. Thread-safe: lanes share the client, limiter and token cache."""
 
@@ -137,12 +172,16 @@ class HttpConnector(RecordConnector[HttpSettings]):
             verify=s.verify_tls, follow_redirects=False,
             headers={"User-Agent": "dx-sink/0.1", **s.headers})
         self.limiter = RateLimiter(s.rate_limit_per_s) if s.rate_limit_per_s else None
-        self.tokens = (_TokenCache(s.auth, self.client)
+        self.tokens = (TokenCache(s.auth, self.client)
                        if isinstance(s.auth, OAuth2ClientCredentials) else None)
 
     @property
     def max_batch(self) -> int:
         return self.settings.bulk.max_batch if self.settings.bulk else 1_000
+
+    @property
+    def sends_one_at_a_time(self) -> bool:
+        return self.settings.bulk is None
 
     def close(self) -> None:
         self.client.close()
@@ -157,21 +196,7 @@ class HttpConnector(RecordConnector[HttpSettings]):
         return record.payload
 
     def _auth_headers(self, body: bytes) -> dict[str, str]:
-        auth = self.settings.auth
-        if auth is None:
-            return {}
-        if auth.kind == "bearer":
-            return {"Authorization": f"Bearer {auth.token.get_secret_value()}"}
-        if auth.kind == "basic":
-            raw = f"{auth.username}:{auth.password.get_secret_value()}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        if isinstance(auth, HmacAuth):
-            ts = str(int(time.time()))
-            mac = hmac.new(auth.secret.get_secret_value().encode(), ts.encode() + b"." + body,
-                           getattr(hashlib, auth.algorithm)).hexdigest()
-            return {auth.header: f"t={ts},v1={mac}"}
-        assert self.tokens is not None
-        return {"Authorization": f"Bearer {self.tokens.get()}"}
+        return auth_headers(self.settings.auth, self.tokens, body)
 
     def _ce_headers(self, record: Record) -> dict[str, str]:
         ts = (dt.datetime.fromtimestamp(record.ts_ms / 1000, dt.UTC)
@@ -185,6 +210,7 @@ class HttpConnector(RecordConnector[HttpSettings]):
             "ce-subject": json.dumps(record.key, sort_keys=True, separators=(",", ":"),
                                      default=str),
             "ce-time": ts.isoformat().replace("+00:00", "Z"),
+            **({"ce-dxposition": record.position} if record.position else {}),
         }
 
     def request_for(self, record: Record) -> httpx.Request:
@@ -197,6 +223,8 @@ class HttpConnector(RecordConnector[HttpSettings]):
         headers = {"Content-Type": "application/json"} if body else {}
         if s.idempotency_header:
             headers[s.idempotency_header] = record.event_id
+        if record.position:
+            headers[POSITION_HEADER] = record.position
         if s.cloudevents:
             headers.update(self._ce_headers(record))
         headers.update(self._auth_headers(body))
@@ -219,23 +247,39 @@ class HttpConnector(RecordConnector[HttpSettings]):
     # -- sending -----------------------------------------------------------------------------
 
     def _send(self, request: httpx.Request) -> Outcome:
+        """Send one request within ``timeout_s`` for the whole of it: connect, send, the answer
+        and its body (read in chunks against the deadline; a target that drips its answer
+        times out like one that does not answer)."""
         if self.limiter is not None:
             self.limiter.acquire()
+        s = self.settings
         started = time.perf_counter()
-        logged = _describe(request)
+        deadline = started + s.timeout_s
+        request.extensions["timeout"] = httpx.Timeout(
+            s.timeout_s, connect=min(s.connect_timeout_s, s.timeout_s)).as_dict()
+        chunks: list[bytes] = []
         try:
-            resp = self.client.send(request)
+            resp = self.client.send(request, stream=True)
+            try:
+                for chunk in resp.iter_bytes():
+                    chunks.append(chunk)
+                    if time.perf_counter() > deadline:
+                        raise httpx.ReadTimeout("whole-request timeout", request=request)
+            finally:
+                resp.close()
         except httpx.TimeoutException as err:
             return Outcome.failed(TransientError(f"timeout: {type(err).__name__}"),
-                                  request=logged)
+                                  request=_describe(request))
         except httpx.HTTPError as err:
             return Outcome.failed(TransientError(f"connection error: {type(err).__name__}: "
-                                                 f"{err}"), request=logged)
+                                                 f"{err}"), request=_describe(request))
         elapsed = (time.perf_counter() - started) * 1000
-        text = resp.text
+        text = b"".join(chunks).decode(resp.encoding or "utf-8", "replace")
         error = self.classify(resp.status_code, resp.headers, text)
-        return Outcome(error=error, request=logged, status=resp.status_code, response=text,
-                       elapsed_ms=elapsed)
+        if error is None and not self.log_successes:
+            return Outcome(status=resp.status_code, elapsed_ms=elapsed)
+        return Outcome(error=error, request=_describe(request), status=resp.status_code,
+                       response=text, elapsed_ms=elapsed)
 
     def classify(self, status: int, headers: httpx.Headers, text: str) -> DxError | None:
         if 200 <= status < 300 or status in self.settings.ok_statuses:
@@ -254,23 +298,76 @@ class HttpConnector(RecordConnector[HttpSettings]):
 
     def deliver(self, batch: Sequence[Record]) -> list[Outcome]:
         if self.settings.bulk is not None and len(batch) > 1:
-            try:
-                outcome = self._send(self.bulk_request(batch))
-            except DxError as err:
-                outcome = Outcome.failed(err)
-            return [outcome] * len(batch)
+            return self._bulk(batch)
         return super().deliver(batch)
+
+    def _bulk(self, batch: Sequence[Record]) -> list[Outcome]:
+        """One bulk request; per-record outcomes where the target reports them (``results``),
+        else, when the target refuses the request (a terminal error), halves sent one after
+        the other until the refused records stand alone: one bad record does not fail its
+        batch. A later record of a key whose earlier record failed is not attempted."""
+        try:
+            outcome = self._send(self.bulk_request(batch))
+        except DxError as err:
+            outcome = Outcome.failed(err)
+        per = self._per_record(outcome, len(batch))
+        if per is not None:
+            return per
+        refused = outcome.error
+        if refused is None or refused.transient or len(batch) == 1:
+            return [outcome] * len(batch)
+        mid = len(batch) // 2
+        out = self._bulk(batch[:mid])
+        failed = {key_text(r.key) for r, o in zip(batch[:mid], out, strict=True) if o.error}
+        rest = [r for r in batch[mid:] if key_text(r.key) not in failed]
+        sent = iter(self._bulk(rest) if len(rest) > 1 else
+                    [self._one(rest[0])] if rest else [])
+        for r in batch[mid:]:
+            if key_text(r.key) in failed:
+                out.append(Outcome.failed(NOT_ATTEMPTED))
+            else:
+                o = next(sent)
+                out.append(o)
+                if o.error is not None:
+                    failed.add(key_text(r.key))
+        return out
+
+    def _one(self, record: Record) -> Outcome:
+        """A record of a split bulk request, alone (still to the bulk endpoint)."""
+        try:
+            return self._send(self.bulk_request([record]))
+        except DxError as err:
+            return Outcome.failed(err)
+
+    def _per_record(self, outcome: Outcome, n: int) -> list[Outcome] | None:
+        """Outcomes from the answer's per-record results (``bulk.results``): a list of ``n``
+        objects, each with a ``status`` code (classified like a response) or an ``error``."""
+        bulk = self.settings.bulk
+        if bulk is None or bulk.results is None or outcome.response is None:
+            return None
+        if outcome.error is not None and outcome.error.transient:
+            return None
+        try:
+            body = json.loads(outcome.response)
+            items = body if bulk.results == "." else body.get(bulk.results)
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(items, list) or len(items) != n:
+            return None
+        out: list[Outcome] = []
+        for item in items:
+            text = json.dumps(item, default=str)
+            error: DxError | None = None
+            if isinstance(item, dict) and isinstance(item.get("status"), int):
+                error = self.classify(item["status"], httpx.Headers(), text)
+            elif isinstance(item, dict) and item.get("error"):
+                error = TerminalError(f"rejected: {' '.join(text.split())[:300]}")
+            out.append(Outcome(error=error, request=outcome.request, status=outcome.status,
+                               response=text, elapsed_ms=outcome.elapsed_ms))
+        return out
 
     def send(self, record: Record) -> Outcome:
         return self._send(self.request_for(record))
-
-
-def _secret_header(name: str) -> bool:
-    low = name.lower()
-    if low == "idempotency-key":  # the event id: what an operator looks for, not a secret
-        return False
-    return low in _SECRET_HEADERS or any(
-        part in low for part in ("signature", "token", "key", "secret", "auth", "session"))
 
 
 def _describe(request: httpx.Request) -> str:
@@ -279,6 +376,6 @@ def _describe(request: httpx.Request) -> str:
     ``X-Api-Key`` or a ``user:password@`` / ``?api_key=`` URL must not reach it."""
     lines = [f"{request.method} {redact(str(request.url))}"]
     for name, value in request.headers.items():
-        lines.append(f"{name}: {'***' if _secret_header(name) else value}")
+        lines.append(f"{name}: {'***' if is_secret_name(name) else value}")
     body = request.content.decode("utf-8", "replace") if request.content else ""
     return "\n".join(lines) + ("\n\n" + body if body else "")

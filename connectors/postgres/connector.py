@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from connectors.base import NOT_ATTEMPTED, Connector, Outcome, Record, key_text
+from connectors.base import Connector, Outcome, Record, one_by_one
 from connectors.postgres.configuration import PostgresSettings
 from pipeline.db import connect
 from pipeline.errors import CatalogError, DxError, TerminalError, TransientError
@@ -177,24 +177,19 @@ class PostgresConnector(Connector[PostgresSettings]):
 
     def _one_by_one(self, conn: psycopg.Connection[Any], batch: Sequence[Record]
                     ) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        failed: set[str] = set()
-        for r in batch:
-            k = key_text(r.key)
-            if k in failed:
-                outcomes.append(Outcome.failed(NOT_ATTEMPTED))
-                continue
+        def attempt(r: Record) -> Outcome:
+            nonlocal conn
             try:
                 stmt = self._statement(r)
                 if stmt is not None:
                     self._apply(conn, [stmt])
                 conn.commit()
-                outcomes.append(Outcome(status=200, request="1 row"))
+                return Outcome(status=200, request="1 row")
             except (psycopg.Error, TerminalError) as err:
                 self._reset(conn)
                 if self.conn is None:
                     conn = self._connect()
                 error = _classify(err) if isinstance(err, psycopg.Error) else err
-                outcomes.append(Outcome.failed(error, response=str(err)[:500]))
-                failed.add(k)
-        return outcomes
+                return Outcome.failed(error, response=str(err)[:500])
+
+        return one_by_one(batch, attempt)

@@ -9,13 +9,27 @@ It plays both directions of the exchange:
   nothing. A bearer token is checked when one is configured. Like the shop database, the PIM
   keeps the newest ``version`` of a record: a delivery carrying an *older* version than the one
   stored (a shop change that lost the race against an edit made here) is answered ``200`` with
-  status ``stale`` and changes nothing; an equal version is taken (the shop wins ties, because
+  status ``stale`` and changes nothing, and so is a delivery whose ``Dx-Position`` header is not
+  above the last one applied to that record (a request dx timed out on, arriving late after the
+  next change of the key); an equal version is taken (the shop wins ties, because
   the shop's inbound route refuses an equal version), so both sides settle on the same row.
 * **PIM → dx**: ``POST /products/{id}/edit`` (or ``--edit-every N`` seconds, at random) edits a
   product *in the PIM*, bumps its ``version`` and publishes the row as JSON to an inbound Kafka
   topic (key ``{"id": ...}``, headers ``dx.event_id`` and ``dx.origin: pim``). dx's ``pim-inbound``
   source route applies it to the shop database; dx then does not deliver that change back here
   (loop prevention by origin).
+
+What real PIMs also offer, for dx's inbound kinds (``dx inbound``):
+
+* **Webhooks on edit**: with ``--webhook-url`` every PIM edit is also POSTed there (dx's
+  ``POST /inbound/<route>``), signed ``X-Dx-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
+  "t.body">`` with ``--webhook-secret``, with the edit's event id as ``Idempotency-Key``.
+* **A changes feed**: ``GET /products?updated_since=<ISO time>&limit=N`` answers
+  ``{"data": [...], "next": "<url of the next page>" | null}`` with the products *edited in the
+  PIM* after that time (exclusive; each record carries ``changed_at``), oldest first, for
+  ``dx inbound pull``; ``next`` asks from the page's last ``changed_at`` (keyset paging: an edit
+  while dx pages cannot make it miss a record). ``GET /products`` without
+  ``updated_since``/``page`` is the plain list.
 
 Read what happened with ``GET /products``, ``GET /products/{id}``, ``GET /deliveries`` (the last
 deliveries) and ``GET /stats`` (counters). Two demo hooks show dx's failure handling: a delivery
@@ -29,12 +43,16 @@ Only the standard library is needed for the HTTP side; publishing needs ``conflu
     python deploy/demo/pim.py --port 8090 --kafka-bootstrap localhost:9092 --topic pim.products
 
 Every flag has an environment twin: PIM_HOST, PIM_PORT, DX_KAFKA_BOOTSTRAP, PIM_TOPIC, PIM_TOKEN,
-PIM_EDIT_EVERY, PIM_FAIL_RATE, PIM_REJECT_MARKER, PIM_KEEP_DELIVERIES.
+PIM_EDIT_EVERY, PIM_FAIL_RATE, PIM_REJECT_MARKER, PIM_KEEP_DELIVERIES, PIM_WEBHOOK_URL,
+PIM_WEBHOOK_SECRET.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -43,6 +61,9 @@ import re
 import signal
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter, OrderedDict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -111,12 +132,56 @@ class Publisher:
             self._producer.flush(10)
 
 
+class Notifier:
+    """Sends PIM edits as signed webhooks (the scheme dx's ``inbound.webhook.auth: hmac``
+    checks); waits for the answer, as a real PIM's webhook dispatcher would."""
+
+    def __init__(self, url: str | None, secret: str | None) -> None:
+        self.url = url
+        self.secret = (secret or "").encode()
+        self.sent = 0
+        self.failed = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    def send(self, record: dict[str, Any], event_id: str) -> int:
+        """POST one product; returns the HTTP status (0 when unreachable)."""
+        assert self.url is not None
+        body = json.dumps({k: record[k] for k in PUBLISHED_FIELDS if k in record},
+                          default=str).encode()
+        ts = str(int(time.time()))
+        mac = hmac.new(self.secret, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+        req = urllib.request.Request(  # noqa: S310 - the operator's configured dx URL
+            self.url, data=body, method="POST", headers={
+                "Content-Type": "application/json", "X-Dx-Signature": f"t={ts},v1={mac}",
+                "Idempotency-Key": event_id})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+                status = int(resp.status)
+        except urllib.error.HTTPError as err:
+            status = err.code
+        except (urllib.error.URLError, OSError) as err:
+            log.error("webhook to %s failed: %s", self.url, err)
+            status = 0
+        if 200 <= status < 300:
+            self.sent += 1
+        else:
+            self.failed += 1
+            log.error("webhook for product %s answered %s", record.get("id"), status)
+        return status
+
+
 class Pim:
     """The PIM's state: collections of records by id, delivery log, idempotency responses."""
 
     def __init__(self, publisher: Publisher, *, token: str | None, fail_rate: float,
-                 reject_marker: str | None, keep_deliveries: int = 10_000) -> None:
+                 reject_marker: str | None, keep_deliveries: int = 10_000,
+                 notifier: Notifier | None = None) -> None:
         self.publisher = publisher
+        self.notifier = notifier or Notifier(None, None)
+        self.last_change = ""
         self.token = token
         self.fail_rate = fail_rate
         self.reject_marker = reject_marker
@@ -124,13 +189,17 @@ class Pim:
         self.collections: dict[str, dict[str, dict[str, Any]]] = {}
         self.deliveries: deque[dict[str, Any]] = deque(maxlen=keep_deliveries)
         self.replies: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        # last ``Dx-Position`` applied per record: a write with a lower one is stale (a request
+        # that timed out at dx and arrived after the next change of the same key)
+        self.positions: dict[tuple[str, str], str] = {}
         self.stats: Counter[str] = Counter()
         self.started = time.time()
 
     # -- dx → PIM --------------------------------------------------------------------------
 
     def deliver(self, method: str, collection: str, item_id: str, body: Any,
-                idempotency_key: str | None) -> tuple[int, dict[str, Any], bool]:
+                idempotency_key: str | None,
+                position: str | None = None) -> tuple[int, dict[str, Any], bool]:
         """Apply one delivery; returns (status, response, replayed)."""
         with self.lock:
             if idempotency_key and idempotency_key in self.replies:
@@ -139,7 +208,14 @@ class Pim:
                 self._record(method, collection, item_id, idempotency_key, status, True, body,
                              response)
                 return status, response, True
-            status, response = self._apply(method, collection, item_id, body)
+            last = self.positions.get((collection, item_id))
+            if position and last is not None and position <= last:
+                self.stats["stale"] += 1
+                status, response = 200, {"status": "stale", "id": item_id, "position": last}
+            else:
+                status, response = self._apply(method, collection, item_id, body)
+                if position and status < 300:
+                    self.positions[(collection, item_id)] = position
             if idempotency_key and status < 500:  # a 503 must be retried for real
                 self.replies[idempotency_key] = (status, response)
                 while len(self.replies) > _IDEMPOTENCY_KEYS:
@@ -196,14 +272,40 @@ class Pim:
             changes = {k: v for k, v in changes.items() if k not in ("id", "version")}
             record.update(changes)
             record["version"] = int(record.get("version") or 0) + 1
+            record["changed_at"] = self._change_time()
             snapshot = dict(record)
             self.stats["edits"] += 1
         event_id = self.publisher.publish(snapshot)
+        status = "published" if self.publisher.enabled else "not published"
         if self.publisher.enabled:
             log.info("edited %s/%s in the PIM (version %s), published as event %s",
                      collection, item_id, snapshot["version"], event_id)
-        return 200, {"status": "published" if self.publisher.enabled else "not published",
-                     "event_id": event_id, "record": snapshot}
+        if self.notifier.enabled:
+            code = self.notifier.send(snapshot, event_id)
+            status = f"sent by webhook ({code})"
+            log.info("edited %s/%s in the PIM (version %s), webhook answered %s",
+                     collection, item_id, snapshot["version"], code)
+        return 200, {"status": status, "event_id": event_id, "record": snapshot}
+
+    def _change_time(self) -> str:
+        """Strictly increasing (the feed's ``updated_since`` is exclusive); under the lock."""
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if now <= self.last_change:
+            last = dt.datetime.strptime(self.last_change, "%Y-%m-%dT%H:%M:%S.%fZ")
+            now = (last + dt.timedelta(microseconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        self.last_change = now
+        return now
+
+    def changes(self, collection: str, since: str, page: int, limit: int
+                ) -> tuple[list[dict[str, Any]], bool]:
+        """Records edited in the PIM after ``since``, oldest first: one page, and whether
+        another follows."""
+        with self.lock:
+            items = [dict(r) for r in self.collections.get(collection, {}).values()
+                     if str(r.get("changed_at") or "") > since]
+        items.sort(key=lambda r: (str(r["changed_at"]), str(r.get("id"))))
+        start = (page - 1) * limit
+        return items[start:start + limit], len(items) > start + limit
 
     def random_edit(self) -> None:
         with self.lock:
@@ -241,6 +343,8 @@ class Pim:
                 "records": {name: len(items) for name, items in self.collections.items()},
                 "published": self.publisher.sent,
                 "publish_failures": self.publisher.failed,
+                "webhooks_sent": self.notifier.sent,
+                "webhook_failures": self.notifier.failed,
                 "last_delivery": self.deliveries[-1] if self.deliveries else None,
                 "uptime_s": round(time.time() - self.started, 1),
             }
@@ -276,6 +380,9 @@ def make_handler(pim: Pim) -> type[BaseHTTPRequestHandler]:
                 with pim.lock:
                     recent = list(pim.deliveries)[-limit:]
                 self._json(200, recent)
+            elif (m := _COLLECTION.match(path)) and ("updated_since" in params
+                                                      or "page" in params):
+                self._changes(m["collection"], params, limit)
             elif m := _COLLECTION.match(path):
                 self._json(200, pim.listing(m["collection"], limit))
             elif (m := _ITEM.match(path)) and not m["edit"]:
@@ -287,6 +394,18 @@ def make_handler(pim: Pim) -> type[BaseHTTPRequestHandler]:
                     self._json(200, record)
             else:
                 self._json(404, {"error": "not found"})
+
+        def _changes(self, collection: str, params: dict[str, str], limit: int) -> None:
+            """``GET /products?updated_since=...&page=N&limit=L`` (see the module doc)."""
+            since = urllib.parse.unquote_plus(params.get("updated_since", ""))
+            page = int(params["page"]) if params.get("page", "").isdigit() else 1
+            items, more = pim.changes(collection, since, max(1, page), max(1, min(limit, 1000)))
+            nxt = None
+            if more:  # keyset: from the last change on this page (times are unique), so a
+                # record edited while dx pages cannot shift another past the pages it read
+                nxt = f"/{collection}?" + urllib.parse.urlencode(
+                    {"updated_since": items[-1]["changed_at"], "limit": limit})
+            self._json(200, {"data": items, "page": page, "next": nxt})
 
         def do_PUT(self) -> None:
             self._deliver()
@@ -331,7 +450,8 @@ def make_handler(pim: Pim) -> type[BaseHTTPRequestHandler]:
                 collection, item_id = m["collection"], m["id"]
                 body = None if self.command == "DELETE" else self._body()
             status, response, replayed = pim.deliver(
-                self.command, collection, item_id, body, self.headers.get("Idempotency-Key"))
+                self.command, collection, item_id, body, self.headers.get("Idempotency-Key"),
+                self.headers.get("Dx-Position"))
             log.info("%s /%s/%s -> %d %s%s", self.command, collection, item_id, status,
                      response.get("status") or "", " (replayed)" if replayed else "")
             self._json(status, response, replayed=replayed)
@@ -385,6 +505,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=int(env("PIM_KEEP_DELIVERIES", "10000")),
                    help="how many recent deliveries GET /deliveries remembers "
                         "[PIM_KEEP_DELIVERIES]")
+    p.add_argument("--webhook-url", default=env("PIM_WEBHOOK_URL"),
+                   help="POST every PIM edit here (dx inbound serve) [PIM_WEBHOOK_URL]")
+    p.add_argument("--webhook-secret", default=env("PIM_WEBHOOK_SECRET"),
+                   help="HMAC secret signing the webhooks [PIM_WEBHOOK_SECRET]")
     p.add_argument("--log-level", default=env("PIM_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     if not 0 <= args.fail_rate <= 1:
@@ -397,7 +521,8 @@ def serve(args: argparse.Namespace) -> tuple[ThreadingHTTPServer, Pim]:
     publisher = Publisher(args.kafka_bootstrap, args.topic)
     pim = Pim(publisher, token=args.token, fail_rate=args.fail_rate,
               reject_marker=args.reject_marker or None,
-              keep_deliveries=max(1, args.keep_deliveries))
+              keep_deliveries=max(1, args.keep_deliveries),
+              notifier=Notifier(args.webhook_url, args.webhook_secret))
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(pim))
     httpd.daemon_threads = True
     return httpd, pim

@@ -4,11 +4,13 @@ It builds a small two-way exchange on the running stack and shows it working::
 
     shop database ──capture──► outbox ──dx relay──► <prefix>.public.products ──dx sink run──► PIM
          ▲                                                                                    │
-         └──────────── dx source run ◄── <prefix>.pim.products ◄── the PIM publishes its edits ┘
+         └── dx source run ◄── <prefix>.pim.products ◄── dx inbound serve ◄── webhooks ───────┤
+                                                     ◄── dx inbound pull ◄── changes feed ────┘
 
 Steps: (re)create the demo database and load ``shop.sql``; write ``dx.yaml`` from the template
 next to this file; ``dx init``, ``dx capture install``, ``dx snapshot`` every table; start the PIM
-(``pim.py``), ``dx relay``, ``dx sink run pim-products`` and ``dx source run pim-inbound`` in the
+(``pim.py``), ``dx relay``, ``dx sink run pim-products``, ``dx source run pim-inbound``, ``dx
+inbound serve`` (the PIM's webhooks) and ``dx inbound pull pim-inbound`` (its changes feed) in the
 background; edit a few products in the database and a few in the PIM; wait until every edit
 arrived on the other side and until the sink has *skipped* the PIM's own edits (no echo); print
 what happened and how to reach everything. The workers keep running; stop them with::
@@ -71,6 +73,9 @@ TABLES = ("public.products", "public.prices", "public.stock", "public.orders",
 SINK_ROUTE = "pim-products"
 SOURCE_ROUTE = "pim-inbound"
 PIM_TOKEN = "demo-pim-token"  # noqa: S105 - a demo value the PIM and dx.yaml share
+CONSOLE_USER = "demo"
+CONSOLE_PASSWORD = "demo-operator"  # noqa: S105 - the demo operator's password, printed
+WEBHOOK_SECRET = "demo-webhook-secret"  # noqa: S105 - dx.yaml's default for the demo
 SHOP_TAG = "(shop edit)"
 PIM_TAG = "(PIM edit)"
 T = TypeVar("T")
@@ -94,6 +99,7 @@ class Settings:
     timeout_s: float
     edits: int
     services: dict[str, str] = field(default_factory=dict)
+    inbound_port: int = 0  # dx inbound serve (webhooks from the PIM)
 
     @property
     def database_url(self) -> str:
@@ -159,7 +165,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(database=args.database, prefix=prefix,
                     state_dir=args.state_dir.resolve(), pim_port=pick_port(args.pim_port),
                     timeout_s=args.timeout, edits=args.edits,
-                    services={name: os.environ[name] for name in SERVICES})
+                    services={name: os.environ[name] for name in SERVICES},
+                    inbound_port=pick_port(0))
 
 
 def pick_port(wanted: int) -> int:
@@ -351,6 +358,14 @@ def pim_call(s: Settings, path: str, body: dict[str, Any] | None = None) -> Any:
         raise DemoError(f"PIM {path}: {err}") from None
 
 
+def url_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - our own process
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def pim_up(s: Settings) -> bool:
     try:
         return bool(pim_call(s, "/healthz"))
@@ -433,23 +448,55 @@ def topic_exists(s: Settings, topic: str) -> bool:
 def start_exchange(s: Settings, procs: Processes) -> None:
     """PIM first (the sink delivers to it), relay next (it creates the entity topics), then the
     two route workers once their topics exist."""
-    step("start the PIM, dx relay, dx sink run, dx source run "
+    step("start the PIM, dx relay, dx sink run, dx source run, dx inbound serve and pull "
          f"(logs in {s.log_dir})")
     create_inbound_topic(s)
-    procs.start("pim", [sys.executable, str(PIM_SCRIPT), "--port", str(s.pim_port),
-                        "--topic", s.inbound_topic, "--token", PIM_TOKEN,
-                        "--kafka-bootstrap", s.services["DX_KAFKA_BOOTSTRAP"]])
-    wait_until("the PIM to answer", lambda: pim_up(s), s, procs, timeout_s=30)
     worker_env = {"DX_LOG_LEVEL": "INFO", "DX_LOG_FORMAT": "text", "PYTHONUNBUFFERED": "1",
-                  "DX_METRICS_PORT": "0"}  # three workers must not race for one metrics port
+                  "DX_METRICS_PORT": "0"}  # the workers must not race for one metrics port
+    hooks = f"http://127.0.0.1:{s.inbound_port}"
+    procs.start("inbound", dx_argv(s, "inbound", "serve", "--port", str(s.inbound_port)),
+                worker_env)
+    wait_until("dx inbound serve to answer", lambda: url_up(hooks + "/healthz"), s, procs)
+    procs.start("pim", [sys.executable, str(PIM_SCRIPT), "--port", str(s.pim_port),
+                        "--token", PIM_TOKEN, "--webhook-secret", WEBHOOK_SECRET,
+                        "--webhook-url", f"{hooks}/inbound/{SOURCE_ROUTE}"])
+    wait_until("the PIM to answer", lambda: pim_up(s), s, procs, timeout_s=30)
     procs.start("relay", dx_argv(s, "relay"), worker_env)
     wait_until("dx relay to become active",
                lambda: ": active" in procs.log("relay").read_text(errors="replace"), s, procs)
     wait_until(f"topic {s.products_topic}", lambda: topic_exists(s, s.products_topic), s, procs)
     procs.start("sink", dx_argv(s, "sink", "run", SINK_ROUTE), worker_env)
     procs.start("source", dx_argv(s, "source", "run", SOURCE_ROUTE), worker_env)
+    procs.start("pull", dx_argv(s, "inbound", "pull", SOURCE_ROUTE), worker_env)
     for name, proc in procs.procs.items():
         say(f"    {name:<7} pid {proc.pid:<8} {procs.log(name).relative_to(s.state_dir.parent)}")
+
+
+def start_console(s: Settings, procs: Processes) -> str:
+    """The operator console with a demo operator (the database is new on every run); its URL."""
+    done = subprocess.run(dx_argv(s, "console", "user", "add", CONSOLE_USER, "--role", "admin"),
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+                          env={**os.environ, "DX_CONSOLE_PASSWORD": CONSOLE_PASSWORD})
+    if done.returncode != 0:
+        raise DemoError(f"dx console user add failed: {last_line_of(done.stderr)}")
+    url = f"http://127.0.0.1:{pick_port(8091)}"
+    procs.start("console", dx_argv(s, "console", "serve", "--port", url.rsplit(":", 1)[1]),
+                {"DX_METRICS_PORT": "0"})
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:  # noqa: S310
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    wait_until("the console to answer", ready, s, procs, timeout_s=60)
+    return url
+
+
+def last_line_of(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no output"
 
 
 def product_count(s: Settings) -> int:
@@ -490,8 +537,9 @@ def edit_in_shop(s: Settings, edits: Edits) -> None:
 
 
 def edit_in_pim(s: Settings, edits: Edits) -> None:
-    """Edits made in the PIM's own UI: it bumps the version and publishes to the inbound
-    topic with origin ``pim``."""
+    """Edits made in the PIM's own UI: it bumps the version and sends a signed webhook to ``dx
+    inbound serve`` (which answers once Kafka took it); its changes feed has them too, for ``dx
+    inbound pull``. The route applies them with origin ``pim``."""
     ids = list(range(201, 201 + s.edits))
     step(f"edit {len(ids)} products in the PIM (POST {s.pim_url}/products/ID/edit)")
     for pid in ids:
@@ -528,8 +576,23 @@ def wait_for_exchange(s: Settings, procs: Processes, edits: Edits) -> None:
               if PIM_TAG in str(d.get("name") or "")]
     if echoed:
         raise DemoError(f"echo: the PIM received its own edit back: {echoed[0]}")
+    wait_until("dx inbound pull to read the PIM's changes feed",
+               lambda: pulled(s) >= n, s, procs)
+    say(f"    inbound: the {n} PIM edits came as webhooks (dx inbound serve) and again from the "
+        f"changes feed (dx inbound pull, {pulled(s)} entities); one event id per product "
+        "version, so the second copy is a 'duplicate' skip, not a second write")
     say(f"    no echo: {n} PIM edits came back through the outbox with origin 'pim' and "
         f"route {SINK_ROUTE} skipped them; the PIM received none of them")
+
+
+def pulled(s: Settings) -> int:
+    """Entities ``dx inbound pull`` has read from the PIM's changes feed."""
+    with db(s.database_url) as conn:
+        if conn.execute("SELECT to_regclass('dx.inbound_state')").fetchone() == (None,):
+            return 0
+        row = conn.execute("SELECT entities FROM dx.inbound_state WHERE route = %s "
+                           "AND kind = 'pull'", (SOURCE_ROUTE,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def pim_has_version(s: Settings, pid: int, version: int) -> bool:
@@ -641,21 +704,25 @@ def tail_events(s: Settings, topic: str, n: int) -> list[dict[str, Any]]:
     return events[-n:]
 
 
-def show_access(s: Settings) -> None:
+def show_access(s: Settings, console_url: str) -> None:
     rel = s.state_dir.relative_to(REPO) if s.state_dir.is_relative_to(REPO) else s.state_dir
     step("the demo exchange is running")
     say(f"""    PIM          {s.pim_url}   (GET /stats /deliveries /products/101;
                  POST /products/201/edit with {{"name": "..."}} to edit in the PIM)
+    console      {console_url}/   (user {CONSOLE_USER}, password {CONSOLE_PASSWORD})
     dx           .venv/bin/dx status -c {rel}/dx.yaml   (or export DX_CONFIG={rel}/dx.yaml)
     database     {s.database_url}
     Kafka        {s.services['DX_KAFKA_BOOTSTRAP']}   topics {s.products_topic} (out),
                  {s.inbound_topic} (in)
     registry     {s.services['DX_SCHEMA_REGISTRY_URL']}
-    logs         {rel}/logs/  (pim.log relay.log sink.log source.log)
+    webhooks     http://127.0.0.1:{s.inbound_port}/inbound/{SOURCE_ROUTE}   (dx inbound serve;
+                 the PIM signs its edits with the demo secret)
+    logs         {rel}/logs/  (pim.log relay.log sink.log source.log inbound.log pull.log
+                 console.log)
     environment  eval "$(deploy/local/stack env)"  sets DX_DATABASE_URL, DX_KAFKA_BOOTSTRAP,
                  DX_SCHEMA_REGISTRY_URL (the stack's server; the demo database is {s.database})
 
-To stop the workers and the PIM:
+To stop the workers, the console and the PIM:
     python3 deploy/demo/run.py stop{stop_args(s)}
 To stop the stack:
     deploy/local/stack down""")
@@ -685,10 +752,11 @@ def run(s: Settings) -> None:
         edit_in_pim(s, edits)
         wait_for_exchange(s, procs, edits)
         show(s, edits)
+        console_url = start_console(s, procs)
     except BaseException:
         stop(s.state_dir, quiet=True)
         raise
-    show_access(s)
+    show_access(s, console_url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

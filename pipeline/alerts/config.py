@@ -5,6 +5,8 @@ Secrets (the SMTP password, webhook headers that carry tokens) come from ``${VAR
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
@@ -13,17 +15,18 @@ class _Base(BaseModel):
 
 
 class EmailConfig(_Base):
-    """SMTP delivery (smtplib). ``ssl`` is implicit TLS (port 465); ``starttls`` upgrades a
-    plain connection (port 587)."""
+    """SMTP delivery (smtplib). ``ssl`` is implicit TLS (port 465). ``starttls``: ``auto``
+    (default) upgrades the connection when the server offers STARTTLS and sends in plain text
+    when it does not (a local relay); ``true`` requires it; ``false`` never upgrades."""
 
     host: str
     port: int = Field(587, ge=1, le=65535)
     ssl: bool = False
-    starttls: bool = True
+    starttls: Literal["auto"] | bool = Field("auto", description="auto, true or false")
     username: str | None = None
     password: SecretStr | None = Field(None, description="from ${VAR}")
     from_addr: str = Field("dx@localhost", description="From: address")
-    to: list[str] = Field(min_length=1, description="recipients")
+    to: list[str] = Field(default_factory=list, description="recipients of every alert")
     timeout_s: float = Field(10, gt=0)
 
 
@@ -35,8 +38,21 @@ class WebhookConfig(_Base):
     timeout_s: float = Field(10, gt=0)
 
 
+RuleName = Literal["dead_tasks", "failure_rate", "consumer_lag", "backlog_age", "target_down"]
+
+
+class Recipients(_Base):
+    """Who else hears about some routes or rules (besides ``email.to`` and ``webhook``): an
+    ERP team gets its route's alerts, on-call gets every ``target_down``."""
+
+    routes: list[str] | None = Field(None, description="only these routes (default: all)")
+    rules: list[RuleName] | None = Field(None, description="only these rules (default: all)")
+    email: list[str] = Field(default_factory=list, description="extra mail recipients")
+    webhook: WebhookConfig | None = Field(None, description="an extra webhook")
+
+
 class FailureRateRule(_Base):
-    """Share of a sink route's tasks updated in the window that are not succeeding."""
+    """Share of a route's tasks updated in the window that are not succeeding."""
 
     threshold: float = Field(0.05, gt=0, le=1, description="fraction, e.g. 0.05 = 5 %")
     window_s: float = Field(300, gt=0)
@@ -48,7 +64,8 @@ class RulesConfig(_Base):
         None, description="share of a route's recent tasks failing; off unless set")
     dead_tasks: int | None = Field(1, ge=1, description="dead tasks of one route, at least")
     backlog_age_s: float | None = Field(300, gt=0, description="oldest outbox row, seconds")
-    consumer_lag: int | None = Field(None, ge=1, description="messages behind, per sink route")
+    consumer_lag: int | None = Field(None, ge=1, description="messages behind, per route")
+    target_down: bool = Field(True, description="a sink route paused by its circuit breaker")
 
 
 class AlertsConfig(_Base):
@@ -58,4 +75,6 @@ class AlertsConfig(_Base):
     email: EmailConfig | None = Field(None, description="send alerts by e-mail (SMTP)")
     webhook: WebhookConfig | None = Field(None, description="POST alerts to a URL")
     rules: RulesConfig = Field(default_factory=RulesConfig, description="when alerts fire")
+    recipients: list[Recipients] = Field(
+        default_factory=list, description="more recipients per route or per rule")
     subject_prefix: str = Field("[dx]", description="start of every e-mail subject")

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaException
+from psycopg.types.json import Jsonb
 
 from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.notify import Channel, EmailChannel, WebhookChannel
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
-from pipeline.errors import DxError
+from pipeline.errors import DxError, TransientError
+from pipeline.tasks import health
+from pipeline.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ CREATE TABLE IF NOT EXISTS dx.alert_incident (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS alert_incident_open_idx
     ON dx.alert_incident (rule, subject) WHERE resolved_at IS NULL;
+-- channels a notification could not reach yet (retried each evaluation), and what was sent
+ALTER TABLE dx.alert_incident ADD COLUMN IF NOT EXISTS undelivered text[];
+ALTER TABLE dx.alert_incident ADD COLUMN IF NOT EXISTS notice jsonb;
 """
 
 
@@ -48,18 +54,28 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
 
 @dataclass(frozen=True)
 class Observation:
+    """One rule's verdict on one subject (a route, or the outbox). For task rules, ``count``
+    and the first few ``tasks`` (id, key, reason) and the ``command`` that lists them all."""
+
     rule: str
     subject: str
     firing: bool
     summary: str
+    route: str | None = None
+    count: int | None = None
+    tasks: tuple[dict[str, Any], ...] = ()
+    command: str | None = None
+
+
+FIRST_TASKS = 5
 
 
 class AlertEngine:
     def __init__(self, config: DxConfig, alerts: AlertsConfig | None = None) -> None:
         self.config = config
         self.alerts: AlertsConfig = alerts or config.alerts
-        self.channels: list[Channel] = []
-        if self.alerts.email:
+        self.channels: list[Channel] = []  # who hears about everything
+        if self.alerts.email and self.alerts.email.to:
             self.channels.append(EmailChannel(self.alerts.email))
         if self.alerts.webhook:
             self.channels.append(WebhookChannel(self.alerts.webhook))
@@ -70,47 +86,81 @@ class AlertEngine:
 
     def observe(self, conn: psycopg.Connection[Any]) -> list[Observation]:
         rules = self.alerts.rules
-        routes = [r.name for r in self.config.sinks]
+        sinks = [r.name for r in self.config.sinks]
+        routes = sinks + [r.name for r in self.config.sources]
         obs: list[Observation] = []
-        has_tasks = conn.execute("SELECT to_regclass('dx.task')").fetchone() != (None,)
+        store = TaskStore(conn)
+        has_tasks = store.exists()
         if rules.dead_tasks is not None and has_tasks:
-            dead = dict(conn.execute(
-                "SELECT route, count(*) FROM dx.task WHERE status = 'dead' GROUP BY route"
-            ).fetchall())
-            for route in sorted(set(routes) | set(dead)):
+            dead = {r: c.get("dead", 0) for r, c in store.counts_by_route().items()}
+            for route in sorted(set(routes) | {r for r, n in dead.items() if n}):
                 n = int(dead.get(route, 0))
-                obs.append(Observation("dead_tasks", route, n >= rules.dead_tasks,
-                                       f"route {route}: {n} dead task(s) "
-                                       f"(threshold {rules.dead_tasks}); see "
-                                       f"'dx tasks list --route {route} --status dead'"))
+                firing = n >= rules.dead_tasks
+                obs.append(Observation(
+                    "dead_tasks", route, firing, f"route {route}: {n} dead task(s) "
+                    f"(threshold {rules.dead_tasks})", route=route, count=n,
+                    tasks=self._first(conn, route, ("dead",)) if firing else (),
+                    command=f"dx tasks list --route {route} --status dead"))
         if rules.failure_rate is not None and has_tasks:
+            # sink routes only: source workers record failures, not every success
             fr = rules.failure_rate
-            stats = {r: (int(bad), int(total)) for r, bad, total in conn.execute(
-                "SELECT route, count(*) FILTER (WHERE status IN ('dead', 'failed', 'retrying')),"
-                " count(*) FROM dx.task WHERE updated_at > now() - make_interval(secs => %s) "
-                "GROUP BY route", (fr.window_s,)).fetchall()}
-            for route in routes:
+            stats = store.failing_in_window(fr.window_s)
+            for route in sinks:
                 bad, total = stats.get(route, (0, 0))
                 rate = bad / total if total else 0.0
+                firing = total >= fr.min_tasks and rate >= fr.threshold
                 obs.append(Observation(
-                    "failure_rate", route, total >= fr.min_tasks and rate >= fr.threshold,
+                    "failure_rate", route, firing,
                     f"route {route}: {rate:.1%} of {total} tasks failing in the last "
-                    f"{fr.window_s:g}s (threshold {fr.threshold:.1%})"))
+                    f"{fr.window_s:g}s (threshold {fr.threshold:.1%})", route=route, count=bad,
+                    tasks=self._first(conn, route, ("dead", "failed", "retrying"))
+                    if firing else (),
+                    command=f"dx tasks list --route {route} --status dead --status failed "
+                            f"--status retrying --since {fr.window_s:g}s"))
+        if rules.target_down:
+            down = health.read(conn)
+            for route in sinks:
+                h = down.get(route)
+                firing = h is not None and h.target_down
+                obs.append(Observation(
+                    "target_down", route, firing,
+                    f"route {route}: {h.text()}; deliveries paused, probing"
+                    if h is not None and firing else f"route {route}: target answers",
+                    route=route, command=f"dx status; dx tasks list --route {route} "
+                                         "--status retrying"))
         if rules.backlog_age_s is not None:
             a = self._backlog_age(conn) or 0.0  # no outbox (yet) or empty: no backlog
             obs.append(Observation("backlog_age", "outbox", a >= rules.backlog_age_s,
                                    f"oldest outbox change is {a:.0f}s old "
-                                   f"(threshold {rules.backlog_age_s:g}s)"))
+                                   f"(threshold {rules.backlog_age_s:g}s)", command="dx status"))
         if rules.consumer_lag is not None:
-            for route in self.config.sinks:
-                lag = self.consumer_lag(route.consumer_group, list(route.topics))
-                if lag is None:
+            for r in self._lag(conn):
+                if r.lag is None:
                     continue
-                obs.append(Observation("consumer_lag", route.name, lag >= rules.consumer_lag,
-                                       f"route {route.name}: {lag} message(s) behind "
-                                       f"(threshold {rules.consumer_lag})"))
+                obs.append(Observation(
+                    "consumer_lag", r.name, r.lag >= rules.consumer_lag,
+                    f"route {r.name}: {r.lag} message(s) behind (threshold "
+                    f"{rules.consumer_lag})", route=r.name, count=r.lag, command="dx status"))
         conn.commit()
         return obs
+
+    def _first(self, conn: psycopg.Connection[Any], route: str,
+               statuses: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+        rows = TaskStore(conn).first(route, statuses, FIRST_TASKS)
+        return tuple({"id": int(r["id"]), "key": r["key"], "reason": (r["error"] or "")[:300]}
+                     for r in rows)
+
+    def _lag(self, conn: psycopg.Connection[Any]) -> list[Any]:
+        """Lag of every sink and source route, the way ``dx status`` counts it."""
+        from pipeline.status import KafkaLag, configured_routes, source_offsets
+
+        routes = configured_routes(self.config)
+        try:
+            KafkaLag(self.config, timeout_s=10).fill(routes, source_offsets(conn))
+        except KafkaException as err:
+            log.warning("consumer lag check failed: %s", err)
+            return []
+        return routes
 
     def _backlog_age(self, conn: psycopg.Connection[Any]) -> float | None:
         from pipeline.status import relay_status
@@ -122,30 +172,6 @@ class AlertEngine:
             conn.rollback()
             return None
 
-    def consumer_lag(self, group: str, topics: list[str]) -> int | None:
-        """Messages between the group's committed offsets and the high watermarks, the way
-        ``dx status`` counts them: a consumer caught up on an exactly-once topic is one
-        transaction marker short of the high watermark, which is not lag."""
-        from pipeline.status import KafkaLag
-
-        try:
-            kafka = KafkaLag(self.config, timeout_s=10)
-            parts = kafka.partitions(topics)
-            tps = [TopicPartition(t, p) for t, ps in parts.items() for p in ps]
-            if not tps:
-                return None
-            committed = kafka.committed(group, tps)
-            behind: dict[tuple[str, int, int], int] = {}
-            for (t, p), (low, high) in kafka.watermarks(tps).items():
-                start = committed.get((t, p), low)
-                if high > start:
-                    behind[(t, p, start)] = high - start
-            markers = kafka.only_markers({k for k, n in behind.items() if n <= 50})
-            return sum(n for k, n in behind.items() if k not in markers)
-        except KafkaException as err:
-            log.warning("consumer lag check for %s failed: %s", group, err)
-            return None
-
     # -- incidents ------------------------------------------------------------------------------
 
     def evaluate_once(self) -> list[str]:
@@ -153,21 +179,38 @@ class AlertEngine:
         sent: list[str] = []
         with connect(self.url, application_name="dx-alerts") as conn:
             ensure_schema(conn)
+            self._redeliver(conn)
             for o in self.observe(conn):
                 sent.extend(self._apply(conn, o))
         return sent
 
+    def channels_for(self, o: Observation) -> list[Channel]:
+        """Everyone who hears about everything, plus the recipients of this route or rule."""
+        out = {ch.name: ch for ch in self.channels}
+        for r in self.alerts.recipients:
+            if r.routes is not None and o.route not in r.routes:
+                continue
+            if r.rules is not None and o.rule not in r.rules:
+                continue
+            extra: list[Channel] = []
+            if r.email and self.alerts.email is not None:
+                extra.append(EmailChannel(self.alerts.email, r.email))
+            if r.webhook is not None:
+                extra.append(WebhookChannel(r.webhook))
+            out.update((ch.name, ch) for ch in extra)
+        return list(out.values())
+
     def _apply(self, conn: psycopg.Connection[Any], o: Observation) -> list[str]:
         with conn.transaction():
             row = conn.execute(
-                "SELECT id, opened_at FROM dx.alert_incident WHERE rule = %s AND subject = %s "
+                "SELECT id FROM dx.alert_incident WHERE rule = %s AND subject = %s "
                 "AND resolved_at IS NULL FOR UPDATE", (o.rule, o.subject)).fetchone()
             if o.firing and row is None:
                 incident = conn.execute(
                     "INSERT INTO dx.alert_incident (rule, subject, summary) VALUES (%s, %s, %s) "
                     "RETURNING id", (o.rule, o.subject, o.summary)).fetchone()
                 assert incident is not None
-                self._notify("FIRING", o, int(incident[0]))  # raises: the insert rolls back
+                self._notify(conn, "FIRING", o, int(incident[0]))  # all failed: rolls back
                 return [f"FIRING {o.rule} {o.subject}: {o.summary}"]
             if o.firing and row is not None:
                 conn.execute("UPDATE dx.alert_incident SET last_seen = now(), summary = %s "
@@ -176,19 +219,68 @@ class AlertEngine:
             if not o.firing and row is not None:
                 conn.execute("UPDATE dx.alert_incident SET resolved_at = now() WHERE id = %s",
                              (row[0],))
-                self._notify("RESOLVED", o, int(row[0]))
+                self._notify(conn, "RESOLVED", o, int(row[0]))
                 return [f"RESOLVED {o.rule} {o.subject}: {o.summary}"]
         return []
 
-    def _notify(self, state: str, o: Observation, incident: int) -> None:
+    def message(self, state: str, o: Observation, incident: int) -> tuple[str, str, dict[str, Any]]:
+        """Subject, text and webhook document of one notification."""
         subject = f"{self.alerts.subject_prefix} {state}: {o.rule} {o.subject}"
-        body = (f"{state}: {o.summary}\n\nincident #{incident}, rule {o.rule}, "
-                f"subject {o.subject}.\nOne message per incident; you will get one more when it "
-                "recovers.\n")
-        doc = {"state": state.lower(), "rule": o.rule, "subject": o.subject,
-               "summary": o.summary, "incident": incident}
-        for ch in self.channels:
-            ch.send(subject, body, doc)
+        lines = [f"{state}: {o.summary}", ""]
+        if o.route:
+            lines.append(f"route:   {o.route}")
+        lines.append(f"rule:    {o.rule}")
+        if o.count is not None:
+            lines.append(f"count:   {o.count}")
+        if o.tasks and state == "FIRING":
+            lines.append(f"first {len(o.tasks)} task(s):")
+            lines += [f"  #{t['id']}  key {t['key']}  {t['reason']}" for t in o.tasks]
+        if o.command:
+            lines.append(f"see them: {o.command}")
+        lines += ["", f"incident #{incident}. One message per incident; you will get one more "
+                  "when it recovers."]
+        doc = {"state": state.lower(), "rule": o.rule, "subject": o.subject, "route": o.route,
+               "summary": o.summary, "count": o.count, "tasks": list(o.tasks),
+               "command": o.command, "incident": incident}
+        return subject, "\n".join(lines) + "\n", doc
+
+    def _notify(self, conn: psycopg.Connection[Any], state: str, o: Observation,
+                incident: int) -> None:
+        """Send to every channel of ``o``; one failing channel never stops the others. All
+        failed: raise (the incident's change rolls back and is tried again next evaluation);
+        some failed: they are kept in ``undelivered`` and retried next evaluation."""
+        subject, body, doc = self.message(state, o, incident)
+        channels = self.channels_for(o)
+        failed = self._send(channels, subject, body, doc)
+        if channels and len(failed) == len(channels):
+            raise TransientError(f"alert {o.rule} {o.subject}: no channel reachable")
+        conn.execute("UPDATE dx.alert_incident SET undelivered = %s, notice = %s WHERE id = %s",
+                     (failed or None, Jsonb({"subject": subject, "body": body, "doc": doc,
+                                             "route": o.route, "rule": o.rule}), incident))
+
+    def _send(self, channels: list[Channel], subject: str, body: str,
+              doc: dict[str, Any]) -> list[str]:
+        failed: list[str] = []
+        for ch in channels:
+            try:
+                ch.send(subject, body, doc)
+            except Exception as err:  # any channel failure: the others still go
+                log.warning("alert channel %s failed: %s", ch.name, err)
+                failed.append(ch.name)
+        return failed
+
+    def _redeliver(self, conn: psycopg.Connection[Any]) -> None:
+        """Channels an earlier notification did not reach: try them again."""
+        rows = conn.execute("SELECT id, undelivered, notice FROM dx.alert_incident "
+                            "WHERE undelivered IS NOT NULL").fetchall()
+        conn.commit()
+        for incident, undelivered, notice in rows:
+            o = Observation(str(notice["rule"]), "", True, "", route=notice.get("route"))
+            channels = [ch for ch in self.channels_for(o) if ch.name in set(undelivered)]
+            failed = self._send(channels, notice["subject"], notice["body"], notice["doc"])
+            conn.execute("UPDATE dx.alert_incident SET undelivered = %s WHERE id = %s",
+                         (failed or None, incident))
+            conn.commit()
 
     def run(self) -> None:
         while not self.stop.is_set():

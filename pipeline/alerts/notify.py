@@ -12,6 +12,7 @@ import httpx
 
 from pipeline.alerts.config import EmailConfig, WebhookConfig
 from pipeline.errors import TransientError
+from pipeline.observability.logging import redact
 
 
 class Channel(Protocol):
@@ -21,17 +22,19 @@ class Channel(Protocol):
 
 
 class EmailChannel:
-    name = "email"
+    """Mail to ``to`` through the configured SMTP server."""
 
-    def __init__(self, cfg: EmailConfig) -> None:
+    def __init__(self, cfg: EmailConfig, to: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.to = sorted(to if to is not None else cfg.to)
+        self.name = "email:" + ",".join(self.to)
 
     def send(self, subject: str, body: str, doc: dict[str, Any]) -> None:
         c = self.cfg
         msg = EmailMessage()
         msg["Subject"] = subject
         msg["From"] = c.from_addr
-        msg["To"] = ", ".join(c.to)
+        msg["To"] = ", ".join(self.to)
         msg["X-Dx-Incident"] = str(doc.get("incident"))
         msg.set_content(body)
         try:
@@ -42,8 +45,11 @@ class EmailChannel:
             else:
                 smtp = smtplib.SMTP(c.host, c.port, timeout=c.timeout_s)
             with smtp:
-                if c.starttls and not c.ssl:
-                    smtp.starttls(context=ssl.create_default_context())
+                if not c.ssl and c.starttls is not False:
+                    smtp.ehlo()
+                    if c.starttls is True or smtp.has_extn("starttls"):
+                        smtp.starttls(context=ssl.create_default_context())
+                        smtp.ehlo()
                 if c.username and c.password is not None:
                     smtp.login(c.username, c.password.get_secret_value())
                 smtp.send_message(msg)
@@ -52,10 +58,9 @@ class EmailChannel:
 
 
 class WebhookChannel:
-    name = "webhook"
-
     def __init__(self, cfg: WebhookConfig) -> None:
         self.cfg = cfg
+        self.name = "webhook:" + redact(cfg.url)
 
     def send(self, subject: str, body: str, doc: dict[str, Any]) -> None:
         headers = {k: v.get_secret_value() for k, v in self.cfg.headers.items()}

@@ -93,8 +93,9 @@ def _error(config: DxConfig, index: int, msg: str, *loc: str | int) -> CatalogEr
 
 
 def capture_mode(config: DxConfig, index: int) -> str:
-    """``row`` or ``statement``: the table's ``capture:``, else the ``capture.mode`` default."""
-    return config.tables[index].capture or config.capture.mode
+    """``row`` or ``statement``: the table's ``capture:``, else the ``capture.trigger``
+    default (the trigger kind; logical mode has no triggers but the TRUNCATE guard)."""
+    return config.tables[index].capture or config.capture.trigger
 
 
 def partitions(conn: psycopg.Connection[Any], schema: str,

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pipeline.capture import ddl
+from pipeline.capture import ddl, logical
 from pipeline.capture.catalog import capture_mode, partitions, read_table
 from pipeline.capture.spec import TableSpec
 from pipeline.config import DxConfig
@@ -22,6 +22,7 @@ def ensure_schema(conn: psycopg.Connection[Any], config: DxConfig) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (ddl.LEASE_LOCK_CLASS,))
         conn.execute(ddl.BASE_DDL)
         conn.execute(ddl.on_commit_ddl(config.capture.notify))
+        conn.execute(logical.SLOT_DDL)
 
 
 def spec_version(conn: psycopg.Connection[Any], spec: TableSpec) -> int:
@@ -63,6 +64,7 @@ def install_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -
         conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(
             sql.Identifier(spec.schema, spec.table)))
         parts = partitions(conn, spec.schema, spec.table)
+        logical.leave(conn, spec)
         version = spec_version(conn, spec)
         maker = ddl.row_function if mode == "row" else ddl.statement_function
         body = maker(spec, version).as_string(conn)
@@ -77,7 +79,40 @@ def uninstall_table(conn: psycopg.Connection[Any], config: DxConfig, index: int)
         for stmt in ddl.drop_triggers(spec, partitions(conn, spec.schema, spec.table)):
             conn.execute(stmt)
         conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(ddl.function_name(spec)))
+        logical.leave(conn, spec)
     return spec
+
+
+@dataclass(frozen=True)
+class InactiveTrigger:
+    """A dx trigger that does not fire for every write (disabled, or left at PostgreSQL's
+    default, which skips sessions under ``session_replication_role = replica``)."""
+
+    schema: str
+    table: str
+    trigger: str
+    enabled: str  # pg_trigger.tgenabled: D disabled, O origin/local only, R replica only
+
+    def problem(self) -> str:
+        where = f"{self.schema}.{self.table}"
+        if self.trigger == "dx_refuse_truncate":
+            lost = f"a TRUNCATE of {where} is not refused and never reaches Kafka"
+        elif self.schema == "dx":
+            lost = "captured transactions get no commit number and are never published"
+        else:
+            lost = f"changes to {where} are not captured"
+        if self.enabled == "D":
+            return (f"trigger {self.trigger} on {where} is disabled: {lost}; run 'dx capture "
+                    f"install' (or ALTER TABLE {where} ENABLE ALWAYS TRIGGER {self.trigger})")
+        return (f"trigger {self.trigger} on {where} does not fire in every session "
+                f"(tgenabled {self.enabled!r}; writes under session_replication_role = replica, "
+                f"as pg_restore and ETL tools do, skip it): {lost} in those sessions; run "
+                "'dx capture install' (it sets ENABLE ALWAYS)")
+
+
+def inactive_triggers(conn: psycopg.Connection[Any]) -> list[InactiveTrigger]:
+    """Every dx trigger in the database that does not fire for every write."""
+    return [InactiveTrigger(*r) for r in conn.execute(ddl.INACTIVE_TRIGGERS)]
 
 
 @dataclass(frozen=True)
@@ -89,6 +124,9 @@ class CaptureState:
     current: bool  # installed spec equals what dx.yaml + catalog say now, and nothing below
     pending: int
     problems: tuple[str, ...] = ()  # why the installed capture falls short, one line each
+    #: triggers that miss some sessions' writes (``dx capture status`` fails on them; a
+    #: snapshot does not, its changes are captured)
+    warnings: tuple[str, ...] = ()
 
 
 def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> CaptureState:
@@ -103,7 +141,19 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
         (sql.Identifier(spec.schema, spec.table).as_string(conn),))}
     mode = "row" if "dx_capture" in triggers else (
         "statement" if "dx_capture_insert_stmt" in triggers else None)
-    wanted = capture_mode(config, index)
+    in_publication = logical.published(conn, spec)
+    if mode is None and in_publication:
+        mode = "logical"
+        problems += logical.table_problems(conn, spec)
+    elif mode is not None and in_publication:
+        problems.append(f"{spec.entity}: captured by triggers and by the publication (changes "
+                        "would be published twice); run 'dx capture install'")
+    try:
+        resolved, _ = logical.resolve_mode(conn, config)
+    except CatalogError as err:
+        resolved = "logical"
+        problems.append(str(err))
+    wanted = "logical" if resolved == "logical" else capture_mode(config, index)
     if mode is not None and mode != wanted:
         problems.append(f"{spec.entity}: installed as {mode} capture but dx.yaml says {wanted}; "
                         "run 'dx capture install'")
@@ -118,14 +168,21 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
             problems.append(f"{spec.entity}: partition(s) {', '.join(bare)} lack dx's TRUNCATE "
                             "guard (attached or created after the last 'dx capture install'); run "
                             "'dx capture install' again")
+    warnings: list[str] = []
+    if mode is not None:
+        mine = {(spec.schema, spec.table), *partitions(conn, spec.schema, spec.table)}
+        for t in inactive_triggers(conn):
+            if (t.schema, t.table) in mine:
+                # disabled: nothing is captured; origin-only: replica-role sessions are missed
+                (problems if t.enabled == "D" else warnings).append(t.problem())
     row = conn.execute("SELECT version, fingerprint FROM dx.capture_spec WHERE entity = %s "
                        "ORDER BY version DESC LIMIT 1", (spec.entity,)).fetchone()
     pending_row = conn.execute("SELECT count(*) FROM dx.outbox WHERE entity = %s",
-                               (spec.entity,)).fetchone()
+                               (spec.entity,)).fetchone() if mode != "logical" else None
     return CaptureState(
         entity=spec.entity, installed=mode is not None, mode=mode,
         version=int(row[0]) if row else None,
         current=row is not None and row[1] == spec.fingerprint() and not problems,
         pending=int(pending_row[0]) if pending_row else 0,
-        problems=tuple(problems),
+        problems=tuple(problems), warnings=tuple(warnings),
     )

@@ -3,6 +3,8 @@
 Events use the Debezium outbox shape (``aggregatetype``, ``aggregateid``, ``type``, ``payload``)
 and travel through the same relay as captured changes, ordered with them by commit. Any language
 can do the same with ``SELECT dx.publish(aggregatetype, aggregateid, type, payload::jsonb)``.
+Under logical capture ``dx.publish`` writes a transactional logical message instead of an outbox
+row (nothing to purge); the events and topics are the same.
 """
 
 from __future__ import annotations

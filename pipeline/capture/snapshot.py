@@ -31,6 +31,7 @@ from psycopg import sql
 
 from pipeline.capture import ddl
 from pipeline.capture.install import load_spec, table_state
+from pipeline.capture.logical import SNAPSHOT_PREFIX, installed_mode
 from pipeline.capture.spec import TableSpec
 from pipeline.config import DxConfig
 from pipeline.errors import CatalogError
@@ -43,6 +44,7 @@ def snapshot_table(conn: psycopg.Connection[Any], config: DxConfig, index: int, 
 
     ``conn`` must be in autocommit mode so that each chunk commits on its own."""
     spec, version = installed_spec(conn, config, index)
+    stream = installed_mode(conn) == "logical"
     total_row = conn.execute(
         "SELECT c.reltuples::bigint FROM pg_class c JOIN pg_namespace n "
         "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
@@ -63,14 +65,16 @@ def snapshot_table(conn: psycopg.Connection[Any], config: DxConfig, index: int, 
             last_key, done = row[0], int(row[1])
     while True:
         with conn.transaction():
-            conn.execute("SELECT dx.mark_txn()")
+            if not stream:
+                conn.execute("SELECT dx.mark_txn()")
             after = {} if last_key is None else _key_params("a", spec, last_key)
             found = conn.execute(_bound_sql(spec, chunk, after=last_key is not None),
                                  after).fetchone()
             bound: Mapping[str, Any] | None = found[0] if found else None
             upto = {} if bound is None else _key_params("b", spec, bound)
             res = conn.execute(_copy_sql(spec, version, after=last_key is not None,
-                                         upto=bound is not None), {**after, **upto}).fetchone()
+                                         upto=bound is not None, stream=stream),
+                               {**after, **upto}).fetchone()
             done += int(res[0]) if res else 0
             if bound is not None:
                 last_key = bound
@@ -160,21 +164,30 @@ def _bound_sql(spec: TableSpec, chunk: int, *, after: bool) -> sql.Composed:
         skip=sql.Literal(chunk - 1))
 
 
-def _copy_sql(spec: TableSpec, version: int, *, after: bool, upto: bool) -> sql.Composed:
-    """Copy the rows with ``last < key [<= bound]`` into the outbox as op='r'; returns the count.
+def _copy_sql(spec: TableSpec, version: int, *, after: bool, upto: bool,
+              stream: bool = False) -> sql.Composed:
+    """Copy the rows with ``last < key [<= bound]`` into the outbox as op='r' (logical capture:
+    one transactional message per row, in the change stream at the chunk's commit); returns
+    the count.
 
     ``FOR SHARE`` re-checks the range on the newest version of a row a concurrent transaction
     changed, so a row whose key moved out of the range is left to its captured d/c events."""
+    write = sql.SQL("""
+    SELECT pg_logical_emit_message(true, {prefix}, jsonb_build_object(
+        'e', {ent}, 'v', {ver}, 'k', key, 'a', after)::text) FROM chunk
+""" if stream else """
+    INSERT INTO dx.outbox (entity, version, op, key, after, origin)
+    SELECT {ent}, {ver}, 'r', key, after, NULL FROM chunk
+    RETURNING 1
+""").format(ent=sql.Literal(spec.entity), ver=sql.Literal(version),
+            prefix=sql.Literal(SNAPSHOT_PREFIX))
     return sql.SQL("""
 WITH chunk AS (
     SELECT {key} AS key, {row} AS after FROM {table} t {where}
     ORDER BY {order} FOR SHARE
-), ins AS (
-    INSERT INTO dx.outbox (entity, version, op, key, after, origin)
-    SELECT {ent}, {ver}, 'r', key, after, NULL FROM chunk
-)
-SELECT count(*) FROM chunk
+), ins AS ({write})
+SELECT count(*) FROM ins
 """).format(
         key=ddl._json_object(spec.key_columns, "t"), row=ddl._json_object(spec.columns, "t"),
         table=sql.Identifier(spec.schema, spec.table), where=_range(spec, after=after, upto=upto),
-        order=_order(spec), ent=sql.Literal(spec.entity), ver=sql.Literal(version))
+        order=_order(spec), write=write)

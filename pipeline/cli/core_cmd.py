@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline.capture import install as capture_install
+from pipeline.capture import logical
 from pipeline.capture.catalog import read_all
 from pipeline.capture.snapshot import installed_spec, snapshot_table
 from pipeline.cli.common import (
@@ -28,7 +29,7 @@ from pipeline.cli.common import (
 )
 from pipeline.config import DxConfig
 from pipeline.db import connection
-from pipeline.errors import ConfigError
+from pipeline.errors import CatalogError, ConfigError
 
 console = Console(stderr=False)
 capture_app = typer.Typer(help="Install, remove and inspect capture triggers.",
@@ -61,12 +62,18 @@ def init(config: Path = ConfigOption) -> None:
 
 
 def _extra_schemas() -> list[Any]:
-    """ensure_schema() of every other area: tasks, inbound offsets, alert incidents."""
+    """ensure_schema() of every other area: tasks, inbound offsets, alert incidents, inbound
+    state, route pauses, the console, console-managed API entities and keys."""
     from pipeline.alerts.engine import ensure_schema as alerts_schema
+    from pipeline.api.managed import ensure_schema as api_entity_schema
+    from pipeline.console.schema import ensure_schema as console_schema
+    from pipeline.inbound.state import ensure_schema as inbound_schema
+    from pipeline.routes.pause import ensure_schema as pause_schema
     from pipeline.source.offsets import ensure_schema as offsets_schema
     from pipeline.tasks.store import ensure_schema as tasks_schema
 
-    return [tasks_schema, offsets_schema, alerts_schema]
+    return [tasks_schema, offsets_schema, alerts_schema, inbound_schema, pause_schema,
+            console_schema, api_entity_schema]
 
 
 def validate(config: Path = ConfigOption,
@@ -105,10 +112,25 @@ def capture_install_cmd(config: Path = ConfigOption,
             registrar.check_reachable()
             for i in indexes:
                 require_compatible(read_table(conn, cfg, i), cfg.kafka.topic_prefix, registrar)
+        mode, why = logical.resolve_mode(conn, cfg)
+        typer.echo(f"capture mode: {mode} ({why})")
         for i in indexes:
-            spec, version, mode = capture_install.install_table(conn, cfg, i)
-            typer.echo(f"captured {spec.entity} -> {spec.topic} ({mode} trigger, "
+            if mode == "logical":
+                spec, version = logical.install_table(conn, cfg, i)
+                typer.echo(f"captured {spec.entity} -> {spec.topic} (logical, schema "
+                           f"v{version}, {len(spec.columns)} columns)")
+                continue
+            spec, version, kind = capture_install.install_table(conn, cfg, i)
+            typer.echo(f"captured {spec.entity} -> {spec.topic} ({kind} trigger, "
                        f"schema v{version}, {len(spec.columns)} columns)")
+        if mode == "logical":
+            if logical.slot_info(conn) is None:
+                typer.echo("creating the replication slot (PostgreSQL waits for the "
+                           "transactions running now to finish)")
+            slot, created = logical.ensure_slot(conn)
+            typer.echo(f"replication slot {slot} {'created' if created else 'in place'}")
+        elif logical.drop_slot(conn):
+            typer.echo("replication slot dropped (no table is captured logically any more)")
 
 
 @capture_app.command("uninstall")
@@ -121,6 +143,8 @@ def capture_uninstall_cmd(config: Path = ConfigOption,
         for i in indexes:
             spec = capture_install.uninstall_table(conn, cfg, i)
             typer.echo(f"removed capture from {spec.entity}")
+        if logical.drop_slot(conn):
+            typer.echo("replication slot dropped (no table is captured logically any more)")
 
 
 @capture_app.command("status")
@@ -131,14 +155,29 @@ def capture_status_cmd(config: Path = ConfigOption) -> None:
     drift = False
     problems: list[str] = []
     with _db(cfg) as conn:
+        try:
+            mode, why = logical.resolve_mode(conn, cfg)
+            typer.echo(f"capture mode: {mode} ({why})")
+        except CatalogError as err:
+            typer.echo(str(err))
+        slot = logical.slot_info(conn) if logical.installed_mode(conn) == "logical" else None
+        if slot is not None:
+            typer.echo(f"replication slot {slot.name}: "
+                       f"{'active' if slot.active else 'inactive'}, {slot.wal_status}, "
+                       f"retains {slot.retained_bytes or 0} bytes of WAL")
         for i in range(len(cfg.tables)):
             st = capture_install.table_state(conn, cfg, i)
-            drift |= not (st.installed and st.current)
-            problems += [f"{st.entity}: {p}" for p in st.problems]
+            drift |= not (st.installed and st.current) or bool(st.warnings)
+            problems += [f"{st.entity}: {p}" for p in (*st.problems, *st.warnings)]
             table.add_row(st.entity, "yes" if st.installed else "NO", st.mode or "-",
                           f"v{st.version}" if st.version else "-",
                           "yes" if st.current else "NO (run dx capture install)",
                           str(st.pending))
+        # dx's own commit triggers: without them no captured change is ever published
+        dx_own = [t.problem() for t in capture_install.inactive_triggers(conn)
+                  if t.schema == "dx"]
+        drift |= bool(dx_own)
+        problems += dx_own
     console.print(table)
     for line in problems:
         typer.echo(line)
@@ -258,6 +297,13 @@ def _print_status(st: Any) -> None:
     t.add_row("relay standbys", str(r.relay_standbys))
     t.add_row("last delivery", age_text(r.last_delivery_age_s) + " ago"
               if r.last_delivery_age_s is not None else "-")
+    t.add_row("capture mode", r.capture_mode)
+    if r.slot is not None:
+        t.add_row("slot", f"{r.slot['name']} ({'active' if r.slot['active'] else 'inactive'}, "
+                          f"{r.slot['wal_status']})")
+        t.add_row("slot retains (bytes)", str(r.slot["retained_bytes"]))
+        t.add_row("slot last confirmed", age_text(r.slot["confirmed_age_s"]) + " ago"
+                  if r.slot["confirmed_age_s"] is not None else "-")
     console.print(t)
     if st.routes:
         short = {"pending": "pend", "retrying": "retry", "failed": "fail",
@@ -273,9 +319,13 @@ def _print_status(st: Any) -> None:
                        *[str(route.tasks.get(s, 0)) for s in STATUS_ORDER[:-1]],
                        f"[red]{dead}[/red]" if dead else "0")
         console.print(rt)
+        _print_incoming(st.routes)
         for route in st.routes:
             if route.note:
                 console.print(f"route {route.name}: {route.note}", highlight=False)
+            if route.paused:
+                console.print(f"route {route.name}: [yellow]paused[/yellow] "
+                              f"('dx {route.kind} resume {route.name}')", highlight=False)
     if r.open_transactions:
         lt = Table("pid", "age", "state", "application", "captured changes", "query",
                    title="long transactions")
@@ -287,6 +337,24 @@ def _print_status(st: Any) -> None:
         console.print(f"[red]problem:[/red] {p}", highlight=False)
     if st.healthy:
         console.print("[green]healthy[/green]")
+
+
+def _print_incoming(routes: list[Any]) -> None:
+    """The inbound kinds of source routes (webhooks, pulls, file drops), when any ran."""
+    from pipeline.status import age_text
+
+    kinds = [(r.name, i) for r in routes for i in r.incoming]
+    if not kinds:
+        return
+    t = Table("route", "kind", "last run", "pages", "requests", "entities", "refused",
+              "files ok/failed", "errors", "since", title="incoming (dx inbound)")
+    for name, i in kinds:
+        last = age_text(i.last_run_age_s) + " ago" if i.last_run_age_s is not None else "-"
+        since = json.loads(i.cursor).get("since") if i.cursor else None
+        t.add_row(name, i.kind, f"[red]{last}[/red]" if i.failing else last, str(i.pages),
+                  str(i.requests), str(i.entities), str(i.refused),
+                  f"{i.files_done}/{i.files_failed}", str(i.errors), str(since or "-")[:32])
+    console.print(t)
 
 
 schemas_app = typer.Typer(help="Generate, check and register the Avro contracts.",

@@ -81,7 +81,8 @@ def run(route: str = typer.Argument(..., help="sink route name (dx.yaml 'sinks:'
 
 StatusOpt = typer.Option([], "--status", "-s", help=f"one of {', '.join(STATUSES)} (repeat)")
 RouteOpt = typer.Option(None, "--route", "-r", help="route name")
-KeyOpt = typer.Option(None, "--key", "-k", help='entity key as stored, e.g. {"id":42}')
+KeyOpt = typer.Option(None, "--key", "-k",
+                      help='entity key: {"id":42}, [42] or 42 (finds sink and source tasks)')
 SinceOpt = typer.Option(None, "--since", help="age (30m, 2h, 1d) or ISO time")
 UntilOpt = typer.Option(None, "--until", help="age (30m, 2h, 1d) or ISO time")
 

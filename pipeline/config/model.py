@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.alerts.config import AlertsConfig
 from pipeline.config.api import ApiConfig
@@ -31,6 +39,19 @@ class DatabaseConfig(Base):
     connect_timeout_s: float = Field(5.0, gt=0, description="seconds to wait for a connection")
 
 
+class NewTopicsConfig(Base):
+    """How dx creates the topics it writes to when they do not exist (it never relies on
+    broker auto-create, which production clusters usually turn off)."""
+
+    partitions: int = Field(1, ge=1, le=10_000, description="partitions of a topic dx creates")
+    replication_factor: int | None = Field(
+        None, ge=1, le=32, description="replicas of a topic dx creates; default the broker's "
+        "default.replication.factor")
+    config: dict[str, str | int] = Field(
+        default_factory=dict, description="topic settings of a topic dx creates, e.g. "
+        "min.insync.replicas: 2")
+
+
 class KafkaConfig(Base):
     """The Kafka cluster the exchange runs on."""
 
@@ -39,6 +60,9 @@ class KafkaConfig(Base):
     client: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="extra librdkafka properties (security.protocol, sasl.*); unknown ones fail",
+    )
+    new_topics: NewTopicsConfig = Field(
+        default_factory=NewTopicsConfig, description="how dx creates topics it needs"
     )
 
     @field_validator("topic_prefix")
@@ -71,6 +95,10 @@ class RelayConfig(Base):
         True, description="register compatible schema changes without stopping"
     )
     standby_poll_s: float = Field(1.0, gt=0, description="how often a standby tries the lease")
+    lease_timeout_s: float = Field(
+        30.0, ge=1, le=3600,
+        description="a standby takes over from an active relay that has not renewed its lease "
+                    "this long (frozen, cut off); the active one stops itself at 60% of it")
 
 
 class TableConfig(Base):
@@ -81,7 +109,7 @@ class TableConfig(Base):
     key: list[str] | None = Field(None, description="key columns; default the primary key")
     topic: str | None = Field(None, description="default <topic_prefix>.<schema>.<table>")
     capture: Literal["row", "statement"] | None = Field(
-        None, description="trigger kind; default capture.mode"
+        None, description="trigger kind in trigger mode; default capture.trigger"
     )
 
     @property
@@ -114,10 +142,30 @@ class TableConfig(Base):
 class CaptureConfig(Base):
     """Defaults for change capture."""
 
-    mode: Literal["row", "statement"] = Field(
-        "row", description="row: per-row triggers; statement: transition tables (bulk)"
+    mode: Literal["auto", "logical", "trigger"] = Field(
+        "auto",
+        description="logical: read the WAL through a replication slot (no trigger on the write "
+        "path); trigger: capture triggers and the dx.outbox table; auto: logical where "
+        "wal_level=logical and the role may replicate, else trigger (the earlier values row "
+        "and statement still mean trigger mode of that kind)",
+    )
+    trigger: Literal["row", "statement"] = Field(
+        "row", description="trigger mode's kind: row triggers, or statement triggers with "
+        "transition tables (bulk)"
     )
     notify: bool = Field(True, description="NOTIFY the relay on commit (a wake-up hint only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_mode(cls, data: Any) -> Any:
+        """``mode: row|statement`` (before logical capture existed) means trigger mode of
+        that kind, so existing files keep capturing exactly as they did."""
+        if isinstance(data, dict) and data.get("mode") in ("row", "statement"):
+            if "trigger" in data:
+                raise ValueError("capture.mode row/statement is the old spelling of "
+                                 "capture.trigger; set only 'trigger' (and 'mode: trigger')")
+            data = {**data, "trigger": data["mode"], "mode": "trigger"}
+        return data
 
 
 class OutboxConfig(Base):

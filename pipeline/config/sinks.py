@@ -243,6 +243,24 @@ class RetryPolicy(_Base):
         return float(raw * (1 - self.jitter * rnd))
 
 
+class BreakerPolicy(_Base):
+    """The route's circuit breaker: when the target keeps failing transiently (connection
+    refused, timeouts, 5xx, repeated 429), the route pauses instead of burning retries.
+
+    After ``failures`` transient failures in a row the breaker opens: no new attempts, and
+    failures while it is open do not use up attempts (no task goes dead because the target is
+    down). It probes with one request after ``probe_initial_s``, doubling up to ``probe_max_s``,
+    and closes by itself when a probe is answered. Terminal errors (the target answered and
+    refused) count as answers.
+    """
+
+    enabled: bool = Field(True, description="pause the route while its target is down")
+    failures: int = Field(5, ge=1, le=10_000,
+                          description="transient failures in a row that open the breaker")
+    probe_initial_s: float = Field(1.0, gt=0, le=3600, description="first probe after this")
+    probe_max_s: float = Field(60.0, gt=0, le=86_400, description="longest wait between probes")
+
+
 class DeadLetterConfig(_Base):
     """Where dead tasks are produced (the original key and value, the error in headers)."""
 
@@ -287,6 +305,12 @@ class SinkRoute(_Base):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     concurrency: int = Field(4, ge=1, le=256, description="worker lanes; a key stays in one")
     batch_size: int = Field(100, ge=1, le=10_000, description="max events per delivery call")
+    breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    max_unfinished: int = Field(
+        10_000, ge=10, le=1_000_000,
+        description="events of one partition held in memory unfinished (queued, waiting for a "
+        "retry or for an earlier event of their key); at the bound the partition pauses until "
+        "half are done (checked after each fetch of up to 500 events)")
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     log: TaskLogConfig = Field(default_factory=TaskLogConfig)
 

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.config.inbound import InboundConfig
+
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
@@ -27,16 +29,27 @@ class ConflictPolicy(_Base):
 
     Both policies compare ``column`` (a version or source timestamp: any orderable column) of the
     incoming row against the stored row; the higher value wins, so the outcome does not depend on
-    the order events arrive in. An equal value is a duplicate and changes nothing (the first
-    writer of a version keeps it, which makes replays and re-imports no-ops).
+    the order events arrive in.
 
     - ``last-writer-wins``: an older version is recorded as a *skipped* task (not an error).
     - ``reject-older``: an older version is a *dead* task with a dead letter (someone should look).
+
+    Content decides the rest (README, "Two-way sync"): an event whose values equal the stored
+    row's apart from ``column`` changes nothing and is not written — a duplicate at an equal
+    version, an echo at a newer one (systems that bump a version on every write they receive
+    would otherwise send a change around forever). An equal version with *other* values is a
+    tie, which exactly one side must yield: ``ties`` says whether dx does.
     """
 
     column: str = Field(description="target column holding the version or source timestamp")
     policy: Literal["last-writer-wins", "reject-older"] = Field(
         "last-writer-wins", description="what happens to an event older than the stored row"
+    )
+    ties: Literal["stored", "incoming"] = Field(
+        "stored",
+        description="an equal version with other values: stored keeps the stored row (the "
+        "target must take an equal version from dx); incoming applies it (for targets that "
+        "accept only a newer version)",
     )
 
 
@@ -91,6 +104,9 @@ class SourceRoute(_Base):
         description="also commit offsets to Kafka after each batch, for lag tools only; "
         "the offsets in dx.source_offsets are the source of truth",
     )
+    inbound: InboundConfig | None = Field(
+        None, description="webhooks, scheduled pulls and file drops feeding this route's topic "
+        "(format json); see 'dx inbound'")
 
     @field_validator("name")
     @classmethod
@@ -124,6 +140,8 @@ class SourceRoute(_Base):
                     raise ValueError(f"fields: column {col!r} is not in 'columns'")
             if self.conflict is not None and self.conflict.column not in self.columns:
                 raise ValueError(f"conflict.column {self.conflict.column!r} is not in 'columns'")
+        if self.inbound is not None and self.format != "json":
+            raise ValueError("inbound (webhook, pull, files) produces JSON: set format: json")
         if self.conflict is not None and self.mode in ("insert", "delete"):
             raise ValueError(f"conflict applies to upserts; mode {self.mode!r} has none")
         return self

@@ -39,6 +39,7 @@ from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_cli
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.source.catalog import Column, Target, find_route, read_target
 from pipeline.source.validate import FieldError, RowValidator
+from pipeline.source.worker import ensure_route_topics
 
 _NAMESPACE = uuid.UUID("6f1d3c1e-8a57-4d1e-9c1b-5d0a2b7e4c10")
 Progress = Callable[[int, int], None]  # (rows done, rows total)
@@ -133,13 +134,28 @@ class _Encoder:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number where the record starts, cells); the header is yielded as line 1."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    """(line number where the record starts, cells); the header is yielded as line 1. Bytes
+    that are not UTF-8 are kept as lone surrogates (``surrogateescape``), so such a row is
+    rejected alone (:func:`_undecodable`) instead of stopping the import halfway; a file that
+    is not CSV stops it with the line."""
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         line = 1
-        for cells in reader:
-            yield line, cells
-            line = reader.line_num + 1
+        try:
+            for cells in reader:
+                yield line, cells
+                line = reader.line_num + 1
+        except csv.Error as err:
+            raise TerminalError(f"{path}:{reader.line_num}: not valid CSV: {err}") from None
+
+
+def _undecodable(cells: list[str]) -> str | None:
+    """Why a row read with ``surrogateescape`` is not UTF-8 text, or None."""
+    for cell in cells:
+        for ch in cell:
+            if "\udc80" <= ch <= "\udcff":
+                return f"not UTF-8 text (byte 0x{ord(ch) - 0xdc00:02x}); save the file as UTF-8"
+    return None
 
 
 def count_rows(path: Path) -> int:
@@ -164,13 +180,15 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
         _, header = next(rows)
     except StopIteration:
         raise TerminalError(f"{path}: the file is empty (expected a header line)") from None
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise TerminalError(f"{path}:1: cannot read the header: {err}") from None
+    if _undecodable(header):
+        raise TerminalError(f"{path}:1: the header is {_undecodable(header)}")
     header = [h.strip() for h in header]
     _check_header(path, header, route, target, validator)
     total = count_rows(path)
     result = ImportResult(route=route.name, topic=route.topic)
     encoder = None if dry_run else _Encoder(config, route, target, header, validator)
+    if not dry_run:
+        ensure_route_topics(config, route)
     producer = None if dry_run else Producer({
         "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
         "enable.idempotence": True, "linger.ms": 50, "compression.type": "lz4",
@@ -197,13 +215,17 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
                 if len(cells) != len(header):
                     raise FieldError(None, f"has {len(cells)} cells, the header has "
                                            f"{len(header)}")
+                undecodable = _undecodable(cells)
+                if undecodable:
+                    raise FieldError(None, undecodable)
                 record_in = dict(zip(header, cells, strict=True))
                 row = validator.row(record_in)
                 record = {validator.field(c): v for c, v in row.items()}
             except FieldError as err:
                 result.rejected += 1
                 if writer is None:
-                    rejects = reject_path.open("w", newline="", encoding="utf-8")
+                    rejects = reject_path.open("w", newline="", encoding="utf-8",
+                                               errors="surrogateescape")  # bytes as they came
                     writer = csv.writer(rejects)
                     writer.writerow(["line", "field", "reason", *header])
                 writer.writerow([line, err.field or "", err.reason, *cells])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from pipeline.errors import SchemaError, ServiceUnavailable
+from pipeline.events.avro import Converter, python_values
 from pipeline.observability.logging import redact
 
 MAGIC = 0
@@ -46,6 +48,64 @@ def decode_header(data: bytes) -> int:
     if len(data) < 5 or data[0] != MAGIC:
         raise ValueError("not Confluent wire format (magic byte 0 + 4-byte schema id)")
     return int(struct.unpack(">I", data[1:5])[0])
+
+
+class Undecodable(ValueError):
+    """Bytes that are not a decodable Confluent-framed Avro message (poison: the caller names
+    topic, partition and offset, and dead-letters it)."""
+
+
+class WireDecoder:
+    """The one Confluent wire-format Avro decoder (sink and source workers): writer schemas are
+    looked up by the id in the frame and cached for the life of the worker. Thread-safe.
+
+    A message that cannot be decoded raises :class:`Undecodable`; a registry that cannot be
+    reached raises :class:`~pipeline.errors.ServiceUnavailable` (wait and retry: dead-lettering
+    a good event because the registry blinked would be wrong)."""
+
+    def __init__(self, client: SchemaRegistryClient, url: str) -> None:
+        self.client = client
+        self.url = url
+        self._schemas: dict[int, tuple[Any, Converter | None]] = {}
+        self._lock = threading.Lock()
+
+    def _schema(self, schema_id: int) -> tuple[Any, Converter | None]:
+        hit = self._schemas.get(schema_id)
+        if hit is not None:
+            return hit
+        with self._lock:
+            try:
+                sch = self.client.get_schema(schema_id)
+            except SchemaRegistryError as err:
+                if err.http_status_code in (404, 422):
+                    raise Undecodable(f"schema id {schema_id} is not in the registry") from None
+                raise ServiceUnavailable("schema registry", self.url, str(err)) from None
+            except Exception as err:  # connection errors from the registry client
+                raise ServiceUnavailable("schema registry", self.url,
+                                         f"{type(err).__name__}: {err}") from None
+            try:
+                raw = json.loads(sch.schema_str or "")
+                # Debezium's representations (timestamptz, unconstrained numeric, interval) are
+                # turned back into Python values here, so every reader sees the same values.
+                parsed = (fastavro.parse_schema(raw), python_values(raw))
+            except Exception as err:
+                raise Undecodable(f"schema id {schema_id} is not an Avro schema: {err}"
+                                  ) from None
+            self._schemas[schema_id] = parsed
+            return parsed
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            schema_id = decode_header(data)
+        except ValueError as err:
+            raise Undecodable(f"undecodable: {err}") from None
+        schema, to_python = self._schema(schema_id)
+        try:
+            datum = fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
+            return datum if to_python is None else to_python(datum)
+        except Exception as err:
+            raise Undecodable(f"undecodable: not Avro of schema id {schema_id} "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def registry_client(url: str, basic_auth_user_info: str | None = None) -> SchemaRegistryClient:

@@ -19,6 +19,7 @@ from pipeline.capture.spec import TableSpec
 from pipeline.errors import OutboxRowError
 from pipeline.events import avro
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar
+from pipeline.relay.envelope import Writer, record_writer
 from pipeline.relay.reader import OutboxRow
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -42,6 +43,8 @@ class _Entity:
     value: RegisteredSchema
     convert: Callable[[dict[str, Any]], dict[str, Any]]
     convert_key: Callable[[dict[str, Any]], dict[str, Any]]
+    write_value: Writer | None = None  # the fast envelope writer, when the shape is known
+    write_key: Writer | None = None  # likewise for the key
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -72,13 +75,17 @@ class Encoder:
         hit = self._entities.get((entity, version))
         if hit is None:
             spec = self.load_spec(entity, version)
+            schema = avro.value_schema(spec, self.prefix)
+            key_schema = avro.key_schema(spec, self.prefix)
+            writer = record_writer(schema)
             hit = _Entity(
                 spec=spec,
-                key=self.registrar.get(f"{spec.topic}-key", avro.key_schema(spec, self.prefix)),
-                value=self.registrar.get(f"{spec.topic}-value",
-                                         avro.value_schema(spec, self.prefix)),
+                key=self.registrar.get(f"{spec.topic}-key", key_schema),
+                value=self.registrar.get(f"{spec.topic}-value", schema),
                 convert=avro.row_converter(spec.columns),
                 convert_key=avro.row_converter(spec.key_columns),
+                write_value=writer,
+                write_key=record_writer(key_schema),
             )
             self._entities[(entity, version)] = hit
         return hit
@@ -101,7 +108,8 @@ class Encoder:
             return [self._encode_app_event(row, event_id, headers)]
         ent = self._entity(row.entity, row.version)
         spec = ent.spec
-        key = ent.key.encode(ent.convert_key(row.key))
+        key = ent.key.header + ent.write_key(ent.convert_key(row.key)) \
+            if ent.write_key is not None else ent.key.encode(ent.convert_key(row.key))
         value = {
             "before": ent.convert(row.before) if row.before is not None else None,
             "after": ent.convert(row.after) if row.after is not None else None,
@@ -125,7 +133,9 @@ class Encoder:
             "event_id": event_id,
             "origin": row.origin,
         }
-        records = [Record(spec.topic, key, ent.value.encode(value), headers, row)]
+        data = ent.value.header + ent.write_value(value) if ent.write_value is not None \
+            else ent.value.encode(value)
+        records = [Record(spec.topic, key, data, headers, row)]
         if row.op == "d":
             records.append(Record(spec.topic, key, None, headers, row))  # tombstone
         return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -30,6 +31,8 @@ def producer_config(config: DxConfig) -> dict[str, Any]:
         # Java clients' default partitioner, so keys land where Kafka Connect/Streams expect.
         "partitioner": "murmur2_random",
         "message.timeout.ms": 60_000,
+        # the relay learns of failures from the one callback; successes need no Python call
+        "delivery.report.only.error": True,
     })
     if config.relay.mode == "exactly-once":
         conf["transactional.id"] = f"dx-relay-{config.relay.name}"
@@ -70,17 +73,28 @@ def make_producer(config: DxConfig) -> Producer:
     return Producer(producer_config(config), logger=KAFKA_LOG)
 
 
-def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> tuple[Cursor, int | None]:
-    """The last cursor committed to the state topic, and the database system it came from
-    (read_committed, so aborted writes are unseen; the last record wins, never the largest:
-    after a deliberate reset the cursor goes down)."""
+@dataclass(frozen=True)
+class RelayState:
+    """The last position committed to the state topic. Trigger mode: (commit sequence, outbox
+    id); logical mode: (final LSN, ordinal) with ``mode`` ``logical`` and the slot's epoch."""
+
+    cursor: Cursor = field(default_factory=Cursor)
+    system: int | None = None
+    mode: str = "trigger"
+    epoch: str | None = None
+
+
+def read_state(config: DxConfig, timeout_s: float = 30.0) -> RelayState:
+    """The last state committed to the state topic (read_committed, so aborted writes are
+    unseen; the last record wins, never the largest: after a deliberate reset the cursor goes
+    down)."""
     conf = base_config(config)
     conf.update({"group.id": f"dx-relay-state-{config.relay.name}",
                  "isolation.level": "read_committed", "enable.auto.commit": False,
                  "enable.partition.eof": True})
     consumer = Consumer(conf, logger=KAFKA_LOG)
     key = config.relay.name.encode()
-    last: tuple[int, Cursor, int | None] | None = None  # (offset, cursor, system)
+    last: tuple[int, RelayState] | None = None
     try:
         md = consumer.list_topics(config.state_topic, timeout=timeout_s)
         partitions = md.topics[config.state_topic].partitions
@@ -103,13 +117,19 @@ def read_state_cursor(config: DxConfig, timeout_s: float = 30.0) -> tuple[Cursor
                 system = data.get("system")
                 offset = msg.offset() or 0
                 if last is None or offset > last[0]:
-                    last = (offset, Cursor(int(data["seq"]), int(data["id"])),
-                            int(system) if system is not None else None)
+                    last = (offset, RelayState(
+                        Cursor(int(data["seq"]), int(data["id"])),
+                        int(system) if system is not None else None,
+                        str(data.get("mode", "trigger")), data.get("epoch")))
     finally:
         consumer.close()
-    return (last[1], last[2]) if last else (Cursor(), None)
+    return last[1] if last else RelayState()
 
 
-def state_record(config: DxConfig, cursor: Cursor, system_id: int) -> tuple[str, bytes, bytes]:
-    return (config.state_topic, config.relay.name.encode(),
-            json.dumps({"seq": cursor.seq, "id": cursor.id, "system": system_id}).encode())
+def state_record(config: DxConfig, cursor: Cursor, system_id: int,
+                 epoch: str | None = None) -> tuple[str, bytes, bytes]:
+    """The state topic record for ``cursor``; ``epoch`` marks a logical-mode position."""
+    data: dict[str, Any] = {"seq": cursor.seq, "id": cursor.id, "system": system_id}
+    if epoch is not None:
+        data.update(mode="logical", epoch=epoch)
+    return (config.state_topic, config.relay.name.encode(), json.dumps(data).encode())

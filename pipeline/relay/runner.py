@@ -26,10 +26,11 @@ import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
 from opentelemetry import trace
 
+from pipeline.capture import logical
 from pipeline.capture.ddl import NOTIFY_CHANNEL
 from pipeline.capture.install import load_spec
 from pipeline.config import DxConfig
-from pipeline.db import connect, redact
+from pipeline.db import connect, unreachable
 from pipeline.errors import (
     OutboxRowError,
     ServiceUnavailable,
@@ -38,17 +39,23 @@ from pipeline.errors import (
 )
 from pipeline.events.wire import SchemaRegistrar, registry_client
 from pipeline.observability import tracing
-from pipeline.relay import kafka
+from pipeline.relay import identity, kafka
 from pipeline.relay.encoder import Encoder, Record
 from pipeline.relay.lease import Lease
-from pipeline.relay.observe import RelayHooks
+from pipeline.relay.observe import RelayHooks, pause
 from pipeline.relay.reader import Cursor, OutboxReader, OutboxRow
+from pipeline.relay.stream import LogicalStream, Resolver, SlotLost
 
 log = logging.getLogger(__name__)
 
 #: Failed attempts at one batch before the relay gives up and exits (non-zero, one line), so an
 #: orchestrator restarts it or a standby takes over, instead of retrying forever in silence.
 MAX_ATTEMPTS = 12
+#: logical mode, caught up: how long a batch waits for more rows after its first one, so a
+#: burst shares one Kafka transaction while a lone change still leaves within milliseconds
+LINGER_S = 0.004
+_RESET_HINT = ("check what reached Kafka, then start once with 'dx relay --reset-state' to "
+               "publish every pending change (consumers de-duplicate by event_id)")
 
 
 class RelayStateError(TerminalError):
@@ -85,9 +92,12 @@ class Relay:
         self.eos = config.relay.mode == "exactly-once"
         self.reset_state = reset_state
         self._errors: list[tuple[Record | None, KafkaError]] = []
+        self._batch: list[Record] = []  # the records being produced (for error reports)
         self._system_id = 0
         self._producer: Producer | None = None
         self._txn_failed = False
+        self._epoch: str | None = None  # the slot's, in logical mode
+        self.capture_mode = "unknown"
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -102,7 +112,8 @@ class Relay:
         app_name = f"dx-relay:{self.config.relay.name}:{socket.gethostname()}:{os.getpid()}"
         lease_conn = connect(url, autocommit=True, application_name=app_name)
         try:
-            lease = Lease(lease_conn, self.config.relay.name)
+            lease = Lease(lease_conn, self.config.relay.name,
+                          timeout_s=self.config.relay.lease_timeout_s)
             while not lease.try_acquire():
                 self._set_state(f"standby (active: {lease.holder() or 'unknown'})")
                 if self.stop.wait(self.config.relay.standby_poll_s):
@@ -111,18 +122,15 @@ class Relay:
             log.info("relay %s active", self.config.relay.name)
             self._run_active(lease, url, app_name)
         except psycopg.OperationalError as err:
-            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ServiceUnavailable("postgresql", redact(url), f"connection lost: {detail}"
-                                     ) from None
+            raise unreachable(url, err, "connection lost") from None
         finally:
             lease_conn.close()
             self._set_state("stopped")
 
     def _run_active(self, lease: Lease, url: str, app_name: str) -> None:
         conn = connect(url, application_name=app_name + ":reader", exact_json=True)
-        listen = connect(url, autocommit=True, application_name=app_name + ":listen")
+        spec_conn = connect(url, autocommit=True, application_name=app_name + ":spec")
         try:
-            listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
             reader = OutboxReader(conn)
             admin = kafka.check_reachable(self.config)
             if self.eos:
@@ -135,21 +143,101 @@ class Relay:
                 sr.url, auto_register=self.config.relay.auto_register_schemas)
             registrar.check_reachable()
             db, system_id = reader.database_info()
-            spec_conn = connect(url, autocommit=True, application_name=app_name + ":spec")
             encoder = Encoder(
                 registrar, prefix=self.config.kafka.topic_prefix, db=db, system_id=system_id,
                 outbox_topic_template=self.config.outbox.topic_template,
                 load_spec=lambda e, v: load_spec(spec_conn, e, v))
             self._system_id = system_id
+            self.capture_mode = logical.installed_mode(spec_conn)
+            if self.capture_mode == "logical":
+                self._run_logical(lease, url, app_name, spec_conn, encoder, admin)
+                return
             self._new_producer()
             cursor = self._start_cursor(reader)
+            identity.settle(conn, self.config.relay.name,
+                            cursor if self.eos and not self.reset_state else None)
             reader.delete_upto(cursor)
-            self._loop(lease, reader, encoder, admin, listen, cursor)
+            listen = connect(url, autocommit=True, application_name=app_name + ":listen")
+            try:
+                listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._loop(lease, reader, encoder, admin, listen, cursor)
+            finally:
+                listen.close()
         finally:
             if self._producer is not None:
                 self._producer.flush(10)
-            listen.close()
+            spec_conn.close()
             conn.close()
+
+    # -- logical capture ----------------------------------------------------------------------
+
+    def _run_logical(self, lease: Lease, url: str, app_name: str,
+                     spec_conn: psycopg.Connection[Any], encoder: Encoder, admin: Any) -> None:
+        """Read the slot (see :mod:`pipeline.relay.stream`) and deliver in batches: large
+        ones while a backlog drains, one every ``LINGER_S`` when caught up."""
+        info = logical.slot_info(spec_conn)
+        slot = logical.current_slot(spec_conn)
+        if info is None:
+            raise SlotLost(slot, "does not exist")
+        if info.lost:
+            raise SlotLost(slot, "was invalidated (max_slot_wal_keep_size reached)")
+        epoch = info.epoch or ""
+        self._epoch = epoch
+        self._new_producer()
+        cursor = self._start_logical_cursor(epoch)
+        catalog = connect(url, autocommit=True, application_name=app_name + ":catalog")
+        stream = LogicalStream(url, slot, epoch, Resolver(catalog, self.config),
+                               application_name=app_name + ":stream", skip_upto=cursor)
+        try:
+            stream.open()
+            batch_size = self.config.relay.batch_size
+            poll = self.config.relay.poll_interval_s
+            known_topics: set[str] = set()
+            last_mark = 0.0
+            while not self.stop.is_set():
+                self.hooks.tick()
+                lease.check()
+                rows = stream.read(batch_size, linger_s=LINGER_S, wait_s=poll)
+                if rows:
+                    self._deliver(lease, encoder, admin, known_topics, rows, stream.confirm)
+                else:
+                    stream.idle()
+                if time.monotonic() - last_mark > 5 and stream.confirmed:
+                    last_mark = time.monotonic()
+                    logical.mark_confirmed(catalog, slot, stream.confirmed)
+        finally:
+            stream.close()
+            catalog.close()
+
+    def _start_logical_cursor(self, epoch: str) -> Cursor:
+        """Where Kafka's copy ends (exactly-once): rows at or below it are skipped on replay.
+        At-least-once relies on the slot's confirmed position alone."""
+        name = self.config.relay.name
+        if self.reset_state:
+            if self.eos:
+                self._produce_transaction([], Cursor())
+            log.warning("relay %s: state reset; publishing from the slot's position", name)
+            return Cursor()
+        if not self.eos:
+            return Cursor()
+        state = kafka.read_state(self.config)
+        self._check_system(state)
+        if state.mode != "logical":
+            return Cursor()  # first logical run: the slot's position is where to start
+        if state.epoch != epoch:
+            raise RelayStateError(
+                f"relay {name}: the replication slot was created again since the last "
+                f"delivered change (epoch {state.epoch} in {self.config.state_topic}, slot "
+                f"epoch {epoch}): changes in between were never read; follow the README "
+                "runbook 'lost replication slot' (dx snapshot, then dx relay --reset-state)")
+        return state.cursor
+
+    def _check_system(self, state: kafka.RelayState) -> None:
+        if state.system is not None and state.system != self._system_id:
+            raise RelayStateError(
+                f"relay {self.config.relay.name}: the cursor in {self.config.state_topic} "
+                f"belongs to database system {state.system}, this is {self._system_id}; "
+                f"{_RESET_HINT}")
 
     def _new_producer(self) -> Producer:
         """A fresh producer; in exactly-once mode init_transactions also aborts whatever a
@@ -174,13 +262,11 @@ class Relay:
             return Cursor()
         if not self.eos:
             return reader.load_cursor(name)
-        cursor, state_system = kafka.read_state_cursor(self.config)
-        hint = ("check what reached Kafka, then start once with 'dx relay --reset-state' to "
-                "publish every pending outbox row (consumers de-duplicate by event_id)")
-        if state_system is not None and state_system != self._system_id:
-            raise RelayStateError(
-                f"relay {name}: the cursor in {self.config.state_topic} belongs to database "
-                f"system {state_system}, this is {self._system_id}; {hint}")
+        state = kafka.read_state(self.config)
+        self._check_system(state)
+        if state.mode == "logical":
+            return Cursor()  # the last run captured logically: the outbox starts afresh
+        cursor, hint = state.cursor, _RESET_HINT
         latest = reader.peek()
         if cursor.seq > latest:
             raise RelayStateError(
@@ -210,7 +296,9 @@ class Relay:
                 if more or frontier > cursor.seq else []
             more = len(rows) == batch_size
             if rows:
-                cursor = self._deliver(lease, encoder, admin, known_topics, rows, reader)
+                # exactly-once: the cursor of record is in Kafka, dx.relay_state is for status
+                cursor = self._deliver(lease, encoder, admin, known_topics, rows, functools.partial(
+                    reader.delete_upto, relay_name=self.config.relay.name))
                 if more:
                     continue
             if time.monotonic() - last_purge > 5:
@@ -225,7 +313,7 @@ class Relay:
             break
 
     def _deliver(self, lease: Lease, encoder: Encoder, admin: Any, known_topics: set[str],
-                 rows: list[OutboxRow], reader: OutboxReader) -> Cursor:
+                 rows: list[OutboxRow], delivered: Callable[[Cursor], None]) -> Cursor:
         """Encode and deliver one batch, retrying transient failures (registry, broker) with
         backoff; the outbox rows stay until Kafka has them, so a retry loses nothing. A row
         that cannot be published (OutboxRowError) and a fenced producer stop the relay."""
@@ -245,8 +333,7 @@ class Relay:
                     self._produce_transaction(records, new_cursor)
                 else:
                     self._produce_flush(records)
-                # exactly-once: the cursor of record is in Kafka, dx.relay_state is for status
-                reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
+                delivered(new_cursor)
                 break
             except TransientError as err:
                 attempt += 1
@@ -256,12 +343,12 @@ class Relay:
                 # only a Kafka transaction that may or may not have committed needs a new
                 # producer and a look at the state topic; a registry outage does not
                 if self.eos and self._txn_failed and self._recovered(new_cursor):
-                    reader.delete_upto(new_cursor, relay_name=self.config.relay.name)
+                    delivered(new_cursor)
                     break
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
                 log.warning("relay batch failed (attempt %d of %d), retrying in %.1fs: %s",
                             attempt, MAX_ATTEMPTS, delay, err)
-                self.stop.wait(delay)
+                pause(self.stop, delay, self.hooks)  # heartbeats on while retrying
         now = time.time()
         self.stats.batches += 1
         self.stats.events += len(rows)
@@ -281,16 +368,22 @@ class Relay:
             if self._producer is not None:
                 self._producer.flush(0)
             self._new_producer()
-            cursor, _ = kafka.read_state_cursor(self.config)
+            state = kafka.read_state(self.config)
         except TransientError as err:
             log.warning("relay could not re-establish its producer yet: %s", err)
             return False
         self._txn_failed = False
-        return cursor >= new_cursor
+        return (state.mode == "logical") == (self._epoch is not None) and \
+            state.cursor >= new_cursor
 
-    def _on_delivery(self, rec: Record | None, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._errors.append((rec, err))
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        """One callback for every record (the producer reports only failures): the failed
+        record is looked up in the batch then, instead of a closure made per record."""
+        if err is None:
+            return
+        rec = next((r for r in self._batch if r.topic == msg.topic() and r.key == msg.key()
+                    and r.value == msg.value()), None)
+        self._errors.append((rec, err))
 
     def _too_large(self, rec: Record) -> OutboxRowError:
         row = rec.row
@@ -303,6 +396,7 @@ class Relay:
     def _produce_all(self, records: list[Record]) -> None:
         producer = self._producer
         assert producer is not None
+        self._batch = records
         # one span per batch; without an OpenTelemetry SDK it is a no-op and adds no headers
         with _TRACER.start_as_current_span("dx.relay.batch"):
             trace_headers = tracing.inject()
@@ -312,7 +406,7 @@ class Relay:
                     try:
                         producer.produce(rec.topic, value=rec.value, key=rec.key,
                                          headers=headers,
-                                         on_delivery=functools.partial(self._on_delivery, rec))
+                                         on_delivery=self._on_delivery)
                         break
                     except BufferError:
                         producer.poll(0.05)
@@ -353,9 +447,10 @@ class Relay:
             self._raise_kafka(exc.args[0], "could not begin a transaction")
         try:
             self._produce_all(records)
-            topic, key, value = kafka.state_record(self.config, new_cursor, self._system_id)
+            topic, key, value = kafka.state_record(self.config, new_cursor, self._system_id,
+                                                   self._epoch)
             producer.produce(topic, key=key, value=value,
-                             on_delivery=functools.partial(self._on_delivery, None))
+                             on_delivery=self._on_delivery)
             producer.flush(60)
             self._check_delivered(0)
             producer.commit_transaction(60)

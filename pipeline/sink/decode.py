@@ -1,77 +1,33 @@
 """Kafka message → :class:`~pipeline.sink.mapping.Event`.
 
-Writer schemas are fetched from the registry by the id in the Confluent frame and cached for the
-life of the worker. A message that cannot be decoded is *poison* (:class:`EventError` naming
-topic, partition and offset: the task goes dead, the worker keeps going); a registry that cannot
-be reached is :class:`ServiceUnavailable` (the worker waits and tries again: dead-lettering a good
-event because the registry blinked would be wrong).
+Bytes go through the one wire decoder (:class:`~pipeline.events.wire.WireDecoder`). A message
+that cannot be decoded is *poison* (:class:`EventError` naming topic, partition and offset: the
+task goes dead, the worker keeps going); a registry that cannot be reached is
+:class:`ServiceUnavailable` (the worker waits and tries again).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import threading
 from typing import Any
 
-import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from pipeline.errors import EventError, ServiceUnavailable
-from pipeline.events.avro import Converter, python_values
-from pipeline.events.wire import decode_header
+from pipeline.errors import EventError
+from pipeline.events.wire import Undecodable, WireDecoder
 from pipeline.sink.mapping import Event
 
-
-class Undecodable(Exception):
-    """Raised inside the decoder; the caller adds topic/partition/offset."""
+__all__ = ["Decoder", "Undecodable"]
 
 
 class Decoder:
     """Thread-safe Avro decoder for keys and values (lanes share one)."""
 
     def __init__(self, client: SchemaRegistryClient, url: str) -> None:
-        self.client = client
-        self.url = url
-        self._schemas: dict[int, tuple[Any, Converter | None]] = {}
-        self._lock = threading.Lock()
-
-    def _schema(self, schema_id: int) -> Any:
-        hit = self._schemas.get(schema_id)
-        if hit is not None:
-            return hit
-        with self._lock:
-            try:
-                sch = self.client.get_schema(schema_id)
-            except SchemaRegistryError as err:
-                if err.http_status_code in (404, 422):
-                    raise Undecodable(f"unknown schema id {schema_id} (not in the registry)"
-                                      ) from None
-                raise ServiceUnavailable("schema registry", self.url, str(err)) from None
-            except Exception as err:  # connection errors from the registry client
-                raise ServiceUnavailable("schema registry", self.url,
-                                         f"{type(err).__name__}: {err}") from None
-            try:
-                raw = json.loads(sch.schema_str or "")
-                parsed = (fastavro.parse_schema(raw), python_values(raw))
-            except Exception as err:
-                raise Undecodable(f"schema id {schema_id} is not an Avro schema: {err}") from None
-            self._schemas[schema_id] = parsed
-            return parsed
+        self.wire = WireDecoder(client, url)
 
     def avro(self, data: bytes) -> Any:
-        try:
-            schema_id = decode_header(data)
-        except ValueError as err:
-            raise Undecodable(f"undecodable bytes: {err}") from None
-        schema, to_python = self._schema(schema_id)
-        try:
-            datum = fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
-            return datum if to_python is None else to_python(datum)
-        except Exception as err:
-            raise Undecodable(f"undecodable bytes: not Avro of schema id {schema_id} "
-                              f"({type(err).__name__})") from None
+        return self.wire.decode(data)
 
     def key(self, data: bytes | None) -> dict[str, Any]:
         """The key as fields; a scalar key (outbox events) becomes ``{"key": value}``."""

@@ -12,19 +12,14 @@ batch (retrying later will decode it, dead-lettering it would lose it).
 
 from __future__ import annotations
 
-import io
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from pipeline.errors import ServiceUnavailable
-from pipeline.events.avro import Converter, python_values
-from pipeline.events.wire import decode_header
+from pipeline.db import json_loads_exact
+from pipeline.events.wire import Undecodable, WireDecoder
 from pipeline.source.validate import FieldError
 
 Op = Literal["upsert", "delete"]
@@ -41,51 +36,22 @@ class Decoded:
 
 
 class AvroDecoder:
-    """Confluent wire format: looks writer schemas up by id (cached) and decodes with fastavro."""
+    """Confluent wire format (the one wire decoder); undecodable bytes are a FieldError."""
 
     def __init__(self, client: SchemaRegistryClient, url: str) -> None:
-        self.client = client
-        self.url = url
-        self._schemas: dict[int, tuple[Any, Converter | None]] = {}
-
-    def _schema(self, schema_id: int) -> Any:
-        hit = self._schemas.get(schema_id)
-        if hit is not None:
-            return hit
-        try:
-            sch = self.client.get_schema(schema_id)
-        except SchemaRegistryError as err:
-            if err.http_status_code in (404, 422):
-                raise FieldError(None, f"schema id {schema_id} is not in the registry") from None
-            raise ServiceUnavailable("schema registry", self.url, str(err)) from None
-        except Exception as err:
-            raise ServiceUnavailable("schema registry", self.url,
-                                     f"{type(err).__name__}: {err}") from None
-        try:
-            raw = json.loads(sch.schema_str or "")
-            parsed = (fastavro.parse_schema(raw), python_values(raw))
-        except Exception as err:
-            raise FieldError(None, f"schema id {schema_id} is not an Avro schema: {err}") from None
-        self._schemas[schema_id] = parsed
-        return parsed
+        self.wire = WireDecoder(client, url)
 
     def __call__(self, data: bytes) -> Any:
         try:
-            schema_id = decode_header(data)
-        except ValueError as err:
-            raise FieldError(None, f"undecodable: {err}") from None
-        schema, to_python = self._schema(schema_id)
-        try:
-            datum = fastavro.schemaless_reader(io.BytesIO(data[5:]), schema, None)
-            return datum if to_python is None else to_python(datum)
-        except Exception as err:
-            raise FieldError(None, f"undecodable: not Avro of schema id {schema_id} "
-                                   f"({type(err).__name__}: {err})") from None
+            return self.wire.decode(data)
+        except Undecodable as err:
+            raise FieldError(None, str(err)) from None
 
 
 def json_decode(data: bytes) -> Any:
+    """JSON numbers with a fraction become ``Decimal``: a numeric column gets every digit."""
     try:
-        return json.loads(data)
+        return json_loads_exact(data)
     except (UnicodeDecodeError, ValueError) as err:
         raise FieldError(None, f"undecodable: not JSON ({err})") from None
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pipeline.tasks.store import TaskStatus
+
 Op = Literal["upsert", "delete"]
-TaskStatus = Literal["succeeded", "failed", "dead", "skipped"]
 
 
 @dataclass(slots=True, frozen=True)

@@ -12,13 +12,14 @@ would double the write load of the shop's database.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import psycopg
 
 from pipeline.source.events import Failure
+from pipeline.tasks.headers import encode_headers
+from pipeline.tasks.keys import key_text
 from pipeline.tasks.store import UPSERT, TaskRow
 from pipeline.tasks.store import ensure_schema as store_ensure_schema
 
@@ -56,14 +57,6 @@ def import_log(f: Failure) -> dict[str, Any]:
     }
 
 
-def key_text(key: tuple[Any, ...] | None) -> str | None:
-    """The entity key as operators filter it (``dx tasks list --key``): the JSON list of the
-    key's values (``[42]``, ``["EU", "sku-1"]``)."""
-    if key is None:
-        return None
-    return json.dumps(list(key), default=str, separators=(",", ":"))
-
-
 class StoreRecorder:
     """Writes to the shared task store (``dx.task``) with its upsert, in the batch's transaction
     (not through ``TaskWriter``'s own connection: the task must commit or roll back together
@@ -93,7 +86,7 @@ def task_row(route: str, f: Failure, attempts: int = 1) -> TaskRow:
         status=f.status, key=key_text(f.key), event_id=f.event_id, op="apply",
         attempts=attempts, error=error, import_log=import_log(f),
         raw_key=m.key if keep else None, raw_value=m.value if keep else None,
-        raw_headers=[[k, _text(v) or ""] for k, v in m.headers] if keep else None,
+        raw_headers=encode_headers(m.headers) if keep else None,
         dlq=None,
     )
 

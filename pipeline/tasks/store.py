@@ -17,9 +17,9 @@ offset was committed) updates its task instead of creating a second one. Statuse
 Rows that are not resolved yet keep the original Kafka message (``raw_*``), so a retry re-decodes
 and re-maps it with the route's *current* configuration (fix the mapping, restart, retry).
 
-Writes go through :class:`TaskWriter`, which batches rows from all lanes into one transaction
-(``executemany`` in pipeline mode) and only then acknowledges them: the worker commits a Kafka
-offset only after the task's outcome is durable here.
+Sink workers write through :class:`~pipeline.tasks.writer.TaskWriter`, which batches rows from
+all lanes into one transaction and only then acknowledges them: the worker commits a Kafka offset
+only after the task's outcome is durable here.
 """
 
 from __future__ import annotations
@@ -27,13 +27,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import queue
 import re
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, LiteralString
+from typing import Any, Literal, LiteralString, get_args
 
 import psycopg
 from psycopg import sql
@@ -41,12 +38,16 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pipeline.db import connect
-from pipeline.errors import ServiceUnavailable, TerminalError
+from pipeline.tasks.keys import key_match
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("pending", "retrying", "failed", "succeeded", "dead", "skipped")
+#: The one task-status vocabulary (sink and source tasks, the CLI, alerts, status).
+TaskStatus = Literal["pending", "retrying", "failed", "succeeded", "dead", "skipped"]
+STATUSES: tuple[TaskStatus, ...] = get_args(TaskStatus)
 UNRESOLVED = ("pending", "retrying", "failed", "dead")
+#: tasks that keep their original Kafka message (for a redrive)
+KEEPS_RAW = UNRESOLVED
 
 # Parking (blocked_keys) and redrivable (redrive_candidates, pending_of_key) tasks include a
 # redriven task left ``retrying``/``failed`` by a worker that stopped or died mid-retry: its
@@ -82,6 +83,10 @@ CREATE INDEX IF NOT EXISTS task_route_status_idx ON dx.task (route, status, upda
 CREATE INDEX IF NOT EXISTS task_unresolved_key_idx ON dx.task (route, key, id)
     WHERE status IN ('pending', 'retrying', 'failed', 'dead');
 CREATE INDEX IF NOT EXISTS task_updated_idx ON dx.task (updated_at);
+-- newest-first pages of the console and 'dx tasks list --key': ordered index scans
+CREATE INDEX IF NOT EXISTS task_route_status_id_idx ON dx.task (route, status, id);
+CREATE INDEX IF NOT EXISTS task_status_id_idx ON dx.task (status, id);
+CREATE INDEX IF NOT EXISTS task_key_id_idx ON dx.task (key, id);
 """
 
 
@@ -111,7 +116,7 @@ class TaskRow:
     export_log: dict[str, Any] | None = None
     raw_key: bytes | None = None
     raw_value: bytes | None = None
-    raw_headers: list[list[str]] | None = None
+    raw_headers: list[list[str | None]] | None = None
     dlq: dict[str, Any] | None = None
     redrive: bool = False
 
@@ -168,129 +173,6 @@ WHERE NOT (EXCLUDED.status = 'pending' AND dx.task.status IN ('dead', 'succeeded
   AND NOT (dx.task.status = 'skipped' AND EXCLUDED.status <> 'skipped')
 """
 
-Ack = Callable[[], None]
-
-
-class TaskWriter:
-    """Batches task rows from all lanes; acknowledges each row once its transaction commits.
-
-    A failing database stalls the writer (it retries with backoff) rather than dropping rows:
-    unacknowledged rows keep their offsets uncommitted, so nothing is lost if the worker dies.
-    Any other failure (the database rejects the rows) stops the writer for good: ``fatal`` is
-    set, ``flush`` raises :meth:`failure`, and the worker stops with that one line rather than
-    running on with nothing recorded or committed.
-    """
-
-    def __init__(self, url: str, *, max_rows: int = 2000, max_wait_s: float = 0.05) -> None:
-        self.url = url
-        self.max_rows = max_rows
-        self.max_wait_s = max_wait_s
-        self.queue: queue.Queue[tuple[TaskRow, Ack | None] | threading.Event] = queue.Queue()
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None  # the last write failure (cleared on success)
-        self.fatal: BaseException | None = None  # what stopped the writer thread, for good
-        self.conn = connect(url, autocommit=False, application_name="dx-task-writer")
-        self.thread = threading.Thread(target=self._run, name="task-writer", daemon=True)
-        self.rows_written = 0
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def put(self, row: TaskRow, ack: Ack | None = None) -> None:
-        self.queue.put((row, ack))
-
-    def flush(self, timeout: float | None = 30) -> None:
-        """Block until everything put so far is committed."""
-        done = threading.Event()
-        self.queue.put(done)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not done.wait(0.1):
-            if self.fatal is not None:
-                raise self.failure()
-            if deadline is not None and time.monotonic() > deadline:
-                raise ServiceUnavailable("postgresql", "task store",
-                                         "task writer did not flush")
-
-    def failure(self) -> TerminalError:
-        """The error that stopped the writer, as the one line the worker stops with."""
-        err = self.fatal
-        return TerminalError(f"task store rejected a write, stopping (nothing more is recorded "
-                             f"or committed): {type(err).__name__}: {err}")
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.queue.put(threading.Event())
-        self.thread.join(timeout=30)
-        self.conn.close()
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as err:  # the worker sees ``fatal`` and stops
-            log.exception("task writer failed")
-            self.fatal = err
-            self.error = err
-
-    def _loop(self) -> None:
-        while True:
-            batch: list[tuple[TaskRow, Ack | None]] = []
-            events: list[threading.Event] = []
-            item = self.queue.get()
-            deadline = time.monotonic() + self.max_wait_s
-            while True:
-                if isinstance(item, threading.Event):
-                    events.append(item)
-                    if batch or events:
-                        # a flush request: write now rather than wait for more rows
-                        break
-                else:
-                    batch.append(item)
-                    if len(batch) >= self.max_rows:
-                        break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if batch:
-                self._write(batch)
-            for e in events:
-                e.set()
-            if self.stopping.is_set() and self.queue.empty():
-                return
-
-    def _write(self, batch: list[tuple[TaskRow, Ack | None]]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                with self.conn.cursor() as cur:
-                    cur.executemany(UPSERT, [row.params() for row, _ in batch])
-                self.conn.commit()
-                break
-            except psycopg.OperationalError as err:
-                log.warning("task store write failed, retrying in %.1fs: %s", delay, err)
-                self.error = err
-                time.sleep(delay)
-                delay = min(10.0, delay * 2)
-                try:
-                    self.conn.close()
-                    self.conn = connect(self.url, autocommit=False,
-                                        application_name="dx-task-writer")
-                except ServiceUnavailable:
-                    continue
-            except Exception:
-                with contextlib.suppress(Exception):
-                    self.conn.rollback()
-                raise
-        self.error = None
-        self.rows_written += len(batch)
-        for _, ack in batch:
-            if ack is not None:
-                ack()
-
-
 @dataclass
 class TaskFilter:
     """Filters of ``dx tasks`` commands; all given ones must hold."""
@@ -318,8 +200,9 @@ class TaskFilter:
             clauses.append(sql.SQL("route = %s"))
             params.append(self.route)
         if self.key:
-            clauses.append(sql.SQL("key = %s"))
-            params.append(self.key)
+            cond, args = key_match(self.key)
+            clauses.append(cond)
+            params.extend(args)
         if self.since:
             clauses.append(sql.SQL("updated_at >= %s"))
             params.append(parse_time(self.since))
@@ -338,8 +221,33 @@ class TaskStore:
     COLUMNS: LiteralString = ('id, route, topic, partition, "offset", key, event_id, op, '
                               'status, attempts, error, created_at, updated_at')
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, url: str | None = None,
+                 application_name: str = "dx") -> None:
         self.conn = conn
+        self.url = url
+        self.application_name = application_name
+
+    @classmethod
+    def open(cls, url: str, application_name: str) -> TaskStore:
+        """A store that reconnects (:meth:`reconnect`) after its connection was lost."""
+        return cls(connect(url, application_name=application_name), url=url,
+                   application_name=application_name)
+
+    def reconnect(self) -> None:
+        """After a failure: roll back, or open a new connection when the old one is gone (a
+        PostgreSQL restart). Raises ServiceUnavailable while the database is still down."""
+        if not self.conn.closed and not self.conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.rollback()
+                return
+        if self.url is None:
+            return
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
+        self.conn = connect(self.url, application_name=self.application_name)
+
+    def close(self) -> None:
+        self.conn.close()
 
     def find(self, f: TaskFilter) -> list[dict[str, Any]]:
         where, params = f.where()
@@ -369,6 +277,44 @@ class TaskStore:
             params.append(route)
         rows = self.conn.execute(sql + " GROUP BY status", params).fetchall()
         return {str(s): int(n) for s, n in rows}
+
+    # -- what status and alerts read ---------------------------------------------------------
+
+    def exists(self) -> bool:
+        """Whether ``dx.task`` exists yet (no worker or ``dx init`` ran: nothing to read)."""
+        found = self.conn.execute("SELECT to_regclass('dx.task')").fetchone() != (None,)
+        self.conn.commit()
+        return found
+
+    def counts_by_route(self) -> dict[str, dict[str, int]]:
+        """Tasks by route and status ({} when the task table does not exist yet)."""
+        if not self.exists():
+            return {}
+        out: dict[str, dict[str, int]] = {}
+        for route, status, n in self.conn.execute(
+                "SELECT route, status, count(*) FROM dx.task GROUP BY route, status"):
+            out.setdefault(str(route), {})[str(status)] = int(n)
+        self.conn.commit()
+        return out
+
+    def failing_in_window(self, window_s: float) -> dict[str, tuple[int, int]]:
+        """Per route: (tasks not succeeding, all tasks) updated in the last ``window_s``."""
+        rows = self.conn.execute(
+            "SELECT route, count(*) FILTER (WHERE status IN ('dead', 'failed', 'retrying')), "
+            "count(*) FROM dx.task WHERE updated_at > now() - make_interval(secs => %s) "
+            "GROUP BY route", (window_s,)).fetchall()
+        self.conn.commit()
+        return {str(r): (int(bad), int(total)) for r, bad, total in rows}
+
+    def first(self, route: str, statuses: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """The oldest ``limit`` tasks of ``route`` in ``statuses``: id, key, error."""
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute("SELECT id, key, error FROM dx.task WHERE route = %s "
+                        "AND status = ANY(%s) ORDER BY id LIMIT %s",
+                        (route, list(statuses), limit))
+            rows = list(cur.fetchall())
+        self.conn.commit()
+        return rows
 
     def retry(self, f: TaskFilter) -> list[int]:
         """Queue dead/failed tasks for redelivery by the route's worker (in key order: the
@@ -433,6 +379,42 @@ class TaskStore:
         self.conn.commit()
         return [str(r[0]) for r in rows]
 
+    def lock_redrivable(self, route: str, limit: int) -> list[tuple[Any, ...]]:
+        """Source routes: up to ``limit`` tasks queued by ``dx tasks retry``, oldest first,
+        locked in the caller's transaction (another worker skips them): id, topic, partition,
+        offset, attempts, raw_key, raw_value, raw_headers."""
+        return self.conn.execute(
+            'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
+            "raw_headers FROM dx.task WHERE route = %s AND status = 'pending' AND redrive "
+            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (route, limit)).fetchall()
+
+    def mark_redriven(self, ids: Sequence[int]) -> None:
+        """Source routes: redriven tasks applied, in the caller's transaction."""
+        self.conn.execute(
+            "UPDATE dx.task SET status = 'succeeded', redrive = false, error = NULL, "
+            "attempts = attempts + 1, raw_key = NULL, raw_value = NULL, raw_headers = NULL, "
+            "updated_at = now() WHERE id = ANY(%s)", (list(ids),))
+
+    def has_dead(self, route: str, key: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM dx.task WHERE route = %s AND key = %s AND status = 'dead' LIMIT 1",
+            (route, key)).fetchone()
+        self.conn.commit()
+        return row is not None
+
+    def unblocked(self, route: str, keys: Sequence[str]) -> list[str]:
+        """Those of ``keys`` (parked in a worker) with no unresolved task left: an operator
+        skipped or purged what held them."""
+        if not keys:
+            return []
+        rows = self.conn.execute(
+            "SELECT k FROM unnest(%s::text[]) k EXCEPT SELECT key FROM dx.task "
+            "WHERE route = %s AND (status IN ('dead', 'pending') "
+            "OR (redrive AND status IN ('retrying', 'failed')))",
+            (list(keys), route)).fetchall()
+        self.conn.commit()
+        return [str(r[0]) for r in rows]
+
     def pending_of_key(self, route: str, key: str,
                        owned: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:
         """The pending tasks of one key in arrival order, with their original messages (only
@@ -475,3 +457,4 @@ def parse_time(text: str) -> dt.datetime:
         return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=float(m.group(1)) * _UNIT_S[unit])
     when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+

@@ -1,4 +1,6 @@
-"""Fixtures for tests that run third-party Kafka tooling against dx's topics.
+"""Fixtures of the integration tier only (the stack itself is in ``tests/conftest.py``).
+
+`capture_mode`: both capture modes, for capture/relay tests that must hold in each.
 
 `connect`: one Kafka Connect worker (Debezium's PostgreSQL source and JDBC sink, Apicurio's Avro
 converter; all from Maven Central through deploy/local/connect_worker.py) for the whole session,
@@ -19,6 +21,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "local"))
 
 import connect_worker
+
+#: both capture modes, for capture/relay tests that must hold in each
+CAPTURE_MODES = ("logical", "trigger")
+
+
+@pytest.fixture(params=CAPTURE_MODES)
+def capture_mode(request: pytest.FixtureRequest) -> str:
+    """Runs a test once with logical and once with trigger capture (``capture.mode``)."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

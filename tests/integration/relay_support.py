@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +21,18 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from pipeline.capture.origin import mark_origin
 from pipeline.config.loader import load_config
 from pipeline.relay.runner import Relay
 
 
 def write_config(path: Path, stack: Any, db_url: str, prefix: str, tables: str,
-                 mode: str = "exactly-once", extra: str = "") -> Path:
+                 mode: str = "exactly-once", extra: str = "",
+                 capture_mode: str | None = "trigger") -> Path:
+    """A dx.yaml for one test: trigger capture unless the test asks for ``capture_mode``
+    (the ``capture_mode`` fixture runs it in both; None leaves capture.mode at its default)."""
+    if capture_mode is not None:
+        extra = f"capture:\n  mode: {capture_mode}\n{extra}"
     path.write_text(f"""
 database:
   url: {db_url}
@@ -56,25 +62,32 @@ def dx(*args: str, env: dict[str, str] | None = None, check: bool = False,
 
 
 @contextmanager
-def relay_thread(config_path: Path) -> Iterator[Relay]:
-    relay = Relay(load_config(config_path), keep_latencies=True)
+def in_thread(run: Callable[[], Any], stop: Callable[[], Any]) -> Iterator[None]:
+    """``run`` in a daemon thread for the block; ``stop`` ends it; its error is raised here."""
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def target() -> None:
         try:
-            relay.run()
+            run()
         except BaseException as err:  # surfaced to the test below
             errors.append(err)
 
-    t = threading.Thread(target=run, daemon=True)
+    t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
-        yield relay
+        yield
     finally:
-        relay.stop.set()
+        stop()
         t.join(60)
     if errors:
         raise errors[0]
+
+
+@contextmanager
+def relay_thread(config_path: Path, *, reset_state: bool = False) -> Iterator[Relay]:
+    relay = Relay(load_config(config_path), keep_latencies=True, reset_state=reset_state)
+    with in_thread(relay.run, relay.stop.set):
+        yield relay
 
 
 def start_relay_process(config_path: Path) -> subprocess.Popen[str]:
@@ -159,18 +172,19 @@ def raw_first_message(stack: Any, topic: str) -> bytes:
 def execute(url: str, *statements: str, origin: str | None = None) -> None:
     with psycopg.connect(url) as conn:
         if origin:
-            conn.execute("SELECT set_config('dx.origin', %s, true)", (origin,))
+            mark_origin(conn, origin)
         for s in statements:
             conn.execute(s)  # type: ignore[arg-type]
 
 
 def captured_items(stack: Any, db_url: str, prefix: str, tmp_path: Path,
-                   mode: str = "exactly-once") -> Path:
+                   mode: str = "exactly-once", capture_mode: str | None = "trigger") -> Path:
     """A table ``items (id, v)`` with capture installed (topic ``<prefix>.public.items``);
     returns the dx.yaml path."""
     execute(db_url, "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
     cfg = write_config(tmp_path / "dx.yaml", stack, db_url, prefix,
-                       "  - name: items\n    columns: [id, v]\n", mode=mode)
+                       "  - name: items\n    columns: [id, v]\n", mode=mode,
+                       capture_mode=capture_mode)
     res = dx("capture", "install", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
     return cfg

@@ -145,7 +145,8 @@ def test_statement_capture_is_refused_on_partitioned_tables_and_partitions(
 
     # the capture.mode default is refused too, pointing at the table
     cfg = orders_config(tmp_path, stack, pg_db, topic_prefix)
-    cfg.write_text(cfg.read_text() + "capture:\n  mode: statement\n")
+    cfg.write_text(cfg.read_text().replace("capture:\n  mode: trigger\n", "") +
+                   "capture:\n  mode: statement\n")
     refused(dx("capture", "install", "-c", str(cfg)), cfg, line_of(cfg, "- name: orders"),
             "is partitioned", "use 'capture: row'")
 

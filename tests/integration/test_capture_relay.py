@@ -37,13 +37,16 @@ TABLES = """
 
 
 @pytest.fixture
-def shop(stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> dict[str, Any]:
+def shop(stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path,
+         capture_mode: str) -> dict[str, Any]:
     execute(pg_db, PRODUCTS)
-    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, TABLES)
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, TABLES,
+                       capture_mode=capture_mode)
     res = dx("capture", "install", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
+    assert f"capture mode: {capture_mode}" in res.stdout
     return {"config": cfg, "db": pg_db, "topic": f"{topic_prefix}.public.products",
-            "prefix": topic_prefix}
+            "prefix": topic_prefix, "mode": capture_mode}
 
 
 def test_row_changes_arrive_in_order_with_debezium_envelope(stack: Any,
@@ -160,25 +163,32 @@ def test_long_open_transaction_is_reported_and_not_skipped(stack: Any, shop: dic
     with relay_thread(shop["config"]):
         first = reader.read(until=1, settle_s=1.0)
         assert [e.key for e in first] == [{"id": 1}]
-        time.sleep(1.2)
-        res = dx("status", "-c", str(shop["config"]), "--json", "--long-txn-s", "1")
-        assert res.returncode == 1
-        report = json.loads(res.stdout)
-        pids = [t["pid"] for t in report["relay"]["open_transactions"]
-                if t["holds_captured_changes"]]
-        assert pids == [long_txn.info.backend_pid]
+        if shop["mode"] == "logical":  # nobody waits for it: later commits flow past it
+            execute(shop["db"], "INSERT INTO products (id, sku) VALUES (2, 'fast')")
+            assert [e.key for e in reader.read(until=2, settle_s=0.5)] == [{"id": 1}, {"id": 2}]
+        else:  # it holds later commits back: reported by dx status, never skipped
+            time.sleep(1.2)
+            res = dx("status", "-c", str(shop["config"]), "--json", "--long-txn-s", "1")
+            assert res.returncode == 1
+            report = json.loads(res.stdout)
+            pids = [t["pid"] for t in report["relay"]["open_transactions"]
+                    if t["holds_captured_changes"]]
+            assert pids == [long_txn.info.backend_pid]
         long_txn.commit()
-        events = reader.read(until=2, settle_s=0.5)
+        events = reader.read(until=len(reader.events) + 1, settle_s=0.5)
     long_txn.close()
     reader.close()
-    assert [e.key for e in events] == [{"id": 1}, {"id": 100}]
+    assert [e.key for e in events][-1] == {"id": 100}
+    assert len(events) == (3 if shop["mode"] == "logical" else 2)
 
 
 def test_statement_capture_and_application_outbox(stack: Any, pg_db: str, topic_prefix: str,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, capture_mode: str) -> None:
+    """Trigger mode with statement triggers; logical mode (where ``capture: statement`` has
+    no triggers to choose) with the outbox as transactional logical messages."""
     execute(pg_db, PRODUCTS)
     cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
-                       TABLES + "    capture: statement\n")
+                       TABLES + "    capture: statement\n", capture_mode=capture_mode)
     assert dx("capture", "install", "-c", str(cfg)).returncode == 0
     from pipeline.capture.outbox import publish
 
@@ -203,6 +213,9 @@ def test_statement_capture_and_application_outbox(stack: Any, pg_db: str, topic_
     ev = order_events[0].value
     assert ev is not None and ev["aggregateid"] == "42" and ev["type"] == "OrderPlaced"
     assert json.loads(ev["payload"]) == {"total": "9.99"}
+    with psycopg.connect(pg_db) as conn:  # logical mode leaves nothing behind to purge
+        left = conn.execute("SELECT count(*) FROM dx.outbox").fetchone()
+    assert left == (0,)
 
 
 def test_snapshot_then_stream_keeps_latest_state(stack: Any, shop: dict[str, Any]) -> None:
@@ -211,14 +224,17 @@ def test_snapshot_then_stream_keeps_latest_state(stack: Any, shop: dict[str, Any
             "ALTER TABLE products ENABLE TRIGGER USER")
     stop = threading.Event()
 
-    def churn() -> None:
+    updates = {"n": 0}
+
+    def counted_churn() -> None:
         rnd = random.Random(7)
         with psycopg.connect(shop["db"], autocommit=True) as conn:
             while not stop.is_set():
                 conn.execute("UPDATE products SET v = v + 1 WHERE id = %s",
                              (rnd.randint(1, 3000),))
+                updates["n"] += 1
 
-    t = threading.Thread(target=churn)
+    t = threading.Thread(target=counted_churn)
     t.start()
     res = dx("snapshot", "public.products", "-c", str(shop["config"]), "--chunk", "500")
     stop.set()
@@ -227,6 +243,8 @@ def test_snapshot_then_stream_keeps_latest_state(stack: Any, shop: dict[str, Any
     with psycopg.connect(shop["db"]) as conn:
         final = dict(conn.execute("SELECT id, v FROM products").fetchall())
         pending = conn.execute("SELECT count(*) FROM dx.outbox").fetchone()[0]  # type: ignore[index]
+    if shop["mode"] == "logical":  # the stream has the inserts, every update, the snapshot
+        pending = 3000 + updates["n"] + 3000
     reader = TopicReader(stack, shop["topic"])
     with relay_thread(shop["config"]):
         events = reader.read(until=pending, timeout_s=90, settle_s=1.0)

@@ -31,37 +31,51 @@ ITEMS = "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)"
 TABLES = "  - name: items\n    columns: [id, v]\n"
 
 
-def _setup(stack: Any, pg_db: str, prefix: str, tmp_path: Path, mode: str) -> Path:
+def _setup(stack: Any, pg_db: str, prefix: str, tmp_path: Path, mode: str,
+           capture_mode: str = "trigger") -> Path:
     execute(pg_db, ITEMS)
-    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, prefix, TABLES, mode=mode)
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, prefix, TABLES, mode=mode,
+                       capture_mode=capture_mode)
     res = dx("capture", "install", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
     return cfg
 
 
-def _writer(url: str, stop: threading.Event, committed: list[tuple[int, int]]) -> None:
-    """Single-row transactions on 50 keys; records (key, v) of every commit, in commit order
-    per key (one writer, so per-key order is the order of this list)."""
-    rnd = random.Random(11)
-    with psycopg.connect(url, autocommit=True) as conn:
-        n = 0
+def _writer(url: str, stop: threading.Event, committed: list[tuple[int, int]],
+            seed: int = 11, keys: range = range(1, 51)) -> None:
+    """Two-row transactions on this writer's own keys, committing late (younger transactions
+    of other writers overtake them) and rolling back one in five; records (key, v) of every
+    commit in commit order (per key, only this writer writes it)."""
+    rnd = random.Random(seed)
+    with psycopg.connect(url) as conn:
+        n = seed * 1_000_000
         while not stop.is_set():
-            key = rnd.randint(1, 50)
+            pair = rnd.sample(keys, 2)
             n += 1
-            conn.execute("INSERT INTO items (id, v) VALUES (%s, %s) "
-                         "ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", (key, n))
-            committed.append((key, n))
-            time.sleep(0.002)
+            for key in pair:
+                conn.execute("INSERT INTO items (id, v) VALUES (%s, %s) "
+                             "ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", (key, n))
+                time.sleep(rnd.random() * 0.003)
+            if rnd.random() < 0.2:
+                conn.rollback()
+                continue
+            conn.commit()
+            committed.extend((key, n) for key in pair)
 
 
 def _wait_drained(url: str, timeout_s: float = 90) -> None:
+    """Until the outbox is empty (trigger) or the slot is confirmed past now (logical)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with psycopg.connect(url) as conn:
-            row = conn.execute("SELECT count(*) FROM dx.outbox").fetchone()
-        if row and row[0] == 0:
-            return
-        time.sleep(0.2)
+    with psycopg.connect(url, autocommit=True) as conn:
+        now = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) = 0 AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE "
+                "database = current_database() AND confirmed_flush_lsn < %s) FROM dx.outbox",
+                now).fetchone()
+            if row and row[0]:
+                return
+            time.sleep(0.2)
     raise AssertionError("the relay did not drain the outbox")
 
 
@@ -77,17 +91,21 @@ def _kill_and_restart(cfg: Path, url: str, rounds: int) -> None:
 
 @pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
 def test_kill_9_under_load(stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path,
-                           mode: str) -> None:
-    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, mode)
+                           mode: str, capture_mode: str) -> None:
+    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, mode, capture_mode)
     committed: list[tuple[int, int]] = []
     stop = threading.Event()
-    w = threading.Thread(target=_writer, args=(pg_db, stop, committed))
-    w.start()
+    writers = [threading.Thread(target=_writer, args=(pg_db, stop, committed, i + 1,
+                                                      range(1 + 20 * i, 21 + 20 * i)))
+               for i in range(3)]
+    for w in writers:
+        w.start()
     try:
         _kill_and_restart(cfg, pg_db, rounds=4)
     finally:
         stop.set()
-        w.join()
+        for w in writers:
+            w.join()
     proc = start_relay_process(cfg)
     try:
         _wait_drained(pg_db)
@@ -138,8 +156,9 @@ class Output:
 
 def test_hot_standby_takes_over_when_the_active_relay_dies(stack: Any, pg_db: str,
                                                             topic_prefix: str,
-                                                            tmp_path: Path) -> None:
-    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once")
+                                                            tmp_path: Path,
+                                                            capture_mode: str) -> None:
+    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once", capture_mode)
     active = start_relay_process(cfg)
     Output(active).wait_for(": active")
     standby = start_relay_process(cfg)
@@ -166,8 +185,8 @@ def test_hot_standby_takes_over_when_the_active_relay_dies(stack: Any, pg_db: st
 
 
 def test_column_added_while_relay_runs(stack: Any, pg_db: str, topic_prefix: str,
-                                       tmp_path: Path) -> None:
-    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once")
+                                       tmp_path: Path, capture_mode: str) -> None:
+    cfg = _setup(stack, pg_db, topic_prefix, tmp_path, "exactly-once", capture_mode)
     topic = f"{topic_prefix}.public.items"
     reader = TopicReader(stack, topic)
     with relay_thread(cfg) as relay:

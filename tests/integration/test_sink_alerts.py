@@ -15,9 +15,11 @@ from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.engine import AlertEngine
 from pipeline.config.loader import load_config
 from pipeline.db import connect
-from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, TaskWriter, ensure_schema
+from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, ensure_schema
+from pipeline.tasks.writer import TaskWriter
 from tests.integration.test_sink_support import (
     EventProducer,
+    Resp,
     create_topic,
     target,
     write_config,
@@ -115,3 +117,76 @@ def test_one_alert_per_incident_then_one_recovery(stack: Any, pg_db: str, topic_
             assert [r.json["state"] for r in posted].count("resolved") == 3
     finally:
         smtp.stop()
+
+
+def test_alerts_name_route_tasks_and_command_reach_their_recipients_despite_a_dead_channel(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Issue 12: rules for source routes too; recipients per route and per rule; a failing
+    channel (a webhook that refuses) never stops the others and is retried; ``starttls``
+    defaults to ``auto`` (a plain local SMTP server works); each mail names the route, the
+    count, the first task ids, keys and reasons and the ``dx tasks`` command; the webhook
+    document carries the route."""
+    inbox = Inbox()
+    smtp = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    broken = {"on": True}
+    try:
+        with target(lambda r, n: Resp(500 if broken["on"] else 200)) as hook:
+            path = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, f"""
+  - name: to-erp
+    topics: [{topic_prefix}.x]
+    connector: {{type: http, url: "{hook.url}/never"}}
+""", extra=f"""
+sources:
+  - name: from-pim
+    topic: {topic_prefix}.pim.items
+    format: json
+    table: items
+    columns: [id]
+""")
+            cfg = load_config(path)
+            alerts = AlertsConfig.model_validate({
+                "email": {"host": "127.0.0.1", "port": smtp.port, "from_addr": "dx@shop.test",
+                          "to": ["ops@shop.test"]},
+                "webhook": {"url": f"{hook.url}/hook"},
+                "recipients": [{"routes": ["from-pim"], "email": ["pim-team@shop.test"]},
+                               {"rules": ["dead_tasks"], "routes": ["to-erp"],
+                                "email": ["erp-team@shop.test"]}],
+                "rules": {"dead_tasks": 1, "backlog_age_s": None, "target_down": False}})
+            with connect(pg_db, autocommit=True) as conn:
+                ensure_schema(conn)
+            writer = TaskWriter(pg_db)
+            writer.start()
+            for i in range(7):
+                writer.put(TaskRow(route="to-erp", topic="t", partition=0, offset=i,
+                                   status="dead", key=f'{{"id":{i}}}', error=f"HTTP 400: sku {i}"))
+            writer.put(TaskRow(route="from-pim", topic="t", partition=0, offset=0,
+                               status="dead", key="[9]", error="field 'id': is null"))
+            writer.flush()
+            writer.close()
+            engine = AlertEngine(cfg, alerts)
+            fired = engine.evaluate_once()
+            assert sorted(f.split(":")[0] for f in fired) == [
+                "FIRING dead_tasks from-pim", "FIRING dead_tasks to-erp"]
+            mails = {m["Subject"]: m for m in inbox.messages}
+            erp = mails["[dx] FIRING: dead_tasks to-erp"]
+            recipients = sorted(m["To"] for m in inbox.messages)
+            assert recipients == ["erp-team@shop.test", "ops@shop.test", "ops@shop.test",
+                                  "pim-team@shop.test"]
+            text = erp.get_payload()
+            assert "route:   to-erp" in text and "count:   7" in text
+            assert '"id":0' in text and "HTTP 400: sku 4" in text and "sku 5" not in text
+            assert "dx tasks list --route to-erp --status dead" in text
+            assert "field 'id': is null" in mails["[dx] FIRING: dead_tasks from-pim"].get_payload()
+            # the webhook refused: the mails went anyway; it is retried, not forgotten
+            assert len([r for r in hook.received() if r.path == "/hook"]) == 2
+            broken["on"] = False
+            assert engine.evaluate_once() == []
+            posted = [r for r in hook.received() if r.path == "/hook" and r.status == 200]
+            assert sorted(r.json["route"] for r in posted) == ["from-pim", "to-erp"]
+            assert all(r.json["tasks"] and r.json["command"] for r in posted)
+            engine.evaluate_once()
+            assert len([r for r in hook.received() if r.path == "/hook"]) == 4  # once each
+    finally:
+        smtp.stop()
+

@@ -78,13 +78,14 @@ def test_stop_is_not_held_up_by_the_dead_letter_retry_loop(
         prod.flush()
         with sink_thread(cfg, "dlq") as worker:
             # the dead-letter topic cannot be written: every produce fails
-            real = worker.dead_letter
+            letters = worker.dead_letters
+            real = letters.send
 
             def failing(*a: Any, **kw: Any) -> Any:
-                worker.producer = FailingProducer(worker.producer)  # type: ignore[assignment]
+                letters.producer = FailingProducer(letters.producer)  # type: ignore[assignment]
                 return real(*a, **kw)
 
-            worker.dead_letter = failing  # type: ignore[method-assign]
+            letters.send = failing  # type: ignore[method-assign]
             wait_for(lambda: srv.received(), 30, what="the delivery attempt")
             time.sleep(0.5)
             started = time.monotonic()

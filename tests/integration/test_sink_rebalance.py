@@ -163,3 +163,45 @@ def test_a_moved_partition_is_not_delivered_by_its_old_owner(
     if old_owner_answer != 200:
         assert not [r for r in received if r.status == old_owner_answer]
         assert read_topic(stack, f"{topic}.dlq", 1, timeout=3) == []
+
+
+def test_a_slow_target_does_not_let_the_old_owner_overwrite_after_the_hand_over(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Issue 15: ~150 ms a request and batches of 100: the old owner used to send its whole
+    batch after the revoke had stopped waiting (the new owner's newer value got overwritten).
+    Now ownership is checked before every request and ``timeout_s`` bounds each one."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic, partitions=2)
+    group = f"{topic_prefix}-slow"
+    keys, per_key = keys_one_per_lane(), 60  # a batch of 60 takes 9 s, the revoke waits 3 s
+    partition_of: dict[str, int] = {}
+
+    with target(lambda r, n: Resp(200, delay_s=0.15)) as srv:
+        def cfg(name: str) -> Path:
+            return write_config(tmp_path / f"{name}.yaml", stack, pg_db, topic_prefix, f"""
+  - name: slow
+    topics: [{topic}]
+    group_id: {group}
+    concurrency: {LANES}
+    batch_size: 100
+    connector: {{type: http, url: "{srv.url}/{name}/items/{{$key.id}}", timeout_s: 1}}
+""")
+        prod = EventProducer(stack, topic, topic_prefix)
+        for seq in range(per_key):
+            for k, part in keys.items():
+                env = send(prod, k, part, seq)
+                partition_of[env["event_id"]] = part
+        prod.flush()
+        with sink_thread(cfg("a"), "slow") as a:
+            wait_for(lambda: len(a.owned()) == 2, 60, what="worker a to own both partitions")
+            wait_for(lambda: len(srv.received()) >= 2 * LANES, 60, what="a to be delivering")
+            with sink_thread(cfg("b"), "slow") as b:
+                wait_for(lambda: b.owned(), 60, what="a partition to move to worker b")
+                handed_over = time.monotonic()
+                moved = {p for _, p in b.owned()}
+                wait_for(lambda: len({r.headers["idempotency-key"] for r in srv.received()
+                                      if r.status in (200, -200)}) == len(partition_of),
+                         120, what="every event delivered")
+    late = [r.path for r in srv.received() if r.path.startswith("/a/")
+            and partition_of[r.headers["idempotency-key"]] in moved and r.at >= handed_over]
+    assert late == []

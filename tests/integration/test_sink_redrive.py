@@ -147,3 +147,60 @@ def test_an_interrupted_redrive_stays_parked_and_is_redriven_after_a_restart(
                      and all(r["status"] == "succeeded" for r in rows), 30,
                      what="the interrupted redrive and the event behind it")
         assert accepted(srv.received())[1] == [1, 2]
+
+
+def test_an_undecodable_event_parks_behind_an_earlier_event_of_its_key_that_goes_dead(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Issue 12/15: in one lane batch, event A of key 1 (refused by the target) and then an
+    undecodable event B of key 1: A goes dead first, B parks behind it (it used to go dead
+    before A was even sent)."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic)
+    with target(lambda r, n: Resp(400, '{"error": "sku"}') if r.json["seq"] == 1
+                else Resp(200)) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                           route_yaml(srv.url, topic))
+        prod = EventProducer(stack, topic, topic_prefix)
+        prod.send(1, seq=1)
+        prod.send_raw(1, b"\x00garbage")
+        prod.send(2, seq=2)
+        prod.send(2, seq=3)
+        prod.flush()
+        with sink_thread(cfg, "redrive"):
+            wait_for(lambda: len(tasks(pg_db, "redrive")) == 4, 30, what="four tasks")
+    by_offset = {r["offset"]: r for r in tasks(pg_db, "redrive")}
+    assert [by_offset[o]["status"] for o in range(4)] == [
+        "dead", "pending", "succeeded", "succeeded"]
+    assert by_offset[0]["id"] < by_offset[1]["id"]
+
+
+def test_retry_works_after_the_workers_database_connections_were_cut(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Issue 15: after a PostgreSQL restart the worker's redrive connection never reconnected,
+    so ``dx tasks retry`` did nothing until the worker restarted. (The shared test server is not
+    restarted: its backends are terminated, which is what a restart does to a connection.)"""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic)
+    healthy = threading.Event()
+    with target(lambda r, n: Resp(200) if healthy.is_set() else Resp(400)) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                           route_yaml(srv.url, topic))
+        prod = EventProducer(stack, topic, topic_prefix)
+        prod.send(1, seq=1)
+        prod.send(1, seq=2)
+        prod.flush()
+        with sink_thread(cfg, "redrive"):
+            wait_for(lambda: sorted(r["status"] for r in tasks(pg_db, "redrive"))
+                     == ["dead", "pending"], 30, what="the key to park")
+            with psycopg.connect(pg_db, autocommit=True) as conn:
+                cut = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                    "datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+            assert cut is not None and cut[0] >= 1
+            time.sleep(1)  # a redrive poll or two fail on the dead connections
+            healthy.set()
+            out = dx(cfg, "tasks", "retry", "--all", "--route", "redrive", "--status", "dead")
+            assert out.returncode == 0, out.stderr
+            wait_for(lambda: all(r["status"] == "succeeded" for r in tasks(pg_db, "redrive")),
+                     60, what="the redrive after reconnecting")
+    assert accepted(srv.received()) == {1: [1, 2]}

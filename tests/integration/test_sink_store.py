@@ -84,7 +84,8 @@ def test_a_nul_in_the_target_answer_is_recorded_without_it_and_the_route_keeps_f
 def test_a_write_the_database_rejects_stops_the_writer_loudly(pg_db: str) -> None:
     from pipeline.db import connect
     from pipeline.errors import TerminalError
-    from pipeline.tasks.store import TaskRow, TaskWriter, ensure_schema
+    from pipeline.tasks.store import TaskRow, ensure_schema
+    from pipeline.tasks.writer import TaskWriter
 
     with contextlib.closing(connect(pg_db, autocommit=True)) as conn:
         ensure_schema(conn)
@@ -104,7 +105,8 @@ def test_a_write_the_database_rejects_stops_the_writer_loudly(pg_db: str) -> Non
 
 def test_a_redrive_outcome_does_not_overwrite_an_operator_skip(pg_db: str) -> None:
     from pipeline.db import connect
-    from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, TaskWriter, ensure_schema
+    from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, ensure_schema
+    from pipeline.tasks.writer import TaskWriter
 
     with contextlib.closing(connect(pg_db, autocommit=True)) as conn:
         ensure_schema(conn)

@@ -27,6 +27,8 @@ def test_stack_services_start_without_a_profile_and_exchange_with_one() -> None:
     assert ["relay"] in commands
     assert any(c[:2] == ["sink", "run"] for c in commands)
     assert any(c[:2] == ["source", "run"] for c in commands)
+    assert ["alerts", "run"] in commands
+    assert ["inbound", "serve"] in commands and ["inbound", "pull", "pim-inbound"] in commands
     assert roles["relay"]["deploy"]["replicas"] == 2  # active + hot standby
     build = roles["dx-setup"]["build"]
     assert (COMPOSE.parent / build["context"] / build["dockerfile"]).is_file()
@@ -37,8 +39,9 @@ def test_every_variable_of_the_demo_config_is_set_for_the_workers() -> None:
     env = services["relay"]["environment"]
     used = set(re.findall(r"\$\{(\w+)", (ROOT / "deploy/demo/dx.yaml").read_text()))
     assert used <= set(env), used - set(env)
-    for name in ("relay", "sink-pim", "source-pim", "dx-setup"):
-        assert services[name]["environment"] == env
+    for name in ("relay", "sink-pim", "source-pim", "dx-setup", "alerts", "inbound-pull",
+                 "inbound"):
+        assert services[name]["environment"].items() >= env.items()
         assert any(v.endswith(":/etc/dx/dx.yaml:ro") for v in services[name]["volumes"])
 
 

@@ -138,3 +138,78 @@ def test_export_log_masks_credentials_in_headers_and_url() -> None:
     for secret in ("pa55", "abc123", "k1", "s1"):
         assert secret not in text
     assert "idempotency-key: e-1" in text and "page=1" in text and '{"a":1}' in text
+
+
+def test_bulk_refused_is_split_until_the_bad_record_stands_alone() -> None:
+    def script(r: Req, n: int) -> Resp:
+        names = [i["name"] for i in r.json]
+        return Resp(422, '{"error": "bad name"}') if "n3" in names else Resp(200)
+
+    with target(script) as srv:
+        c = conn(srv.url + "/x", bulk={"url": srv.url + "/bulk"})
+        batch = [rec(i) for i in range(1, 7)] + [rec(7, key=3)]
+        outs = c.deliver(batch)
+    assert [o.ok for o in outs[:6]] == [True, True, False, True, True, True]
+    assert not outs[2].error.transient  # type: ignore[union-attr]
+    assert outs[6].error is NOT_ATTEMPTED  # a later record of the refused key waits
+    delivered = [i["id"] for r in srv.received() if r.status == 200 for i in r.json]
+    assert sorted(delivered) == [1, 2, 4, 5, 6]
+
+
+def test_bulk_per_record_results_fail_only_their_record() -> None:
+    def script(r: Req, n: int) -> Resp:
+        return Resp(207, json.dumps({"results": [
+            {"status": 400, "error": "sku"} if i["name"] == "n2" else {"status": 201}
+            for i in r.json]}))
+
+    with target(script) as srv:
+        c = conn(srv.url + "/x", bulk={"url": srv.url + "/bulk", "results": "results"})
+        outs = c.deliver([rec(1), rec(2), rec(3)])
+    assert len(srv.received()) == 1
+    assert [o.ok for o in outs] == [True, False, True]
+    assert "sku" in str(outs[1].error)
+
+
+def test_every_request_carries_the_position_header() -> None:
+    with target() as srv:
+        c = conn(srv.url + "/x", cloudevents=True)
+        r = Record(**{**rec(1).__dict__, "position": "00000000000000000042"})
+        assert c.deliver([r])[0].ok
+    req = srv.received()[0]
+    assert req.headers["dx-position"] == req.headers["ce-dxposition"] == "00000000000000000042"
+
+
+def test_timeout_s_bounds_the_whole_request_also_a_dripping_answer() -> None:
+    import socket
+    import threading
+    import time
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def drip() -> None:
+        c, _ = srv.accept()
+        c.recv(65536)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        while not stop.is_set():  # one byte every 0.2 s: 20 s for the body
+            try:
+                c.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.2)
+        c.close()
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    try:
+        c = conn(f"http://127.0.0.1:{srv.getsockname()[1]}/x", timeout_s=1)
+        started = time.monotonic()
+        (out,) = c.deliver([rec(1)])
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        srv.close()
+    assert out.error is not None and out.error.transient and "timeout" in str(out.error)
+    assert took < 10  # not the 20 s the answer takes

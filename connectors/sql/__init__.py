@@ -1,0 +1,1 @@
+"""The ``sql`` sink connector (SQLAlchemy Core): MySQL/MariaDB, SQLite, and other dialects."""
