@@ -113,7 +113,8 @@ class SinkWorker:
         self.stop = threading.Event()
         self.tracker = OffsetTracker()
         self.ownership = Ownership()
-        self.breaker = Breaker(self.route.name, self.route.breaker)
+        self.breaker = Breaker(self.route.name, self.route.breaker,
+                               max_attempts=self.route.retry.max_attempts)
         self.logic = RouteLogic(self.route)
         self.metrics: WorkerMetrics = METRICS.worker("sink", self.route.name)
         self.keep_overheads = keep_overheads
