@@ -324,20 +324,20 @@ class Lane(threading.Thread):
             if not todo:
                 continue
             live, tps = self.ownership.begin(todo)
-            try:
+            try:  # on the wire until settled: a revoke waits for the outcomes to be recorded
                 outcomes = self._call(live) if live else []
+                for w, o in zip(live, outcomes, strict=True):
+                    later = self._settle(w, o, probe)
+                    if later is not None:
+                        held.setdefault(w.key_text, []).append(w)
+                        if later > 0:
+                            due[w.key_text] = max(due.get(w.key_text) or 0.0, later)
+                        else:
+                            due.setdefault(w.key_text, None)
+                    elif w.redrive:
+                        redriven[w.key_text] = w
             finally:
                 self.ownership.end(tps)
-            for w, o in zip(live, outcomes, strict=True):
-                later = self._settle(w, o, probe)
-                if later is not None:
-                    held.setdefault(w.key_text, []).append(w)
-                    if later > 0:
-                        due[w.key_text] = max(due.get(w.key_text) or 0.0, later)
-                    else:
-                        due.setdefault(w.key_text, None)
-                elif w.redrive:
-                    redriven[w.key_text] = w
         if probe:
             self.breaker.release()  # the probe's outcome, if any, was recorded above
         for key, works in held.items():
