@@ -391,7 +391,9 @@ def schemas_check(config: Path = ConfigOption, directory: Path = SchemaDir,
             bad = True
             typer.echo(f"{r.subject}: NOT compatible with the registered schema", err=True)
         else:
-            state = "new subject" if r.compatible is None else "compatible"
+            state = ("shared shape, not a subject of its own" if r.subject.startswith("dx.")
+                     else "registry not checked" if offline
+                     else "new subject" if r.compatible is None else "compatible")
             typer.echo(f"{r.subject}: {'differs from catalog' if r.diff else 'up to date'}, "
                        f"{state}")
     if bad:
