@@ -10,10 +10,9 @@ from typing import Any
 
 import psycopg
 
-from pipeline.capture.spec import ColumnSpec, TableSpec
+from pipeline.capture.spec import ColumnSpec, TableSpec, avro_name
 from pipeline.config import DxConfig, TableConfig
 from pipeline.errors import CatalogError
-from pipeline.events.avro import avro_name
 
 # A domain column is described by its base type (and the domain's type modifier), as Debezium
 # does: consumers get the base type's Avro form, a replica's domain column accepts it.

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.alerts.config import AlertsConfig
+from pipeline.config.alerts import AlertsConfig
 from pipeline.config.api import ApiConfig
 from pipeline.config.sinks import SinkRoute
 from pipeline.config.sources import SourceRoute
