@@ -95,6 +95,10 @@ class RelayConfig(Base):
         True, description="register compatible schema changes without stopping"
     )
     standby_poll_s: float = Field(1.0, gt=0, description="how often a standby tries the lease")
+    lease_timeout_s: float = Field(
+        30.0, ge=1, le=3600,
+        description="a standby takes over from an active relay that has not renewed its lease "
+                    "this long (frozen, cut off); the active one stops itself at 60% of it")
 
 
 class TableConfig(Base):

@@ -30,6 +30,7 @@ from pipeline.config.sources import SourceRoute
 from pipeline.errors import ServiceUnavailable
 from pipeline.inbound.entities import canonical, event_id
 from pipeline.observability.logging import KAFKA_LOG
+from pipeline.observability.metrics import METRICS
 from pipeline.source.catalog import Target, find_route, read_target
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class InboundProducer:
         self.key_fields = [route.field_for(c) for c in target.key]
         self.id_fields = route.inbound.id_fields if route.inbound is not None else None
         self.ack_timeout_s = ack_timeout_s
+        #: role "inbound": received = entities taken in (produced), delivered = acknowledged by
+        #: Kafka, failed transient = a batch Kafka refused, failed terminal = refused entities
+        self.metrics = METRICS.worker("inbound", route.name)
         self.producer = Producer({
             "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
             "client.id": f"dx-inbound-{route.name}", "enable.idempotence": True, "acks": "all",
@@ -106,6 +110,8 @@ class InboundProducer:
             return done
         left = [len(messages)]
         lock = threading.Lock()
+        self.metrics.received(self.route.topic, len(messages))
+        done.add_done_callback(self._count_failure)
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             with lock:
@@ -116,6 +122,7 @@ class InboundProducer:
                     return
                 left[0] -= 1
                 if left[0] == 0:
+                    self.metrics.delivered(self.route.topic, len(messages))
                     done.set_result(len(messages))
 
         for m in messages:
@@ -132,6 +139,10 @@ class InboundProducer:
                             done.set_exception(self._unavailable(str(err)))
                     return done
         return done
+
+    def _count_failure(self, fut: concurrent.futures.Future[int]) -> None:
+        if fut.exception() is not None:
+            self.metrics.failed("transient")
 
     def send(self, messages: Sequence[OutMessage]) -> int:
         """:meth:`submit` and wait for the acknowledgements (at most the ack timeout)."""

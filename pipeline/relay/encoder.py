@@ -19,7 +19,7 @@ from pipeline.capture.spec import TableSpec
 from pipeline.errors import OutboxRowError
 from pipeline.events import avro
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar
-from pipeline.relay.envelope import Writer, envelope_writer, record_writer
+from pipeline.relay.envelope import Writer, record_writer
 from pipeline.relay.reader import OutboxRow
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -44,7 +44,7 @@ class _Entity:
     convert: Callable[[dict[str, Any]], dict[str, Any]]
     convert_key: Callable[[dict[str, Any]], dict[str, Any]]
     write_value: Writer | None = None  # the fast envelope writer, when the shape is known
-    write_key: Callable[[dict[str, Any]], bytes] | None = None  # likewise for the key
+    write_key: Writer | None = None  # likewise for the key
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -77,12 +77,7 @@ class Encoder:
             spec = self.load_spec(entity, version)
             schema = avro.value_schema(spec, self.prefix)
             key_schema = avro.key_schema(spec, self.prefix)
-            try:
-                writer = envelope_writer(schema, {
-                    "version": DX_VERSION, "connector": "dx", "name": self.prefix,
-                    "db": self.db, "schema": spec.schema, "table": spec.table})
-            except Exception:  # a shape fastavro parses only in context: fastavro it is
-                writer = None
+            writer = record_writer(schema)
             hit = _Entity(
                 spec=spec,
                 key=self.registrar.get(f"{spec.topic}-key", key_schema),

@@ -100,19 +100,17 @@ class Applier:
         version = self.target.version
         assert version is not None
         self._stage_keys(keys)
-        q = sql.SQL("SELECT {tk}, {cols} FROM {t} t JOIN {keys} k ON {join} FOR UPDATE OF t"
-                    ).format(
+        q = sql.SQL("SELECT {tk}, t.{v}, {cols} FROM {t} t JOIN {keys} k ON {join} "
+                    "FOR UPDATE OF t").format(
             tk=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k))
                                   for k in self.target.key),
+            v=sql.Identifier(version),
             cols=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c))
                                     for c in self.columns),
             t=self._table, keys=sql.Identifier(_KEYS), join=self._key_join)
         n = len(self.target.key)
-        out: dict[tuple[Any, ...], Stored] = {}
-        for r in self.conn.execute(q):
-            row = dict(zip(self.columns, r[n:], strict=True))
-            out[tuple(r[:n])] = Stored(row[version], row)
-        return out
+        return {tuple(r[:n]): Stored(r[n], dict(zip(self.columns, r[n + 1:], strict=True)))
+                for r in self.conn.execute(q)}
 
     def plan(self, events: Sequence[Event]) -> tuple[list[Plan], list[Failure]]:
         """Reduce events by key with the semantics of applying them one at a time."""

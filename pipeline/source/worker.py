@@ -57,6 +57,7 @@ from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
 from pipeline.observability.server import WorkerServer
+from pipeline.routes.pause import RoutePause
 from pipeline.row_errors import log_text
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
@@ -169,6 +170,9 @@ class SourceWorker:
         self.expected: dict[int, int | None] = {}  # stored next_offset (None: no row yet)
         self.position: dict[int, int] = {}  # next offset the batch accepts (dedupe on replay)
         self.batch: list[Message] = []
+        self.pause = RoutePause(config.database.url.get_secret_value(), "source",
+                                self.route.name)
+        self.held: list[tuple[str, int]] = []  # partitions paused by an operator's pause
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -218,6 +222,7 @@ class SourceWorker:
         consumer: Consumer | None = None
         producer: Producer | None = None
         self.assigned.clear()
+        self.held = []
         try:
             admin = AdminClient(kafka_conf(self.config), logger=KAFKA_LOG)
             ensure_route_topics(self.config, self.route, admin)
@@ -399,6 +404,7 @@ class SourceWorker:
         next_lag = 0.0
         while True:
             self.server.heartbeat()
+            paused = self._hold(consumer)
             self._collect(consumer)
             if self.batch:
                 batch, self.batch = self.batch, []
@@ -407,7 +413,7 @@ class SourceWorker:
             if time.monotonic() >= next_lag:
                 self._report_lag(consumer)
                 next_lag = time.monotonic() + self.lag_interval_s
-            if time.monotonic() >= next_redrive:
+            if time.monotonic() >= next_redrive and not paused:
                 if self._redrive(conn, producer, applier, convert):
                     idle_since = time.monotonic()
                 next_redrive = time.monotonic() + 1.0
@@ -416,6 +422,22 @@ class SourceWorker:
                 return True
             if self.stopping:
                 return True
+
+    def _hold(self, consumer: Consumer) -> bool:
+        """Follow the operator's pause (``dx source pause``): pause fetching of the whole
+        assignment (again after a rebalance), resume it when resumed. Polling goes on, so the
+        group keeps this member and its partitions; nothing fetched is skipped, because fetching
+        restarts from the consumed position."""
+        paused = self.pause.paused()
+        parts = consumer.assignment() if paused or self.held else []
+        now = sorted((p.topic, p.partition) for p in parts)
+        if paused and now != self.held:
+            consumer.pause(parts)
+            self.held = now
+        elif not paused and self.held:
+            consumer.resume(parts)
+            self.held = []
+        return paused
 
     def _readiness(self) -> None:
         self.server.set_assignment(len(self.assigned), stopping=self.stopping)

@@ -4,14 +4,21 @@ install/status of the publication."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import psycopg
 import pytest
+from psycopg.types.json import set_json_loads
 
+from pipeline.capture.catalog import read_table
+from pipeline.config.loader import load_config
+from pipeline.db import json_loads_exact
 from pipeline.errors import SchemaError
+from pipeline.events import avro
 from tests.integration.relay_support import TopicReader, dx, execute, relay_thread, write_config
 
 TYPES = """
@@ -35,38 +42,49 @@ INSERT INTO kinds VALUES (1, 12.5, 3.14159, 0.1, true, 'a "quoted", {braced} nam
 """
 
 
+def _expected_after(db: str, cfg: Path, prefix: str) -> dict[str, Any]:
+    """The row as trigger capture records it (jsonb of the exposed columns), through the
+    converters, an Avro round trip and back: what a consumer must read in either mode,
+    whatever the type mapping is."""
+    with psycopg.connect(db) as conn:
+        set_json_loads(json_loads_exact, conn)
+        spec = read_table(conn, load_config(cfg), 0)
+        row = conn.execute("SELECT to_jsonb(k) - 'hidden' FROM kinds k").fetchone()
+    assert row is not None
+    record = avro.value_schema(spec, prefix)["fields"][0]["type"][1]
+    parsed = fastavro.parse_schema(record)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, parsed, avro.row_converter(spec.columns)(row[0]))
+    buf.seek(0)
+    return fastavro.schemaless_reader(buf, parsed)  # type: ignore[no-any-return,call-arg]
+
+
 def test_values_are_the_same_in_both_modes(stack: Any, pg_db: str, topic_prefix: str,
                                            tmp_path: Path, capture_mode: str) -> None:
-    """The same row, captured either way, gives the same Avro values (both compared with one
-    expectation); the hidden column never leaves; an update of it alone emits nothing."""
+    """The same row, captured either way, reads back as the same values (both compared with
+    what trigger capture records); the hidden column never leaves; an update of it alone
+    emits nothing; a key change is delete, tombstone, create."""
     execute(pg_db, TYPES)
     cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, KINDS,
                        capture_mode=capture_mode)
     res = dx("capture", "install", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
-    execute(pg_db, ROW, "UPDATE kinds SET hidden = 'still secret'",
-            "UPDATE kinds SET ok = false", "UPDATE kinds SET id = 2")
+    execute(pg_db, ROW)
+    expected = _expected_after(pg_db, cfg, topic_prefix)
+    execute(pg_db, "UPDATE kinds SET hidden = 'still secret'", "UPDATE kinds SET ok = false",
+            "UPDATE kinds SET id = 2")
     reader = TopicReader(stack, f"{topic_prefix}.public.kinds")
     with relay_thread(cfg):
         events = reader.read(until=5, settle_s=1.0)
     reader.close()
     ops = [e.value["op"] if e.value else None for e in events]
-    assert ops == ["c", "u", "d", None, "c"]  # key change: delete, tombstone, create
+    assert ops == ["c", "u", "d", None, "c"]
     after = events[0].value["after"]  # type: ignore[index]
     assert "hidden" not in after
-    assert str(after["price"]) == "12.50" and after["amount"] == "3.14159"
-    assert after["ratio"] == 0.1 and after["ok"] is True
+    assert after == expected
     assert after["name"] == 'a "quoted", {braced} name'
-    assert after["at"].isoformat() == "2024-02-29T21:59:59.123456+00:00"
-    assert after["local"].isoformat() == "2024-02-29T01:02:03"
-    assert after["day"].isoformat() == "2024-02-29" and str(after["clock"]) == "10:11:12.500000"
-    assert str(after["uid"]) == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
-    assert after["raw"] == b"\x00\xff"
-    assert after["doc"] == '{"a":[true,null],"b":2}'
     assert after["tags"] == ["x", None, "y,z", 'q"uote'] and after["nums"] == [1, None, 3]
-    assert after["span"] == "1 day 02:00:00" and after["feel"] == "busy"
-    before = events[1].value["before"]  # type: ignore[index]
-    assert before == after
+    assert events[1].value["before"] == after  # type: ignore[index]
     assert events[4].value["after"]["id"] == 2  # type: ignore[index]
 
 
