@@ -1,5 +1,5 @@
 """Imports run one way through the layers (CONTRIBUTING.md's map): observability/errors ->
-db -> config -> capture/connectors/tasks -> events -> relay/sink/source/alerts/status ->
+db -> config -> capture/connectors/tasks/routes -> events -> relay/sink/source/alerts/status ->
 api/csvio/inbound/console -> cli. The contract is ``[tool.importlinter]`` in pyproject.toml;
 import-linter reads every import in pipeline/ and connectors/, function-level ones included."""
 
