@@ -8,6 +8,7 @@ come from ``${VAR}`` interpolation.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import (
@@ -71,6 +72,12 @@ class KafkaConfig(Base):
         if not _TOPIC.match(v):
             raise ValueError("only letters, digits, '.', '_' and '-' are allowed")
         return v
+
+    def librdkafka(self, role: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The properties of a librdkafka client (producer, consumer or admin): the cluster,
+        then ``client`` (security, tuning), then what the client's ``role`` needs, which wins
+        (an idempotent producer stays idempotent whatever ``client`` says)."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.client, **(role or {})}
 
 
 class SchemaRegistryConfig(Base):

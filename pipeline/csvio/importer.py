@@ -189,10 +189,9 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
     encoder = None if dry_run else _Encoder(config, route, target, header, validator)
     if not dry_run:
         ensure_route_topics(config, route)
-    producer = None if dry_run else Producer({
-        "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
+    producer = None if dry_run else Producer(config.kafka.librdkafka({
         "enable.idempotence": True, "linger.ms": 50, "compression.type": "lz4",
-        "queue.buffering.max.messages": 200_000}, logger=KAFKA_LOG)
+        "queue.buffering.max.messages": 200_000}), logger=KAFKA_LOG)
     errors: list[str] = []
 
     def delivered(err: KafkaError | None, msg: Message) -> None:

@@ -71,11 +71,10 @@ class InboundProducer:
         #: role "inbound": received = entities taken in (produced), delivered = acknowledged by
         #: Kafka, failed transient = a batch Kafka refused, failed terminal = refused entities
         self.metrics = METRICS.worker("inbound", route.name)
-        self.producer = Producer({
-            "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
+        self.producer = Producer(config.kafka.librdkafka({
             "client.id": f"dx-inbound-{route.name}", "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "compression.type": "lz4",
-            "message.timeout.ms": int(ack_timeout_s * 1000)}, logger=KAFKA_LOG)
+            "message.timeout.ms": int(ack_timeout_s * 1000)}), logger=KAFKA_LOG)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"dx-inbound-{route.name}-acks",
                                         daemon=True)

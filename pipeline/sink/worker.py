@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
 
-__all__ = ["SinkStats", "SinkWorker", "find_route", "kafka_conf"]
+__all__ = ["SinkStats", "SinkWorker", "find_route"]
 
 
 def find_route(config: DxConfig, name: str) -> tuple[int, SinkRoute]:
@@ -83,12 +83,6 @@ def find_route(config: DxConfig, name: str) -> tuple[int, SinkRoute]:
     known = ", ".join(r.name for r in config.sinks) or "none"
     file, _ = config.where("sinks")
     raise ConfigError(f"no sink route named {name!r} (routes: {known})", file=file)
-
-
-def kafka_conf(config: DxConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    return conf
 
 
 class SinkWorker:
@@ -178,14 +172,14 @@ class SinkWorker:
             cls = TransientError if err.transient else TerminalError
             raise cls(f"route {self.route.name} ({file}:{line}): target check failed: "
                       f"{err}") from None
-        conf = kafka_conf(self.config)
-        self.dead_letters = DeadLetters(conf, self.route, self.stop)
-        consumer = Consumer({
-            **conf, "group.id": self.route.consumer_group, "enable.auto.commit": False,
+        kafka = self.config.kafka
+        self.dead_letters = DeadLetters(kafka.librdkafka(), self.route, self.stop)
+        consumer = Consumer(kafka.librdkafka({
+            "group.id": self.route.consumer_group, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "client.id": f"dx-sink-{self.route.name}", "on_commit": self._committed,
-        }, logger=KAFKA_LOG)
+        }), logger=KAFKA_LOG)
         try:
             md = consumer.list_topics(timeout=10)
         except KafkaException as err:

@@ -100,17 +100,11 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     tasks.ensure_schema(conn)
 
 
-def kafka_conf(config: DxConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    return conf
-
-
 def ensure_route_topics(config: DxConfig, route: SourceRoute,
                         admin: AdminClient | None = None) -> None:
     """Create the route's inbound and dead-letter topics if missing (never left to broker
     auto-create: with it off, the first dead letter would stall the route)."""
-    admin = admin or AdminClient(kafka_conf(config), logger=KAFKA_LOG)
+    admin = admin or AdminClient(config.kafka.librdkafka(), logger=KAFKA_LOG)
     ensure_topics(admin, [
         topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
         topic_spec(config.kafka, route.dlq_topic,
@@ -224,7 +218,7 @@ class SourceWorker:
         self.assigned.clear()
         self.held = []
         try:
-            admin = AdminClient(kafka_conf(self.config), logger=KAFKA_LOG)
+            admin = AdminClient(self.config.kafka.librdkafka(), logger=KAFKA_LOG)
             ensure_route_topics(self.config, self.route, admin)
             self.topic_id = topic_id(admin, self.route.topic)
             ensure_schema(conn)
@@ -232,8 +226,8 @@ class SourceWorker:
             conn.commit()
             applier = Applier(conn, self.route, target)
             convert = Converter(self.route, target, self._decoder())
-            producer = Producer({**kafka_conf(self.config), "enable.idempotence": True,
-                                 "linger.ms": 5}, logger=KAFKA_LOG)
+            producer = Producer(self.config.kafka.librdkafka(
+                {"enable.idempotence": True, "linger.ms": 5}), logger=KAFKA_LOG)
             consumer = self._consumer(conn)
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
@@ -315,8 +309,7 @@ class SourceWorker:
 
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
-        conf = {
-            **kafka_conf(self.config),
+        conf = self.config.kafka.librdkafka({
             "group.id": route.group,
             "client.id": f"dx-source-{route.name}",
             "enable.auto.commit": False,
@@ -324,7 +317,7 @@ class SourceWorker:
             "auto.offset.reset": route.start,
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "range",
-        }
+        })
         consumer = Consumer(conf, logger=KAFKA_LOG)
 
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
