@@ -367,8 +367,7 @@ def _registrar(cfg: DxConfig) -> Any:
     from pipeline.events.wire import SchemaRegistrar, registry_client
 
     sr = cfg.schema_registry
-    auth = sr.basic_auth_user_info.get_secret_value() if sr.basic_auth_user_info else None
-    return SchemaRegistrar(registry_client(sr.url, auth), sr.url)
+    return SchemaRegistrar(registry_client(sr), sr.url)
 
 
 @schemas_app.command("generate")

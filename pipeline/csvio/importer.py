@@ -104,9 +104,7 @@ class _Encoder:
         self.key_schema: RegisteredSchema | None = None
         if route.format == "avro":
             reg = config.schema_registry
-            auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info \
-                else None
-            registrar = SchemaRegistrar(registry_client(reg.url, auth), reg.url)
+            registrar = SchemaRegistrar(registry_client(reg), reg.url)
             ns = f"dx.import.{route.name}".replace("-", "_")
             self.value_schema = registrar.get(f"{route.topic}-value", define_once({
                 "type": "record", "name": "Value", "namespace": ns,

@@ -158,8 +158,7 @@ class SinkWorker:
         self.recorder = Recorder(self.route, self.writer, self.tracker, self.ownership,
                                  self.metrics)
         sr = self.config.schema_registry
-        auth = sr.basic_auth_user_info.get_secret_value() if sr.basic_auth_user_info else None
-        self.decoder = Decoder(registry_client(sr.url, auth), sr.url)
+        self.decoder = Decoder(registry_client(sr), sr.url)
         self.connector = registry.create(self.route.connector, route=self.route.name)
         self.batch_size = max(1, min(self.route.batch_size, self.connector.max_batch))
         self.connector.log_successes = self.route.log.detail == "full"

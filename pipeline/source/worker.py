@@ -252,8 +252,7 @@ class SourceWorker:
         if self.route.format != "avro":
             return None
         reg = self.config.schema_registry
-        auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info else None
-        return AvroDecoder(registry_client(reg.url, auth), reg.url)
+        return AvroDecoder(registry_client(reg), reg.url)
 
     # ---- Kafka ------------------------------------------------------------------------------
 
