@@ -37,7 +37,7 @@ from pipeline.errors import CatalogError, ConfigError, ServiceUnavailable, Termi
 from pipeline.events.avro import avro_type, define_once, python_converter
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_client
 from pipeline.observability.logging import KAFKA_LOG
-from pipeline.source.catalog import Column, Target, find_route, read_target
+from pipeline.source.catalog import Column, Target, read_target
 from pipeline.source.validate import FieldError, RowValidator
 from pipeline.source.worker import ensure_route_topics
 
@@ -59,7 +59,7 @@ class ImportResult:
 def pick_route(config: DxConfig, entity: str | None, table: str | None) -> int:
     """The route an import goes through: ``--entity`` names the route, ``--table`` its target."""
     if entity is not None:
-        return find_route(config, entity)[0]
+        return config.source(entity)[0]
     if table is None:
         raise ConfigError("give --entity ROUTE or --table TABLE", file=config.where()[0])
     wanted = table if "." in table else f"public.{table}"

@@ -31,7 +31,7 @@ from pipeline.errors import ServiceUnavailable
 from pipeline.inbound.entities import canonical, event_id
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
-from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.source.catalog import Target, read_target
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class OutMessage:
 
 def read_route_target(config: DxConfig, route_name: str) -> tuple[int, SourceRoute, Target]:
     """The route and its checked target (CatalogError with the dx.yaml line)."""
-    index, route = find_route(config, route_name)
+    index, route = config.source(route_name)
     with db.connection(config.database.url.get_secret_value(),
                        application_name=f"dx-inbound-{route.name}",
                        connect_timeout_s=config.database.connect_timeout_s) as conn:

@@ -47,7 +47,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from connectors import registry
 from connectors.base import Connector, key_text
 from pipeline.config.model import DxConfig
-from pipeline.config.sinks import SinkRoute
 from pipeline.db import connect
 from pipeline.errors import ConfigError, DxError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.wire import registry_client
@@ -73,16 +72,7 @@ log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
 
-__all__ = ["SinkStats", "SinkWorker", "find_route"]
-
-
-def find_route(config: DxConfig, name: str) -> tuple[int, SinkRoute]:
-    for i, r in enumerate(config.sinks):
-        if r.name == name:
-            return i, r
-    known = ", ".join(r.name for r in config.sinks) or "none"
-    file, _ = config.where("sinks")
-    raise ConfigError(f"no sink route named {name!r} (routes: {known})", file=file)
+__all__ = ["SinkStats", "SinkWorker"]
 
 
 class SinkWorker:
@@ -101,7 +91,7 @@ class SinkWorker:
         self._held_by_operator = False
         self.server = server if server is not None else WorkerServer(0)
         self.lag_interval_s = lag_interval_s
-        self.index, self.route = find_route(config, route_name)
+        self.index, self.route = config.sink(route_name)
         self.db_url = config.database.url.get_secret_value()
         self.stop = threading.Event()
         self.tracker = OffsetTracker()

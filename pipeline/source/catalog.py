@@ -14,7 +14,6 @@ from typing import Any
 import psycopg
 
 from pipeline.config.model import DxConfig
-from pipeline.config.sources import SourceRoute
 from pipeline.errors import CatalogError
 
 _COLUMNS = """
@@ -86,15 +85,6 @@ def _typmod(typname: str, typmod: int) -> tuple[int | None, int | None]:
     if typname in ("varchar", "bpchar"):
         return typmod - 4, None
     return None, None
-
-
-def find_route(config: DxConfig, name: str) -> tuple[int, SourceRoute]:
-    """The route called ``name`` and its index (for dx.yaml line numbers)."""
-    for i, route in enumerate(config.sources):
-        if route.name == name:
-            return i, route
-    known = ", ".join(r.name for r in config.sources) or "none"
-    raise CatalogError(f"source route {name!r} is not configured (configured: {known})")
 
 
 def read_columns(conn: psycopg.Connection[Any], schema: str, table: str

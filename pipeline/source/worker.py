@@ -61,7 +61,7 @@ from pipeline.routes.pause import RoutePause
 from pipeline.row_errors import log_text
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
-from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.source.catalog import Target, read_target
 from pipeline.source.decode import AvroDecoder
 from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
@@ -147,7 +147,7 @@ class SourceWorker:
                  server: WorkerServer | None = None, lag_interval_s: float = 2.0,
                  accept_retention_gap: bool = False, accept_topic_reset: bool = False) -> None:
         self.config = config
-        self.index, self.route = find_route(config, route_name)
+        self.index, self.route = config.source(route_name)
         self.server = server if server is not None else WorkerServer(0)
         self.metrics = METRICS.worker("source", self.route.name)
         self.lag_interval_s = lag_interval_s
