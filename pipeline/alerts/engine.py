@@ -17,8 +17,8 @@ import psycopg
 from confluent_kafka import KafkaException
 from psycopg.types.json import Jsonb
 
-from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.notify import Channel, EmailChannel, WebhookChannel
+from pipeline.config.alerts import AlertsConfig
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import DxError, TransientError

@@ -139,9 +139,7 @@ class Relay:
                     "cleanup.policy": "compact"}})
             sr = self.config.schema_registry
             registrar = SchemaRegistrar(
-                registry_client(sr.url, sr.basic_auth_user_info.get_secret_value()
-                                if sr.basic_auth_user_info else None),
-                sr.url, auto_register=self.config.relay.auto_register_schemas)
+                registry_client(sr), sr.url, auto_register=self.config.relay.auto_register_schemas)
             registrar.check_reachable()
             db, system_id = reader.database_info()
             encoder = Encoder(

@@ -49,7 +49,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from connectors import registry
 from connectors.base import Connector, key_text
 from pipeline.config.model import DxConfig
-from pipeline.config.sinks import SinkRoute
 from pipeline.db import connect
 from pipeline.errors import ConfigError, DxError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.wire import registry_client
@@ -76,22 +75,7 @@ log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
 
-__all__ = ["SinkStats", "SinkWorker", "find_route", "kafka_conf"]
-
-
-def find_route(config: DxConfig, name: str) -> tuple[int, SinkRoute]:
-    for i, r in enumerate(config.sinks):
-        if r.name == name:
-            return i, r
-    known = ", ".join(r.name for r in config.sinks) or "none"
-    file, _ = config.where("sinks")
-    raise ConfigError(f"no sink route named {name!r} (routes: {known})", file=file)
-
-
-def kafka_conf(config: DxConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    return conf
+__all__ = ["SinkStats", "SinkWorker"]
 
 
 class SinkWorker:
@@ -113,7 +97,7 @@ class SinkWorker:
         self._held_by_operator = False
         self.server = server if server is not None else WorkerServer(0)
         self.lag_interval_s = lag_interval_s
-        self.index, self.route = find_route(config, route_name)
+        self.index, self.route = config.sink(route_name)
         self.db_url = config.database.url.get_secret_value()
         self.stop = threading.Event()
         self.tracker = OffsetTracker()
@@ -175,8 +159,7 @@ class SinkWorker:
         self.recorder = Recorder(self.route, self.writer, self.tracker, self.ownership,
                                  self.metrics)
         sr = self.config.schema_registry
-        auth = sr.basic_auth_user_info.get_secret_value() if sr.basic_auth_user_info else None
-        self.decoder = Decoder(registry_client(sr.url, auth), sr.url)
+        self.decoder = Decoder(registry_client(sr), sr.url)
         self.connector = registry.create(self.route.connector, route=self.route.name)
         self.batch_size = max(1, min(self.route.batch_size, self.connector.max_batch))
         self.connector.log_successes = self.route.log.detail == "full"
@@ -189,14 +172,14 @@ class SinkWorker:
             cls = TransientError if err.transient else TerminalError
             raise cls(f"route {self.route.name} ({file}:{line}): target check failed: "
                       f"{err}") from None
-        conf = kafka_conf(self.config)
-        self.dead_letters = DeadLetters(conf, self.route, self.stop)
-        consumer = Consumer({
-            **conf, "group.id": self.route.consumer_group, "enable.auto.commit": False,
+        kafka = self.config.kafka
+        self.dead_letters = DeadLetters(kafka.librdkafka(), self.route, self.stop)
+        consumer = Consumer(kafka.librdkafka({
+            "group.id": self.route.consumer_group, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "client.id": f"dx-sink-{self.route.name}", "on_commit": self._committed,
-        }, logger=KAFKA_LOG)
+        }), logger=KAFKA_LOG)
         try:
             md = consumer.list_topics(timeout=10)
         except KafkaException as err:

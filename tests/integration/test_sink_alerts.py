@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.engine import AlertEngine
+from pipeline.config.alerts import AlertsConfig
 from pipeline.config.loader import load_config
 from pipeline.db import connect
 from pipeline.tasks.store import TaskFilter, TaskRow, TaskStore, ensure_schema

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from connectors.base import key_text
-from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.engine import AlertEngine
+from pipeline.config.alerts import AlertsConfig
 from pipeline.config.loader import load_config
 from pipeline.db import connect
 from pipeline.status import collect
