@@ -292,8 +292,7 @@ class KafkaLag:
     def __init__(self, cfg: DxConfig, timeout_s: float = 5.0) -> None:
         self.cfg = cfg
         self.timeout_s = timeout_s
-        self.conf: dict[str, Any] = {"bootstrap.servers": cfg.kafka.bootstrap_servers,
-                                     **cfg.kafka.client}
+        self.conf: dict[str, Any] = cfg.kafka.librdkafka()
         self.admin = AdminClient(self.conf, logger=KAFKA_LOG)
 
     def partitions(self, topics: Iterable[str]) -> dict[str, list[int]]:

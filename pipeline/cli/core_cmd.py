@@ -367,8 +367,7 @@ def _registrar(cfg: DxConfig) -> Any:
     from pipeline.events.wire import SchemaRegistrar, registry_client
 
     sr = cfg.schema_registry
-    auth = sr.basic_auth_user_info.get_secret_value() if sr.basic_auth_user_info else None
-    return SchemaRegistrar(registry_client(sr.url, auth), sr.url)
+    return SchemaRegistrar(registry_client(sr), sr.url)
 
 
 @schemas_app.command("generate")
@@ -404,7 +403,9 @@ def schemas_check(config: Path = ConfigOption, directory: Path = SchemaDir,
             bad = True
             typer.echo(f"{r.subject}: NOT compatible with the registered schema", err=True)
         else:
-            state = "new subject" if r.compatible is None else "compatible"
+            state = ("shared shape, not a subject of its own" if r.subject.startswith("dx.")
+                     else "registry not checked" if offline
+                     else "new subject" if r.compatible is None else "compatible")
             typer.echo(f"{r.subject}: {'differs from catalog' if r.diff else 'up to date'}, "
                        f"{state}")
     if bad:

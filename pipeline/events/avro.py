@@ -26,7 +26,7 @@ from collections.abc import Callable
 from decimal import Context, Decimal
 from typing import Any
 
-from pipeline.capture.spec import ColumnSpec, TableSpec
+from pipeline.capture.spec import ColumnSpec, TableSpec, avro_name
 
 Converter = Callable[[Any], Any]
 
@@ -405,15 +405,6 @@ def row_converter(columns: tuple[ColumnSpec, ...]) -> Callable[[dict[str, Any]],
         return out
 
     return convert
-
-
-_INVALID = re.compile(r"[^A-Za-z0-9_]")
-
-
-def avro_name(name: str) -> str:
-    """A column or schema name made valid for Avro (Debezium's 'avro' adjustment mode)."""
-    fixed = _INVALID.sub("_", name)
-    return "_" + fixed if not fixed or fixed[0].isdigit() else fixed
 
 
 def namespace(prefix: str, spec: TableSpec) -> str:

@@ -31,7 +31,7 @@ from pipeline.errors import ServiceUnavailable
 from pipeline.inbound.entities import canonical, event_id
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
-from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.source.catalog import Target, read_target
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class OutMessage:
 
 def read_route_target(config: DxConfig, route_name: str) -> tuple[int, SourceRoute, Target]:
     """The route and its checked target (CatalogError with the dx.yaml line)."""
-    index, route = find_route(config, route_name)
+    index, route = config.source(route_name)
     with db.connection(config.database.url.get_secret_value(),
                        application_name=f"dx-inbound-{route.name}",
                        connect_timeout_s=config.database.connect_timeout_s) as conn:
@@ -71,11 +71,10 @@ class InboundProducer:
         #: role "inbound": received = entities taken in (produced), delivered = acknowledged by
         #: Kafka, failed transient = a batch Kafka refused, failed terminal = refused entities
         self.metrics = METRICS.worker("inbound", route.name)
-        self.producer = Producer({
-            "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
+        self.producer = Producer(config.kafka.librdkafka({
             "client.id": f"dx-inbound-{route.name}", "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "compression.type": "lz4",
-            "message.timeout.ms": int(ack_timeout_s * 1000)}, logger=KAFKA_LOG)
+            "message.timeout.ms": int(ack_timeout_s * 1000)}), logger=KAFKA_LOG)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"dx-inbound-{route.name}-acks",
                                         daemon=True)

@@ -61,7 +61,7 @@ from pipeline.routes.pause import RoutePause
 from pipeline.row_errors import log_text
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
-from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.source.catalog import Target, read_target
 from pipeline.source.decode import AvroDecoder
 from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
@@ -100,17 +100,11 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     tasks.ensure_schema(conn)
 
 
-def kafka_conf(config: DxConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    return conf
-
-
 def ensure_route_topics(config: DxConfig, route: SourceRoute,
                         admin: AdminClient | None = None) -> None:
     """Create the route's inbound and dead-letter topics if missing (never left to broker
     auto-create: with it off, the first dead letter would stall the route)."""
-    admin = admin or AdminClient(kafka_conf(config), logger=KAFKA_LOG)
+    admin = admin or AdminClient(config.kafka.librdkafka(), logger=KAFKA_LOG)
     ensure_topics(admin, [
         topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
         topic_spec(config.kafka, route.dlq_topic,
@@ -153,7 +147,7 @@ class SourceWorker:
                  server: WorkerServer | None = None, lag_interval_s: float = 2.0,
                  accept_retention_gap: bool = False, accept_topic_reset: bool = False) -> None:
         self.config = config
-        self.index, self.route = find_route(config, route_name)
+        self.index, self.route = config.source(route_name)
         self.server = server if server is not None else WorkerServer(0)
         self.metrics = METRICS.worker("source", self.route.name)
         self.lag_interval_s = lag_interval_s
@@ -224,7 +218,7 @@ class SourceWorker:
         self.assigned.clear()
         self.held = []
         try:
-            admin = AdminClient(kafka_conf(self.config), logger=KAFKA_LOG)
+            admin = AdminClient(self.config.kafka.librdkafka(), logger=KAFKA_LOG)
             ensure_route_topics(self.config, self.route, admin)
             self.topic_id = topic_id(admin, self.route.topic)
             ensure_schema(conn)
@@ -232,8 +226,8 @@ class SourceWorker:
             conn.commit()
             applier = Applier(conn, self.route, target)
             convert = Converter(self.route, target, self._decoder())
-            producer = Producer({**kafka_conf(self.config), "enable.idempotence": True,
-                                 "linger.ms": 5}, logger=KAFKA_LOG)
+            producer = Producer(self.config.kafka.librdkafka(
+                {"enable.idempotence": True, "linger.ms": 5}), logger=KAFKA_LOG)
             consumer = self._consumer(conn)
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
@@ -258,8 +252,7 @@ class SourceWorker:
         if self.route.format != "avro":
             return None
         reg = self.config.schema_registry
-        auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info else None
-        return AvroDecoder(registry_client(reg.url, auth), reg.url)
+        return AvroDecoder(registry_client(reg), reg.url)
 
     # ---- Kafka ------------------------------------------------------------------------------
 
@@ -315,8 +308,7 @@ class SourceWorker:
 
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
-        conf = {
-            **kafka_conf(self.config),
+        conf = self.config.kafka.librdkafka({
             "group.id": route.group,
             "client.id": f"dx-source-{route.name}",
             "enable.auto.commit": False,
@@ -324,7 +316,7 @@ class SourceWorker:
             "auto.offset.reset": route.start,
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "range",
-        }
+        })
         consumer = Consumer(conf, logger=KAFKA_LOG)
 
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
