@@ -24,14 +24,14 @@ from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request, Response
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.api.body_limit import BodyLimit
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
+from pipeline.api.managed import Watcher, read_signature, with_stored
 from pipeline.api.oauth import (
     MAX_BODY,
     TOKEN_PREFIX,
@@ -58,6 +58,7 @@ from pipeline.config.model import DxConfig
 from pipeline.db import connection
 from pipeline.errors import DxError, ServiceUnavailable
 from pipeline.row_errors import log_text
+from pipeline.swagger import mount_swagger
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pipeline.api.access")
@@ -81,6 +82,7 @@ def build_state(config: DxConfig, env: dict[str, str] | None = None) -> ApiState
     """Check ``config.api`` against the catalog and build the serving state (ConfigError)."""
     with connection(config.database.url.get_secret_value(), application_name="dx-api",
                     connect_timeout_s=config.database.connect_timeout_s) as conn:
+        config = with_stored(conn, config)  # + the console's entities (dx.api_entity)
         entities = load_entities(conn, config)
         conn.rollback()
     keys = KeyRing(config.api, env, file=config.where()[0])
@@ -96,12 +98,17 @@ class DataExchangeApi:
                  env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.env = env
+        # read before the state is built, so no console change slips in between
+        seen = read_signature(config.database.url.get_secret_value())
         self.state = build_state(config, env)
         self.pool = self._pool(config)
         self.limiter = RateLimiter()
         self.tokens = TokenStore()  # survives reloads; retain() drops removed clients' tokens
         self._reload_lock = threading.Lock()
         self.app = self._build()
+        self.file_config = config  # dx.yaml as read; the state adds the console's entities
+        self.watcher = Watcher(config.database.url.get_secret_value(), self.refresh,
+                               seen=seen).start()
 
     @staticmethod
     def _pool(config: DxConfig) -> Pool:
@@ -123,12 +130,24 @@ class DataExchangeApi:
                 pool, self.pool = self.pool, self._pool(config)
                 pool.close()
             self.state = state
+            self.file_config = config
             revoked = self.tokens.retain(state.clients)
         log.info("api reloaded: %d entities, %d keys, %d clients (%d tokens revoked)",
                  len(state.entities), len(state.keys), len(state.clients), revoked)
         return state
 
+    def refresh(self) -> ApiState:
+        """Rebuild the state with the console's current entities (the watcher calls it when
+        dx.api_entity changed); on any error the running state stays."""
+        with self._reload_lock:
+            state = build_state(self.file_config, self.env)
+            self.state = state
+            self.tokens.retain(state.clients)
+        log.info("api entities refreshed: %d entities", len(state.entities))
+        return state
+
     def close(self) -> None:
+        self.watcher.close()
         self.pool.close()
 
     # ---- request plumbing -------------------------------------------------------------------
@@ -346,9 +365,7 @@ class DataExchangeApi:
         async def _openapi() -> JSONResponse:
             return JSONResponse(api.state.openapi)
 
-        @app.get("/docs", include_in_schema=False)
-        async def _docs() -> HTMLResponse:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="dx API docs")
+        mount_swagger(app, "/openapi.json", title="dx API docs")  # assets served locally
 
         @app.get("/-/health", include_in_schema=False)
         async def _health() -> dict[str, Any]:

@@ -8,7 +8,8 @@ come from ``${VAR}`` interpolation.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -20,10 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.alerts.config import AlertsConfig
+from pipeline.config.alerts import AlertsConfig
 from pipeline.config.api import ApiConfig
 from pipeline.config.sinks import SinkRoute
 from pipeline.config.sources import SourceRoute
+from pipeline.errors import ConfigError
+
+Route = TypeVar("Route", SinkRoute, SourceRoute)
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -71,6 +75,12 @@ class KafkaConfig(Base):
         if not _TOPIC.match(v):
             raise ValueError("only letters, digits, '.', '_' and '-' are allowed")
         return v
+
+    def librdkafka(self, role: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The properties of a librdkafka client (producer, consumer or admin): the cluster,
+        then ``client`` (security, tuning), then what the client's ``role`` needs, which wins
+        (an idempotent producer stays idempotent whatever ``client`` says)."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.client, **(role or {})}
 
 
 class SchemaRegistryConfig(Base):
@@ -210,6 +220,24 @@ class DxConfig(Base):
             if loc[:n] in self._lines:
                 return self._file, self._lines[loc[:n]]
         return self._file, None
+
+    def sink(self, name: str) -> tuple[int, SinkRoute]:
+        """The sink route called ``name`` and its index (for ``where("sinks", index, ...)``);
+        ConfigError naming the configured routes otherwise."""
+        return self._route("sinks", self.sinks, name)
+
+    def source(self, name: str) -> tuple[int, SourceRoute]:
+        """The source route called ``name`` and its index; ConfigError otherwise."""
+        return self._route("sources", self.sources, name)
+
+    def _route(self, key: str, routes: Sequence[Route], name: str) -> tuple[int, Route]:
+        for i, route in enumerate(routes):
+            if route.name == name:
+                return i, route
+        known = ", ".join(r.name for r in routes) or "none"
+        file, line = self.where(key)
+        raise ConfigError(f"no {key[:-1]} route named {name!r} (configured: {known})",
+                          file=file, line=line)
 
     def topic_for(self, table: TableConfig) -> str:
         return table.topic or f"{self.kafka.topic_prefix}.{table.schema_name}.{table.table_name}"

@@ -37,7 +37,7 @@ from pipeline.errors import CatalogError, ConfigError, ServiceUnavailable, Termi
 from pipeline.events.avro import avro_type, define_once, python_converter
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_client
 from pipeline.observability.logging import KAFKA_LOG
-from pipeline.source.catalog import Column, Target, find_route, read_target
+from pipeline.source.catalog import Column, Target, read_target
 from pipeline.source.validate import FieldError, RowValidator
 from pipeline.source.worker import ensure_route_topics
 
@@ -59,7 +59,7 @@ class ImportResult:
 def pick_route(config: DxConfig, entity: str | None, table: str | None) -> int:
     """The route an import goes through: ``--entity`` names the route, ``--table`` its target."""
     if entity is not None:
-        return find_route(config, entity)[0]
+        return config.source(entity)[0]
     if table is None:
         raise ConfigError("give --entity ROUTE or --table TABLE", file=config.where()[0])
     wanted = table if "." in table else f"public.{table}"
@@ -104,9 +104,7 @@ class _Encoder:
         self.key_schema: RegisteredSchema | None = None
         if route.format == "avro":
             reg = config.schema_registry
-            auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info \
-                else None
-            registrar = SchemaRegistrar(registry_client(reg.url, auth), reg.url)
+            registrar = SchemaRegistrar(registry_client(reg), reg.url)
             ns = f"dx.import.{route.name}".replace("-", "_")
             self.value_schema = registrar.get(f"{route.topic}-value", define_once({
                 "type": "record", "name": "Value", "namespace": ns,
@@ -189,10 +187,9 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
     encoder = None if dry_run else _Encoder(config, route, target, header, validator)
     if not dry_run:
         ensure_route_topics(config, route)
-    producer = None if dry_run else Producer({
-        "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
+    producer = None if dry_run else Producer(config.kafka.librdkafka({
         "enable.idempotence": True, "linger.ms": 50, "compression.type": "lz4",
-        "queue.buffering.max.messages": 200_000}, logger=KAFKA_LOG)
+        "queue.buffering.max.messages": 200_000}), logger=KAFKA_LOG)
     errors: list[str] = []
 
     def delivered(err: KafkaError | None, msg: Message) -> None:

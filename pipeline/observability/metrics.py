@@ -3,8 +3,8 @@
 Naming follows the Prometheus conventions operators expect: a ``dx_`` prefix, base units in the
 name (``_seconds``), ``_total`` on counters, and only low-cardinality labels:
 
-* ``role`` — ``relay``, ``sink``, ``source`` (or a one-shot job: ``snapshot``, ``import``,
-  ``export``);
+* ``role`` — ``relay``, ``sink``, ``source``, ``inbound`` (webhooks, pulls, file drops producing
+  to a source route's topic), or a one-shot job: ``snapshot``, ``import``, ``export``;
 * ``route`` — the route name from ``dx.yaml`` (the relay name for the relay);
 * ``topic`` / ``partition`` — bounded by the topics a route reads and their partition counts;
 * ``kind`` / ``reason`` — small closed sets documented on each metric.
@@ -31,7 +31,7 @@ from typing import Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
-Role = Literal["relay", "sink", "source", "snapshot", "import", "export"]
+Role = Literal["relay", "sink", "source", "inbound", "snapshot", "import", "export"]
 FailureKind = Literal["transient", "terminal"]
 SkipReason = Literal["filtered", "origin", "duplicate", "tombstone"]
 

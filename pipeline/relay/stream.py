@@ -36,7 +36,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from pipeline.capture import logical
-from pipeline.capture.catalog import _typmod
+from pipeline.capture.catalog import typmod_parts
 from pipeline.capture.install import spec_version
 from pipeline.capture.spec import ColumnSpec, TableSpec
 from pipeline.config import DxConfig
@@ -135,7 +135,7 @@ class Resolver:
                 continue  # a dropped column leaves the schema (a compatible change)
             c = rel.columns[index[name]]
             typname, is_array, category = types.get(c.type_oid, ("text", False, "S"))
-            precision, scale = _typmod(typname, c.typmod)
+            precision, scale = typmod_parts(typname, c.typmod)
             try:
                 nullable = installed.column(name).nullable
             except KeyError:

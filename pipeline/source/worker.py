@@ -57,10 +57,11 @@ from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
 from pipeline.observability.server import WorkerServer
+from pipeline.routes.pause import RoutePause
 from pipeline.row_errors import log_text
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
-from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.source.catalog import Target, read_target
 from pipeline.source.decode import AvroDecoder
 from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
@@ -99,17 +100,11 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     tasks.ensure_schema(conn)
 
 
-def kafka_conf(config: DxConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    return conf
-
-
 def ensure_route_topics(config: DxConfig, route: SourceRoute,
                         admin: AdminClient | None = None) -> None:
     """Create the route's inbound and dead-letter topics if missing (never left to broker
     auto-create: with it off, the first dead letter would stall the route)."""
-    admin = admin or AdminClient(kafka_conf(config), logger=KAFKA_LOG)
+    admin = admin or AdminClient(config.kafka.librdkafka(), logger=KAFKA_LOG)
     ensure_topics(admin, [
         topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
         topic_spec(config.kafka, route.dlq_topic,
@@ -152,7 +147,7 @@ class SourceWorker:
                  server: WorkerServer | None = None, lag_interval_s: float = 2.0,
                  accept_retention_gap: bool = False, accept_topic_reset: bool = False) -> None:
         self.config = config
-        self.index, self.route = find_route(config, route_name)
+        self.index, self.route = config.source(route_name)
         self.server = server if server is not None else WorkerServer(0)
         self.metrics = METRICS.worker("source", self.route.name)
         self.lag_interval_s = lag_interval_s
@@ -169,6 +164,9 @@ class SourceWorker:
         self.expected: dict[int, int | None] = {}  # stored next_offset (None: no row yet)
         self.position: dict[int, int] = {}  # next offset the batch accepts (dedupe on replay)
         self.batch: list[Message] = []
+        self.pause = RoutePause(config.database.url.get_secret_value(), "source",
+                                self.route.name)
+        self.held: list[tuple[str, int]] = []  # partitions paused by an operator's pause
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -218,8 +216,9 @@ class SourceWorker:
         consumer: Consumer | None = None
         producer: Producer | None = None
         self.assigned.clear()
+        self.held = []
         try:
-            admin = AdminClient(kafka_conf(self.config), logger=KAFKA_LOG)
+            admin = AdminClient(self.config.kafka.librdkafka(), logger=KAFKA_LOG)
             ensure_route_topics(self.config, self.route, admin)
             self.topic_id = topic_id(admin, self.route.topic)
             ensure_schema(conn)
@@ -227,8 +226,8 @@ class SourceWorker:
             conn.commit()
             applier = Applier(conn, self.route, target)
             convert = Converter(self.route, target, self._decoder())
-            producer = Producer({**kafka_conf(self.config), "enable.idempotence": True,
-                                 "linger.ms": 5}, logger=KAFKA_LOG)
+            producer = Producer(self.config.kafka.librdkafka(
+                {"enable.idempotence": True, "linger.ms": 5}), logger=KAFKA_LOG)
             consumer = self._consumer(conn)
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
@@ -253,8 +252,7 @@ class SourceWorker:
         if self.route.format != "avro":
             return None
         reg = self.config.schema_registry
-        auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info else None
-        return AvroDecoder(registry_client(reg.url, auth), reg.url)
+        return AvroDecoder(registry_client(reg), reg.url)
 
     # ---- Kafka ------------------------------------------------------------------------------
 
@@ -310,8 +308,7 @@ class SourceWorker:
 
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
-        conf = {
-            **kafka_conf(self.config),
+        conf = self.config.kafka.librdkafka({
             "group.id": route.group,
             "client.id": f"dx-source-{route.name}",
             "enable.auto.commit": False,
@@ -319,7 +316,7 @@ class SourceWorker:
             "auto.offset.reset": route.start,
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "range",
-        }
+        })
         consumer = Consumer(conf, logger=KAFKA_LOG)
 
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
@@ -399,6 +396,7 @@ class SourceWorker:
         next_lag = 0.0
         while True:
             self.server.heartbeat()
+            paused = self._hold(consumer)
             self._collect(consumer)
             if self.batch:
                 batch, self.batch = self.batch, []
@@ -407,7 +405,7 @@ class SourceWorker:
             if time.monotonic() >= next_lag:
                 self._report_lag(consumer)
                 next_lag = time.monotonic() + self.lag_interval_s
-            if time.monotonic() >= next_redrive:
+            if time.monotonic() >= next_redrive and not paused:
                 if self._redrive(conn, producer, applier, convert):
                     idle_since = time.monotonic()
                 next_redrive = time.monotonic() + 1.0
@@ -416,6 +414,22 @@ class SourceWorker:
                 return True
             if self.stopping:
                 return True
+
+    def _hold(self, consumer: Consumer) -> bool:
+        """Follow the operator's pause (``dx source pause``): pause fetching of the whole
+        assignment (again after a rebalance), resume it when resumed. Polling goes on, so the
+        group keeps this member and its partitions; nothing fetched is skipped, because fetching
+        restarts from the consumed position."""
+        paused = self.pause.paused()
+        parts = consumer.assignment() if paused or self.held else []
+        now = sorted((p.topic, p.partition) for p in parts)
+        if paused and now != self.held:
+            consumer.pause(parts)
+            self.held = now
+        elif not paused and self.held:
+            consumer.resume(parts)
+            self.held = []
+        return paused
 
     def _readiness(self) -> None:
         self.server.set_assignment(len(self.assigned), stopping=self.stopping)

@@ -5,6 +5,7 @@ AvroDeserializer) reading the topics back."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,6 +25,25 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from pipeline.capture.origin import mark_origin
 from pipeline.config.loader import load_config
 from pipeline.relay.runner import Relay
+
+DEMO = Path(__file__).resolve().parents[2] / "deploy" / "demo"
+
+
+def render_demo_config(path: Path, values: dict[str, str]) -> Path:
+    """The demo's own template (deploy/demo/dx.yaml) with its ${NAME} placeholders filled: the
+    test runs the exchange users see."""
+    def fill(m: re.Match[str]) -> str:
+        return values[m.group(1)]
+
+    text = (DEMO / "dx.yaml").read_text()
+    path.write_text(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text))
+    return path
+
+
+def load_demo_shop(db_url: str) -> None:
+    """The demo shop's tables and seed rows (deploy/demo/shop.sql) in ``db_url``."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute((DEMO / "shop.sql").read_text())  # type: ignore[arg-type]
 
 
 def write_config(path: Path, stack: Any, db_url: str, prefix: str, tables: str,
