@@ -26,22 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from pipeline.config.connectors import ConnectorSettings
 from pipeline.errors import DxError, TerminalError, TransientError
 from pipeline.tasks.keys import key_text
-
-
-class ConnectorSettings(BaseModel):
-    """Base of every connector's settings model: unknown keys are errors, values are frozen.
-
-    Subclasses declare ``type: Literal["name"]`` and their fields with descriptions; secrets are
-    ``SecretStr`` filled from ``${VAR}`` in dx.yaml.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str = Field(description="connector name in the registry")
 
 
 class Backpressure(TransientError):

@@ -31,6 +31,7 @@ from pipeline.capture import logical
 from pipeline.capture.ddl import LEASE_KEY
 from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
+from pipeline.routes.pause import paused_routes
 from pipeline.tasks import health
 from pipeline.tasks.store import TaskStore
 
@@ -212,6 +213,7 @@ class RouteStatus:
     tasks: dict[str, int] = field(default_factory=dict)
     note: str | None = None
     incoming: list[IncomingStatus] = field(default_factory=list)  # source routes' inbound kinds
+    paused: bool = False  # an operator paused it ('dx sink|source pause')
 
     @property
     def dead(self) -> int:
@@ -290,8 +292,7 @@ class KafkaLag:
     def __init__(self, cfg: DxConfig, timeout_s: float = 5.0) -> None:
         self.cfg = cfg
         self.timeout_s = timeout_s
-        self.conf: dict[str, Any] = {"bootstrap.servers": cfg.kafka.bootstrap_servers,
-                                     **cfg.kafka.client}
+        self.conf: dict[str, Any] = cfg.kafka.librdkafka()
         self.admin = AdminClient(self.conf, logger=KAFKA_LOG)
 
     def partitions(self, topics: Iterable[str]) -> dict[str, list[int]]:
@@ -442,6 +443,10 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
             route.incoming = kinds.get(route.name, [])
     routes += [RouteStatus(name, "unconfigured", None, [], tasks=c)
                for name, c in sorted(counts.items())]
+    paused = paused_routes(conn)
+    conn.commit()
+    for route in routes:
+        route.paused = (route.kind, route.name) in paused
     st = Status(relay, routes, problems=list(relay.problems))
     if any(r.kind != "unconfigured" for r in routes):
         try:

@@ -27,7 +27,9 @@ What real PIMs also offer, for dx's inbound kinds (``dx inbound``):
 * **A changes feed**: ``GET /products?updated_since=<ISO time>&limit=N`` answers
   ``{"data": [...], "next": "<url of the next page>" | null}`` with the products *edited in the
   PIM* after that time (exclusive; each record carries ``changed_at``), oldest first, for
-  ``dx inbound pull``. ``GET /products`` without ``updated_since``/``page`` is the plain list.
+  ``dx inbound pull``; ``next`` asks from the page's last ``changed_at`` (keyset paging: an edit
+  while dx pages cannot make it miss a record). ``GET /products`` without
+  ``updated_since``/``page`` is the plain list.
 
 Read what happened with ``GET /products``, ``GET /products/{id}``, ``GET /deliveries`` (the last
 deliveries) and ``GET /stats`` (counters). Two demo hooks show dx's failure handling: a delivery
@@ -399,9 +401,10 @@ def make_handler(pim: Pim) -> type[BaseHTTPRequestHandler]:
             page = int(params["page"]) if params.get("page", "").isdigit() else 1
             items, more = pim.changes(collection, since, max(1, page), max(1, min(limit, 1000)))
             nxt = None
-            if more:
+            if more:  # keyset: from the last change on this page (times are unique), so a
+                # record edited while dx pages cannot shift another past the pages it read
                 nxt = f"/{collection}?" + urllib.parse.urlencode(
-                    {"updated_since": since, "page": page + 1, "limit": limit})
+                    {"updated_since": items[-1]["changed_at"], "limit": limit})
             self._json(200, {"data": items, "page": page, "next": nxt})
 
         def do_PUT(self) -> None:

@@ -73,6 +73,8 @@ TABLES = ("public.products", "public.prices", "public.stock", "public.orders",
 SINK_ROUTE = "pim-products"
 SOURCE_ROUTE = "pim-inbound"
 PIM_TOKEN = "demo-pim-token"  # noqa: S105 - a demo value the PIM and dx.yaml share
+CONSOLE_USER = "demo"
+CONSOLE_PASSWORD = "demo-operator"  # noqa: S105 - the demo operator's password, printed
 WEBHOOK_SECRET = "demo-webhook-secret"  # noqa: S105 - dx.yaml's default for the demo
 SHOP_TAG = "(shop edit)"
 PIM_TAG = "(PIM edit)"
@@ -470,6 +472,33 @@ def start_exchange(s: Settings, procs: Processes) -> None:
         say(f"    {name:<7} pid {proc.pid:<8} {procs.log(name).relative_to(s.state_dir.parent)}")
 
 
+def start_console(s: Settings, procs: Processes) -> str:
+    """The operator console with a demo operator (the database is new on every run); its URL."""
+    done = subprocess.run(dx_argv(s, "console", "user", "add", CONSOLE_USER, "--role", "admin"),
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+                          env={**os.environ, "DX_CONSOLE_PASSWORD": CONSOLE_PASSWORD})
+    if done.returncode != 0:
+        raise DemoError(f"dx console user add failed: {last_line_of(done.stderr)}")
+    url = f"http://127.0.0.1:{pick_port(8091)}"
+    procs.start("console", dx_argv(s, "console", "serve", "--port", url.rsplit(":", 1)[1]),
+                {"DX_METRICS_PORT": "0"})
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:  # noqa: S310
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    wait_until("the console to answer", ready, s, procs, timeout_s=60)
+    return url
+
+
+def last_line_of(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
 def product_count(s: Settings) -> int:
     with db(s.database_url) as conn:
         return int(conn.execute("SELECT count(*) FROM public.products").fetchone()[0])
@@ -675,11 +704,12 @@ def tail_events(s: Settings, topic: str, n: int) -> list[dict[str, Any]]:
     return events[-n:]
 
 
-def show_access(s: Settings) -> None:
+def show_access(s: Settings, console_url: str) -> None:
     rel = s.state_dir.relative_to(REPO) if s.state_dir.is_relative_to(REPO) else s.state_dir
     step("the demo exchange is running")
     say(f"""    PIM          {s.pim_url}   (GET /stats /deliveries /products/101;
                  POST /products/201/edit with {{"name": "..."}} to edit in the PIM)
+    console      {console_url}/   (user {CONSOLE_USER}, password {CONSOLE_PASSWORD})
     dx           .venv/bin/dx status -c {rel}/dx.yaml   (or export DX_CONFIG={rel}/dx.yaml)
     database     {s.database_url}
     Kafka        {s.services['DX_KAFKA_BOOTSTRAP']}   topics {s.products_topic} (out),
@@ -687,11 +717,12 @@ def show_access(s: Settings) -> None:
     registry     {s.services['DX_SCHEMA_REGISTRY_URL']}
     webhooks     http://127.0.0.1:{s.inbound_port}/inbound/{SOURCE_ROUTE}   (dx inbound serve;
                  the PIM signs its edits with the demo secret)
-    logs         {rel}/logs/  (pim.log relay.log sink.log source.log inbound.log pull.log)
+    logs         {rel}/logs/  (pim.log relay.log sink.log source.log inbound.log pull.log
+                 console.log)
     environment  eval "$(deploy/local/stack env)"  sets DX_DATABASE_URL, DX_KAFKA_BOOTSTRAP,
                  DX_SCHEMA_REGISTRY_URL (the stack's server; the demo database is {s.database})
 
-To stop the workers and the PIM:
+To stop the workers, the console and the PIM:
     python3 deploy/demo/run.py stop{stop_args(s)}
 To stop the stack:
     deploy/local/stack down""")
@@ -721,10 +752,11 @@ def run(s: Settings) -> None:
         edit_in_pim(s, edits)
         wait_for_exchange(s, procs, edits)
         show(s, edits)
+        console_url = start_console(s, procs)
     except BaseException:
         stop(s.state_dir, quiet=True)
         raise
-    show_access(s)
+    show_access(s, console_url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

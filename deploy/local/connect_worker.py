@@ -273,7 +273,7 @@ def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None 
         (home / "log4j2.properties").write_text(LOG4J2)
         (home / "rest.port").write_text(f"{port}\n")
         stack.say(f"starting Kafka Connect worker {name} on {HOST}:{port}")
-        svc.spawn(
+        pid = svc.spawn(
             [
                 found.java,
                 f"-Xmx{os.environ.get('DX_CONNECT_HEAP', '512m')}",
@@ -291,6 +291,7 @@ def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None 
         )
     url = f"http://{HOST}:{port}"
     try:
+        _settle(svc, pid)
         svc.wait_ready(lambda: _ready(url))
         missing = sorted(set(REQUIRED_PLUGINS) - _plugins(url))
         if missing:
@@ -300,6 +301,15 @@ def start(name: str, bootstrap: str, schema_registry_url: str, port: int | None 
         svc.stop()
         raise
     return Worker(name, url, svc.log, props["group.id"])
+
+
+def _settle(svc: Any, pid: int, timeout: float = 10) -> None:
+    """Until the new process shows its command line (the readiness wait recognises the worker by
+    it, and for a moment after exec /proc may not show it: seen once as a worker "exited during
+    startup" with an empty log), or has really exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and svc.pid() is None and stack.pid_alive(pid):
+        time.sleep(0.1)
 
 
 def _env_port() -> int | None:

@@ -17,8 +17,8 @@ import psycopg
 from confluent_kafka import KafkaException
 from psycopg.types.json import Jsonb
 
-from pipeline.alerts.config import AlertsConfig
 from pipeline.alerts.notify import Channel, EmailChannel, WebhookChannel
+from pipeline.config.alerts import AlertsConfig
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import DxError, TransientError
@@ -181,7 +181,12 @@ class AlertEngine:
             ensure_schema(conn)
             self._redeliver(conn)
             for o in self.observe(conn):
-                sent.extend(self._apply(conn, o))
+                try:
+                    sent.extend(self._apply(conn, o))
+                except TransientError as err:
+                    # this incident's channels are all down: it is tried again next
+                    # evaluation; the other incidents (other recipients) still go now
+                    log.warning("%s (retried next evaluation)", err)
         return sent
 
     def channels_for(self, o: Observation) -> list[Channel]:

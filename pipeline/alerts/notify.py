@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from pipeline.alerts.config import EmailConfig, WebhookConfig
+from pipeline.config.alerts import EmailConfig, WebhookConfig
 from pipeline.errors import TransientError
 from pipeline.observability.logging import redact
 

@@ -24,14 +24,22 @@ from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request, Response
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.api.body_limit import BodyLimit
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
-from pipeline.api.oauth import TOKEN_PREFIX, ClientRing, OAuthError, TokenStore, token_request
+from pipeline.api.managed import Watcher, read_signature, with_stored
+from pipeline.api.oauth import (
+    MAX_BODY,
+    TOKEN_PREFIX,
+    ClientRing,
+    OAuthError,
+    TokenStore,
+    token_request,
+)
 from pipeline.api.openapi import TRANSACTION_HEADER, document
 from pipeline.api.query import (
     attach_children,
@@ -49,6 +57,8 @@ from pipeline.config.loader import load_config
 from pipeline.config.model import DxConfig
 from pipeline.db import connection
 from pipeline.errors import DxError, ServiceUnavailable
+from pipeline.row_errors import log_text
+from pipeline.swagger import mount_swagger
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pipeline.api.access")
@@ -72,6 +82,7 @@ def build_state(config: DxConfig, env: dict[str, str] | None = None) -> ApiState
     """Check ``config.api`` against the catalog and build the serving state (ConfigError)."""
     with connection(config.database.url.get_secret_value(), application_name="dx-api",
                     connect_timeout_s=config.database.connect_timeout_s) as conn:
+        config = with_stored(conn, config)  # + the console's entities (dx.api_entity)
         entities = load_entities(conn, config)
         conn.rollback()
     keys = KeyRing(config.api, env, file=config.where()[0])
@@ -87,12 +98,17 @@ class DataExchangeApi:
                  env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.env = env
+        # read before the state is built, so no console change slips in between
+        seen = read_signature(config.database.url.get_secret_value())
         self.state = build_state(config, env)
         self.pool = self._pool(config)
         self.limiter = RateLimiter()
         self.tokens = TokenStore()  # survives reloads; retain() drops removed clients' tokens
         self._reload_lock = threading.Lock()
         self.app = self._build()
+        self.file_config = config  # dx.yaml as read; the state adds the console's entities
+        self.watcher = Watcher(config.database.url.get_secret_value(), self.refresh,
+                               seen=seen).start()
 
     @staticmethod
     def _pool(config: DxConfig) -> Pool:
@@ -114,12 +130,24 @@ class DataExchangeApi:
                 pool, self.pool = self.pool, self._pool(config)
                 pool.close()
             self.state = state
+            self.file_config = config
             revoked = self.tokens.retain(state.clients)
         log.info("api reloaded: %d entities, %d keys, %d clients (%d tokens revoked)",
                  len(state.entities), len(state.keys), len(state.clients), revoked)
         return state
 
+    def refresh(self) -> ApiState:
+        """Rebuild the state with the console's current entities (the watcher calls it when
+        dx.api_entity changed); on any error the running state stays."""
+        with self._reload_lock:
+            state = build_state(self.file_config, self.env)
+            self.state = state
+            self.tokens.retain(state.clients)
+        log.info("api entities refreshed: %d entities", len(state.entities))
+        return state
+
     def close(self) -> None:
+        self.watcher.close()
         self.pool.close()
 
     # ---- request plumbing -------------------------------------------------------------------
@@ -299,6 +327,24 @@ class DataExchangeApi:
             return _errors(503, [{"code": "unavailable", "message": "database error; retry"}],
                            {"Retry-After": "1"})
 
+        @app.exception_handler(psycopg.Error)
+        async def _db_error(request: Request, err: psycopg.Error) -> Response:
+            # Not a row's fault (those are problems at their path): a deadlock or serialization
+            # failure is worth a retry, anything else is ours. The text stays in our log only
+            # (it can quote hidden columns), as SQLSTATE, table and constraint.
+            log.error("%s %s: database error (%s)", request.method, request.url.path,
+                      log_text(err))
+            if (err.sqlstate or "").startswith("40"):
+                return _errors(503, [{"code": "unavailable", "message": "the database asked "
+                                      "for a retry (conflict with another transaction)"}],
+                               {"Retry-After": "1"})
+            return _errors(500, [{"code": "internal_error", "message": "the request failed "
+                                  "inside dx; the operator log has the details"}])
+
+        # Inside the access log (added first), so refused bodies are logged like any request.
+        app.add_middleware(BodyLimit, limit_for=lambda path: MAX_BODY
+                           if path == "/oauth/token" else api.state.config.api.max_body_bytes)
+
         @app.middleware("http")
         async def _access(request: Request,
                           call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -319,9 +365,7 @@ class DataExchangeApi:
         async def _openapi() -> JSONResponse:
             return JSONResponse(api.state.openapi)
 
-        @app.get("/docs", include_in_schema=False)
-        async def _docs() -> HTMLResponse:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="dx API docs")
+        mount_swagger(app, "/openapi.json", title="dx API docs")  # assets served locally
 
         @app.get("/-/health", include_in_schema=False)
         async def _health() -> dict[str, Any]:

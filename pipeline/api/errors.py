@@ -39,6 +39,7 @@ CODES: dict[str, int] = {
     "rate_limited": 429,
     "invalid_config": 422,      # POST /-/reload: the new dx.yaml is refused (old one stays)
     "unavailable": 503,
+    "internal_error": 500,      # a failure inside dx (details only in the operator log)
 }
 
 

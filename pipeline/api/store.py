@@ -34,17 +34,9 @@ from pipeline.api.errors import ApiError, Problem, fail, join_path
 from pipeline.api.query import Row, get_row, key_condition, to_row
 from pipeline.capture.origin import mark_origin
 from pipeline.db import connect
-from pipeline.source.apply import is_row_error, row_error_reason
+from pipeline.row_errors import describe, is_row_error, log_text
 
 log = logging.getLogger(__name__)
-
-_CODE_BY_STATE = {
-    "23505": "duplicate",
-    "23503": "foreign_key_violation",
-    "23502": "null_not_allowed",
-    "23514": "check_violation",
-}
-
 
 class Pool:
     """A small thread-safe pool of connections opened by :func:`pipeline.db.connect`."""
@@ -113,12 +105,13 @@ class RowProblem(Exception):
 
 
 def db_problem(entity: Entity, err: psycopg.Error, path: str) -> Problem:
-    """PostgreSQL's refusal of one row as an API problem at the offending field."""
-    reason, column = row_error_reason(err)
-    state = err.sqlstate or ""
-    code = _CODE_BY_STATE.get(state, "invalid_value")
-    name = next((f.name for f in entity.fields.values() if f.col == column), None)
-    return Problem(code, reason, join_path(path, name) if name else (path or None))
+    """PostgreSQL's refusal of one row as an API problem at the offending field, naming only
+    fields the entity exposes (PostgreSQL's own text can quote hidden columns: never sent)."""
+    names = {f.col: f.name for f in entity.fields.values()}
+    refused = describe(err, names.get)
+    log.info("%s: row refused (%s)", entity.alias, log_text(err))
+    return Problem(refused.code, refused.message,
+                   join_path(path, refused.field) if refused.field else (path or None))
 
 
 def _same(f: Field, given: Any, stored: Any) -> bool:

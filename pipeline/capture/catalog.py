@@ -2,25 +2,31 @@
 
 Names from configuration are only ever used as bind parameters here; the resulting spec carries
 the catalog's own spelling, which the DDL generator quotes with ``psycopg.sql.Identifier``.
+:func:`read_columns` is dx's one reader of a table's columns (capture specs, inbound targets,
+API entities, CSV export).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from pipeline.capture.spec import ColumnSpec, TableSpec
+from pipeline.capture.spec import ColumnSpec, TableSpec, avro_name
 from pipeline.config import DxConfig, TableConfig
 from pipeline.errors import CatalogError
-from pipeline.events.avro import avro_name
 
 # A domain column is described by its base type (and the domain's type modifier), as Debezium
-# does: consumers get the base type's Avro form, a replica's domain column accepts it.
+# does: consumers get the base type's Avro form, a replica's domain column accepts it, and an
+# inbound value is checked as the base type (PostgreSQL checks the domain's constraints).
 _COLUMNS = """
 SELECT a.attname, COALESCE(et.typname, bt.typname, t.typname), NOT a.attnotnull,
        et.oid IS NOT NULL, CASE WHEN bt.oid IS NULL THEN a.atttypmod ELSE t.typtypmod END,
-       COALESCE(et.typcategory, bt.typcategory, t.typcategory)
+       COALESCE(et.typcategory, bt.typcategory, t.typcategory),
+       a.atthasdef OR a.attidentity <> '',
+       a.attgenerated <> '' OR a.attidentity = 'a',
+       COALESCE(et.oid, bt.oid, t.oid)
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
@@ -66,7 +72,45 @@ WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL
 """
 
 
-def _typmod(typname: str, typmod: int) -> tuple[int | None, int | None]:
+@dataclass(frozen=True)
+class CatalogColumn:
+    """One column as the catalog describes it."""
+
+    name: str
+    type: str  # pg_type.typname: the element type of an array, the base type of a domain
+    nullable: bool
+    is_array: bool
+    precision: int | None  # numeric(p, s), varchar(n) length in precision
+    scale: int | None
+    category: str  # pg_type.typcategory: 'E' enum, 'S' string, 'N' numeric, ...
+    has_default: bool  # a default or an identity: the column may be left out of an INSERT
+    generated: bool  # GENERATED ALWAYS (identity or stored expression): never written
+    type_oid: int  # of ``type`` (an enum's labels are looked up by it)
+
+    def spec(self) -> ColumnSpec:
+        return ColumnSpec(name=self.name, type=self.type, nullable=self.nullable,
+                          is_array=self.is_array, precision=self.precision, scale=self.scale,
+                          category=self.category)
+
+
+def read_columns(conn: psycopg.Connection[Any], oid: int) -> list[CatalogColumn]:
+    """Every live column of the table ``oid``, in table order."""
+    out = []
+    for (name, typ, nullable, is_array, typmod, category, has_default, generated,
+         type_oid) in conn.execute(_COLUMNS, (oid,)):
+        precision, scale = typmod_parts(typ, typmod)
+        out.append(CatalogColumn(name, typ, nullable, is_array, precision, scale, category,
+                                 has_default, generated, type_oid))
+    return out
+
+
+def primary_key(conn: psycopg.Connection[Any], oid: int) -> list[str]:
+    """The primary key's columns in key order (empty without a primary key)."""
+    return [r[0] for r in conn.execute(_PKEY, (oid,))]
+
+
+def typmod_parts(typname: str, typmod: int) -> tuple[int | None, int | None]:
+    """(precision, scale) of numeric(p, s), (length, None) of varchar(n)/char(n)."""
     if typmod < 0:
         return None, None
     if typname == "numeric":
@@ -123,16 +167,12 @@ def read_table(conn: psycopg.Connection[Any], config: DxConfig, index: int, *,
     oid = table_oid(conn, t.schema_name, t.table_name)
     if oid is None:
         raise fail(f"table {t.qualified} does not exist in the database", "name")
-    cols: dict[str, ColumnSpec] = {}
-    for name, typ, nullable, is_array, typmod, category in conn.execute(_COLUMNS, (oid,)):
-        precision, scale = _typmod(typ, typmod)
-        cols[name] = ColumnSpec(name=name, type=typ, nullable=nullable, is_array=is_array,
-                                precision=precision, scale=scale, category=category)
+    cols = {c.name: c.spec() for c in read_columns(conn, oid)}
     for i, c in enumerate(t.columns):
         if c not in cols:
             raise fail(f"column {c!r} does not exist in {t.qualified} "
                        f"(columns: {', '.join(cols)})", "columns", i)
-    pk = [r[0] for r in conn.execute(_PKEY, (oid,))]
+    pk = primary_key(conn, oid)
     key = list(t.key) if t.key else pk
     if not key:
         raise fail(f"table {t.qualified} has no primary key; set 'key:' to columns that "

@@ -6,8 +6,8 @@ time, takes a shared advisory lock and draws ``dx.commit_seq``. Two transactions
 same row are serialised by the row lock, so the later one always draws the higher
 number: ordering by that number keeps per-key order, which ordering by xid does not (a
 transaction can hold an older xid yet overwrite a row after a younger one committed). The relay's
-``dx.commit_frontier()`` reads the sequence and then takes the same advisory lock exclusively,
-waiting only for transactions that are inside their commit at that instant. Afterwards every
+``dx.commit_frontier()`` reads the sequence and then waits (watching ``pg_locks``, never queueing
+for the lock) for the transactions that hold the shared lock at that instant. Afterwards every
 number at or below the frontier belongs to a finished transaction: nothing committed is skipped,
 and no heuristic wait is involved. A long-open transaction delays only its own changes.
 """
@@ -31,6 +31,9 @@ NOTIFY_CHANNEL = "dx_outbox"
 MARK_GUC = "dx.txn_marked"
 SEQ_GUC = "dx.txn_sequenced"
 ORIGIN_GUC = "dx.origin"
+#: "<outbox id>|<entity>:<key>" of the last row deleted from a partition in this transaction:
+#: a partition move's INSERT (same key) turns that delete into an update
+MOVE_GUC = "dx.moved_from"
 
 # Types without a btree equality: compared through their text form.
 _NO_EQUALITY = {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
@@ -99,6 +102,17 @@ CREATE TABLE IF NOT EXISTS dx.relay_state (
     id bigint NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+-- which database recorded the cursor (pipeline.relay.identity): tells a restored, copied or
+-- promoted database from the one the relay published from
+ALTER TABLE dx.relay_state ADD COLUMN IF NOT EXISTS identity text;
+-- the active relay's renewed lease (pipeline.relay.lease): lets a standby take over from a
+-- frozen or cut-off holder whose session (and advisory lock) PostgreSQL still keeps
+CREATE TABLE IF NOT EXISTS dx.relay_lease (
+    id integer PRIMARY KEY CHECK (id = 1),
+    holder text NOT NULL,
+    backend_pid integer NOT NULL,
+    renewed_at timestamptz NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dx.snapshot_progress (
     entity text PRIMARY KEY,
     last_key jsonb,
@@ -106,17 +120,33 @@ CREATE TABLE IF NOT EXISTS dx.snapshot_progress (
     started_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz
 );
-CREATE OR REPLACE FUNCTION dx.commit_frontier() RETURNS bigint
+DROP FUNCTION IF EXISTS dx.commit_frontier();
+CREATE OR REPLACE FUNCTION dx.commit_frontier(max_wait_ms integer DEFAULT 200) RETURNS bigint
 LANGUAGE plpgsql AS $$
-DECLARE frontier bigint;
+DECLARE
+    frontier bigint;
+    committing text[];
+    deadline timestamptz := clock_timestamp() + make_interval(secs => max_wait_ms / 1000.0);
 BEGIN
     SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO frontier FROM dx.commit_seq;
-    -- wait for the commits in progress, then let go at once: committers queue behind this
-    -- request only while it waits (bounded by the caller's lock_timeout), never while the
-    -- relay goes on working
-    PERFORM pg_advisory_lock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
-    PERFORM pg_advisory_unlock({COMMIT_LOCK[0]}, {COMMIT_LOCK[1]});
-    RETURN frontier;
+    -- every number at or below it was drawn by a transaction holding the shared commit lock
+    -- until it ends: wait for the ones holding it now, by watching, never by queueing for the
+    -- lock (an exclusive request would make every later committer queue behind it while a
+    -- transaction that drew its number early stays open)
+    LOOP
+        SELECT array_agg(l.virtualtransaction) INTO committing FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.classid = {COMMIT_LOCK[0]}
+          AND l.objid = {COMMIT_LOCK[1]} AND l.objsubid = 2 AND l.granted
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND (committing IS NULL OR l.virtualtransaction = ANY (committing));
+        IF committing IS NULL THEN
+            RETURN frontier;
+        END IF;
+        IF clock_timestamp() > deadline THEN
+            RETURN NULL;  -- still committing (or drew its number early): try again later
+        END IF;
+        PERFORM pg_sleep(0.001);
+    END LOOP;
 END $$;
 CREATE OR REPLACE FUNCTION dx.mark_txn() RETURNS void
 LANGUAGE plpgsql AS $$
@@ -188,13 +218,34 @@ DROP TRIGGER IF EXISTS dx_on_commit ON dx.outbox;
 CREATE CONSTRAINT TRIGGER dx_on_commit AFTER INSERT ON dx.outbox
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.marks_txn)
     EXECUTE FUNCTION dx.on_commit();
+-- captured under session_replication_role = replica too (see ENABLE_ALWAYS)
+ALTER TABLE dx.txn_marker ENABLE ALWAYS TRIGGER dx_on_commit;
+ALTER TABLE dx.outbox ENABLE ALWAYS TRIGGER dx_on_commit;
 """  # noqa: S608
 
 
 # --- per-table capture ----------------------------------------------------------------------
 
-TRIGGER_NAMES = ("dx_capture", "dx_capture_update", "dx_capture_insert_stmt",
-                 "dx_capture_update_stmt", "dx_capture_delete_stmt", "dx_refuse_truncate")
+ROW_TRIGGERS = ("dx_capture", "dx_capture_update")
+STATEMENT_TRIGGERS = ("dx_capture_insert_stmt", "dx_capture_update_stmt",
+                      "dx_capture_delete_stmt")
+TRIGGER_NAMES = (*ROW_TRIGGERS, *STATEMENT_TRIGGERS, "dx_refuse_truncate")
+#: Why every dx trigger is ENABLE ALWAYS: PostgreSQL's default ('O', origin) does not fire in
+#: sessions with ``session_replication_role = replica`` (pg_restore, ETL and replication tools
+#: set it to skip triggers and foreign keys), so their writes would change the table and never
+#: reach the outbox. ALWAYS captures them like any other write; :data:`INACTIVE_TRIGGERS` finds
+#: a trigger someone disabled or set back.
+ENABLE_ALWAYS = "A"
+#: dx's triggers in this database that do not fire always: (schema, table, trigger, tgenabled)
+INACTIVE_TRIGGERS = """
+SELECT n.nspname, c.relname, t.tgname, t.tgenabled::text
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.tgname IN ('dx_on_commit', 'dx_capture', 'dx_capture_update', 'dx_capture_insert_stmt',
+                   'dx_capture_update_stmt', 'dx_capture_delete_stmt', 'dx_refuse_truncate')
+  AND t.tgenabled <> 'A' AND NOT t.tgisinternal
+ORDER BY 1, 2, 3
+"""
 
 
 def function_name(spec: TableSpec) -> sql.Composable:
@@ -243,7 +294,7 @@ def row_function(spec: TableSpec, version: int) -> sql.Composable:
     # The first row a transaction captures carries marks_txn = true: its deferred constraint
     # trigger draws the commit sequence, with no separate marker row to write and purge.
     body = sql.SQL("""
-DECLARE marks boolean;
+DECLARE marks boolean; moved text; moved_id bigint;
 BEGIN
     IF current_setting({guc}, true) IS DISTINCT FROM '1' THEN
         PERFORM set_config({guc}, '1', true);
@@ -252,9 +303,30 @@ BEGIN
         PERFORM dx.mark_txn();  -- raises: the commit number was drawn early
     END IF;
     IF TG_OP = 'INSERT' THEN
+        -- an UPDATE that moved the row to another partition reaches us as DELETE + INSERT;
+        -- with the key unchanged it is an update (or nothing, if no exposed column changed)
+        moved := current_setting({move_guc}, true);
+        IF moved IS NOT NULL AND moved <> '' THEN
+            PERFORM set_config({move_guc}, '', true);
+            IF substr(moved, strpos(moved, '|') + 1) = {ent} || ':' || ({key_new})::text THEN
+                moved_id := split_part(moved, '|', 1)::bigint;
+                DELETE FROM dx.outbox WHERE xid = pg_current_xact_id() AND id = moved_id
+                    AND before = {row_new};
+                IF NOT FOUND THEN
+                    UPDATE dx.outbox SET op = 'u', after = {row_new}
+                    WHERE xid = pg_current_xact_id() AND id = moved_id;
+                END IF;
+                RETURN NULL;
+            END IF;
+        END IF;
         {ins}({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin}, marks);
     ELSIF TG_OP = 'DELETE' THEN
-        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks);
+        {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks)
+            RETURNING id INTO moved_id;
+        IF {partitioned} THEN  -- the INSERT of a partition move, if one follows, finds it
+            PERFORM set_config({move_guc}, moved_id || '|' || {ent} || ':' || ({key_old})::text,
+                               true);
+        END IF;
     ELSIF {cmp_key_old} IS DISTINCT FROM {cmp_key_new} THEN
         {ins}({ent}, {ver}, 'd', {key_old}, {row_old}, NULL, {origin}, marks),
              ({ent}, {ver}, 'c', {key_new}, NULL, {row_new}, {origin}, NULL);
@@ -265,6 +337,9 @@ BEGIN
 END
 """).format(
         guc=sql.Literal(MARK_GUC), seq_guc=sql.Literal(SEQ_GUC), ins=ins, ent=ent, ver=ver,
+        move_guc=sql.Literal(MOVE_GUC),
+        partitioned=sql.SQL("(TG_TABLE_SCHEMA, TG_TABLE_NAME) <> ({}, {})").format(
+            sql.Literal(spec.schema), sql.Literal(spec.table)),
         origin=_origin(),
         key_new=_json_object(k, "NEW"), key_old=_json_object(k, "OLD"),
         row_new=_json_object(cols, "NEW"), row_old=_json_object(cols, "OLD"),
@@ -350,16 +425,24 @@ def install_statements(spec: TableSpec, version: int, mode: str, body_text: str,
                     "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT "
                     "EXECUTE FUNCTION {}()").format(table, fn),
         ]
+    # ENABLE_ALWAYS; a partitioned table's row triggers recurse to their clones
+    capture = ROW_TRIGGERS if mode == "row" else STATEMENT_TRIGGERS
+    stmts += [sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(n))
+              for n in capture]
     return stmts + truncate_guards(spec, partitions)
 
 
 def truncate_guards(spec: TableSpec,
                     partitions: tuple[tuple[str, str], ...] = ()) -> list[sql.Composed]:
-    """The TRUNCATE guard on the table and each partition (a TRUNCATE reaches no capture)."""
-    table = sql.Identifier(spec.schema, spec.table)
+    """The TRUNCATE guard on the table and each partition (a TRUNCATE reaches no capture),
+    firing ALWAYS (see ENABLE_ALWAYS)."""
+    guarded = [sql.Identifier(spec.schema, spec.table),
+               *(sql.Identifier(*p) for p in partitions)]
     return [sql.SQL("CREATE TRIGGER dx_refuse_truncate BEFORE TRUNCATE ON {} "
                     "FOR EACH STATEMENT EXECUTE FUNCTION dx.refuse_truncate()").format(t)
-            for t in [table, *(sql.Identifier(*p) for p in partitions)]]
+            for t in guarded] + [
+        sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER dx_refuse_truncate").format(t)
+        for t in guarded]
 
 
 def drop_triggers(spec: TableSpec,

@@ -84,6 +84,38 @@ def uninstall_table(conn: psycopg.Connection[Any], config: DxConfig, index: int)
 
 
 @dataclass(frozen=True)
+class InactiveTrigger:
+    """A dx trigger that does not fire for every write (disabled, or left at PostgreSQL's
+    default, which skips sessions under ``session_replication_role = replica``)."""
+
+    schema: str
+    table: str
+    trigger: str
+    enabled: str  # pg_trigger.tgenabled: D disabled, O origin/local only, R replica only
+
+    def problem(self) -> str:
+        where = f"{self.schema}.{self.table}"
+        if self.trigger == "dx_refuse_truncate":
+            lost = f"a TRUNCATE of {where} is not refused and never reaches Kafka"
+        elif self.schema == "dx":
+            lost = "captured transactions get no commit number and are never published"
+        else:
+            lost = f"changes to {where} are not captured"
+        if self.enabled == "D":
+            return (f"trigger {self.trigger} on {where} is disabled: {lost}; run 'dx capture "
+                    f"install' (or ALTER TABLE {where} ENABLE ALWAYS TRIGGER {self.trigger})")
+        return (f"trigger {self.trigger} on {where} does not fire in every session "
+                f"(tgenabled {self.enabled!r}; writes under session_replication_role = replica, "
+                f"as pg_restore and ETL tools do, skip it): {lost} in those sessions; run "
+                "'dx capture install' (it sets ENABLE ALWAYS)")
+
+
+def inactive_triggers(conn: psycopg.Connection[Any]) -> list[InactiveTrigger]:
+    """Every dx trigger in the database that does not fire for every write."""
+    return [InactiveTrigger(*r) for r in conn.execute(ddl.INACTIVE_TRIGGERS)]
+
+
+@dataclass(frozen=True)
 class CaptureState:
     entity: str
     installed: bool
@@ -92,6 +124,9 @@ class CaptureState:
     current: bool  # installed spec equals what dx.yaml + catalog say now, and nothing below
     pending: int
     problems: tuple[str, ...] = ()  # why the installed capture falls short, one line each
+    #: triggers that miss some sessions' writes (``dx capture status`` fails on them; a
+    #: snapshot does not, its changes are captured)
+    warnings: tuple[str, ...] = ()
 
 
 def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> CaptureState:
@@ -133,6 +168,13 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
             problems.append(f"{spec.entity}: partition(s) {', '.join(bare)} lack dx's TRUNCATE "
                             "guard (attached or created after the last 'dx capture install'); run "
                             "'dx capture install' again")
+    warnings: list[str] = []
+    if mode is not None:
+        mine = {(spec.schema, spec.table), *partitions(conn, spec.schema, spec.table)}
+        for t in inactive_triggers(conn):
+            if (t.schema, t.table) in mine:
+                # disabled: nothing is captured; origin-only: replica-role sessions are missed
+                (problems if t.enabled == "D" else warnings).append(t.problem())
     row = conn.execute("SELECT version, fingerprint FROM dx.capture_spec WHERE entity = %s "
                        "ORDER BY version DESC LIMIT 1", (spec.entity,)).fetchone()
     pending_row = conn.execute("SELECT count(*) FROM dx.outbox WHERE entity = %s",
@@ -142,5 +184,5 @@ def table_state(conn: psycopg.Connection[Any], config: DxConfig, index: int) -> 
         version=int(row[0]) if row else None,
         current=row is not None and row[1] == spec.fingerprint() and not problems,
         pending=int(pending_row[0]) if pending_row else 0,
-        problems=tuple(problems),
+        problems=tuple(problems), warnings=tuple(warnings),
     )

@@ -7,8 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
+
+_INVALID = re.compile(r"[^A-Za-z0-9_]")
+
+
+def avro_name(name: str) -> str:
+    """A column or schema name made valid for Avro (Debezium's 'avro' adjustment mode): the
+    name it has on the wire, which the catalog checks for collisions before capture starts."""
+    fixed = _INVALID.sub("_", name)
+    return "_" + fixed if not fixed or fixed[0].isdigit() else fixed
 
 
 @dataclass(frozen=True)

@@ -62,13 +62,18 @@ def init(config: Path = ConfigOption) -> None:
 
 
 def _extra_schemas() -> list[Any]:
-    """ensure_schema() of every other area: tasks, inbound offsets, alert incidents."""
+    """ensure_schema() of every other area: tasks, inbound offsets, alert incidents, inbound
+    state, route pauses, the console, console-managed API entities and keys."""
     from pipeline.alerts.engine import ensure_schema as alerts_schema
+    from pipeline.api.managed import ensure_schema as api_entity_schema
+    from pipeline.console.schema import ensure_schema as console_schema
     from pipeline.inbound.state import ensure_schema as inbound_schema
+    from pipeline.routes.pause import ensure_schema as pause_schema
     from pipeline.source.offsets import ensure_schema as offsets_schema
     from pipeline.tasks.store import ensure_schema as tasks_schema
 
-    return [tasks_schema, offsets_schema, alerts_schema, inbound_schema]
+    return [tasks_schema, offsets_schema, alerts_schema, inbound_schema, pause_schema,
+            console_schema, api_entity_schema]
 
 
 def validate(config: Path = ConfigOption,
@@ -162,12 +167,17 @@ def capture_status_cmd(config: Path = ConfigOption) -> None:
                        f"retains {slot.retained_bytes or 0} bytes of WAL")
         for i in range(len(cfg.tables)):
             st = capture_install.table_state(conn, cfg, i)
-            drift |= not (st.installed and st.current)
-            problems += [f"{st.entity}: {p}" for p in st.problems]
+            drift |= not (st.installed and st.current) or bool(st.warnings)
+            problems += [f"{st.entity}: {p}" for p in (*st.problems, *st.warnings)]
             table.add_row(st.entity, "yes" if st.installed else "NO", st.mode or "-",
                           f"v{st.version}" if st.version else "-",
                           "yes" if st.current else "NO (run dx capture install)",
                           str(st.pending))
+        # dx's own commit triggers: without them no captured change is ever published
+        dx_own = [t.problem() for t in capture_install.inactive_triggers(conn)
+                  if t.schema == "dx"]
+        drift |= bool(dx_own)
+        problems += dx_own
     console.print(table)
     for line in problems:
         typer.echo(line)
@@ -313,6 +323,9 @@ def _print_status(st: Any) -> None:
         for route in st.routes:
             if route.note:
                 console.print(f"route {route.name}: {route.note}", highlight=False)
+            if route.paused:
+                console.print(f"route {route.name}: [yellow]paused[/yellow] "
+                              f"('dx {route.kind} resume {route.name}')", highlight=False)
     if r.open_transactions:
         lt = Table("pid", "age", "state", "application", "captured changes", "query",
                    title="long transactions")
@@ -354,8 +367,7 @@ def _registrar(cfg: DxConfig) -> Any:
     from pipeline.events.wire import SchemaRegistrar, registry_client
 
     sr = cfg.schema_registry
-    auth = sr.basic_auth_user_info.get_secret_value() if sr.basic_auth_user_info else None
-    return SchemaRegistrar(registry_client(sr.url, auth), sr.url)
+    return SchemaRegistrar(registry_client(sr), sr.url)
 
 
 @schemas_app.command("generate")
@@ -391,7 +403,9 @@ def schemas_check(config: Path = ConfigOption, directory: Path = SchemaDir,
             bad = True
             typer.echo(f"{r.subject}: NOT compatible with the registered schema", err=True)
         else:
-            state = "new subject" if r.compatible is None else "compatible"
+            state = ("shared shape, not a subject of its own" if r.subject.startswith("dx.")
+                     else "registry not checked" if offline
+                     else "new subject" if r.compatible is None else "compatible")
             typer.echo(f"{r.subject}: {'differs from catalog' if r.diff else 'up to date'}, "
                        f"{state}")
     if bad:

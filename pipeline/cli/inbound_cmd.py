@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from pipeline.cli.common import (
     worker_server,
 )
 from pipeline.errors import TerminalError
+from pipeline.observability.logging import redact
 
 inbound_app = typer.Typer(
     help="Inbound kinds feeding source routes: webhooks, scheduled pulls, file drops "
@@ -38,22 +41,43 @@ def serve(config: Path = ConfigOption,
                                    help="listen address (0.0.0.0 to accept from outside)"),
           port: int = typer.Option(8088, "--port", envvar="DX_INBOUND_PORT", min=0,
                                    max=65535, help="listen port"),
+          metrics_port: int = MetricsPortOption, metrics_host: str = MetricsHostOption,
           verbose: bool = VerboseOption) -> None:
     """Receive webhooks on POST /inbound/ROUTE for every route with 'inbound: webhook:'; a 2xx
-    answer means Kafka acknowledged every entity. SIGTERM/Ctrl-C stop after in-flight requests."""
+    answer means Kafka acknowledged every entity. SIGTERM/Ctrl-C stop after in-flight requests.
+    Prometheus /metrics on --metrics-port (not on the port facing the senders)."""
     import uvicorn
 
+    from pipeline.cli.core_cmd import install_signal_handlers
     from pipeline.inbound.webhook import WebhookServer
 
     _verbose(verbose)
-    server = WebhookServer(config_from(config))
-    typer.echo(f"dx inbound: webhooks for {', '.join(sorted(server.receivers))} on "
-               f"http://{host}:{port}/inbound/<route>", err=True)
+    cfg = config_from(config)
+    try:  # bound here: a port in use is one dx: error line (uvicorn would log and exit 3)
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                    else socket.AF_INET)
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        raise TerminalError(f"cannot listen on {host}:{port}: {why} (set --port / "
+                            "DX_INBOUND_PORT)") from None
+    metrics = worker_server(metrics_port, metrics_host)
     try:
-        uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_config=None,
-                                      access_log=False, server_header=False)).run()
+        server = WebhookServer(cfg, server=metrics)
+        typer.echo(f"dx inbound: webhooks for {', '.join(sorted(server.receivers))} on "
+                   f"http://{host}:{port}/inbound/<route>", err=True)
+        metrics.set_ready(True, "serving")
+        # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again under the
+        # handler it found: ours, so the statistics are flushed and the exit code is 0
+        install_signal_handlers(threading.Event())
+        try:
+            uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_config=None,
+                                          access_log=False, server_header=False)
+                           ).run(sockets=[sock])
+        finally:
+            server.close()
     finally:
-        server.close()
+        metrics.close()
+        sock.close()
     typer.echo("dx inbound: stopped", err=True)
 
 
@@ -88,7 +112,7 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
         server.close()
     typer.echo(f"pull {route}: {stats.pages} pages, {stats.entities} entities sent, "
                f"{stats.failed} unmappable (dead tasks), {stats.retries} retried requests; "
-               f"cursor {stats.cursor}", err=True)
+               f"cursor {redact(stats.cursor or '')}", err=True)
 
 
 @inbound_app.command("watch")

@@ -6,7 +6,15 @@ import sys
 
 import typer
 
-from pipeline.cli import api_cmd, core_cmd, inbound_cmd, outbox_cmd, sink_cmd, source_cmd
+from pipeline.cli import (
+    api_cmd,
+    console_cmd,
+    core_cmd,
+    inbound_cmd,
+    outbox_cmd,
+    sink_cmd,
+    source_cmd,
+)
 from pipeline.errors import DxError
 from pipeline.observability.logging import FORMAT_ENV, LEVEL_ENV, redact, setup_logging
 
@@ -34,7 +42,7 @@ def _global(
         raise typer.BadParameter(str(err)) from None
 
 
-for module in (core_cmd, sink_cmd, source_cmd, inbound_cmd, outbox_cmd, api_cmd):
+for module in (core_cmd, sink_cmd, source_cmd, inbound_cmd, outbox_cmd, api_cmd, console_cmd):
     module.register(app)
 
 

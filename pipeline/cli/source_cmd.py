@@ -38,7 +38,12 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
         accept_retention_gap: bool = typer.Option(
             False, "--accept-retention-gap",
             help="continue when Kafka deleted messages (retention) before they were applied; "
-                 "without it the worker stops and names them")) -> None:
+                 "without it the worker stops and names them"),
+        accept_topic_reset: bool = typer.Option(
+            False, "--accept-topic-reset",
+            help="when a stored offset is beyond its partition's end (topic re-created, another "
+                 "cluster), apply the partition from its start; without it the worker stops")
+        ) -> None:
     """Consume ROUTE's topic and apply it to its table exactly once (Ctrl-C / SIGTERM stops
     after the current batch; a second signal aborts it, rolled back)."""
     from pipeline.source.worker import SourceWorker
@@ -49,7 +54,8 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
     server = worker_server(metrics_port, metrics_host)
     try:
         stats = SourceWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server,
-                             accept_retention_gap=accept_retention_gap).run()
+                             accept_retention_gap=accept_retention_gap,
+                             accept_topic_reset=accept_topic_reset).run()
     finally:
         server.close()
     typer.echo(f"route {route}: {stats.applied} applied, {stats.failed} dead, "

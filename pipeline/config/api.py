@@ -238,6 +238,9 @@ class ApiConfig(_Base):
     default_limit: int = Field(50, ge=1, description="page size when 'limit' is not given")
     max_limit: int = Field(500, ge=1, le=100_000, description="largest page size")
     max_batch: int = Field(5000, ge=1, le=100_000, description="most rows in one write request")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="largest request body, refused (413) before it is read; /oauth/token: 8 KiB")
     pool_size: int = Field(8, ge=1, le=200, description="PostgreSQL connections")
     statement_timeout_ms: int = Field(30_000, ge=0, description="per statement; 0: none")
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="default per-key limit")

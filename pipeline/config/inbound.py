@@ -57,7 +57,9 @@ class WebhookConfig(_Base):
     max_entities: int = Field(10_000, ge=1, le=1_000_000, description="entities per request")
     idempotency_header: str | None = Field(
         "Idempotency-Key", description="a request carrying a key already accepted is answered "
-        "again without producing anything; null: only id_fields/content identify duplicates")
+        "again without producing anything (the same key for other entities: 422); without a key, "
+        "id_fields identify a re-sent request; without both, the signature (hmac) or nothing "
+        "(bearer: every request is produced)")
     ack_timeout_s: float = Field(10, gt=0, le=300,
                                  description="answer 503 when Kafka has not acknowledged by then")
 
@@ -96,6 +98,10 @@ class Incremental(_Base):
     initial: str | None = Field(None, description="cursor of the first run (default: none)")
     compare: Literal["text", "number"] = Field(
         "text", description="how values are ordered: ISO timestamps as text, ids as numbers")
+    keyset: bool = Field(
+        False, description="page/offset: ask every page from the largest value seen so far, at "
+        "the first page, so an entity changed mid-run cannot shift another past the pages "
+        "read (the endpoint must order by field, ascending; field unique, or param inclusive)")
 
 
 class PullConfig(_Base):
@@ -133,6 +139,14 @@ class PullConfig(_Base):
         if v is not None and not re.match(_DOTTED, v):
             raise ValueError("a path of names joined by dots, e.g. data or result.items")
         return v
+
+    @model_validator(mode="after")
+    def _keyset(self) -> PullConfig:
+        if self.incremental is not None and self.incremental.keyset and \
+                self.pagination.kind not in ("page", "offset"):
+            raise ValueError("incremental.keyset needs page or offset pagination (a cursor or "
+                             "next link already pages consistently)")
+        return self
 
 
 class FilesConfig(_Base):

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipeline.config.kafka_client import refused_property
 from pipeline.config.model import DxConfig
 from pipeline.errors import ConfigError
 
@@ -42,14 +43,46 @@ def _interpolate(text: str, *, file: str, line: int, env: dict[str, str]) -> str
     return _VAR.sub(sub, text)
 
 
+#: YAML's core tags: plain data. Anything else (``!!python/object``, ``!custom``) is refused,
+#: also on mappings and sequences, where a safe loader would otherwise silently ignore it.
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in (
+    "str", "int", "float", "bool", "null", "map", "seq", "timestamp"))
+#: Aliases are expanded; a file that expands beyond this many values is refused (an alias
+#: "bomb" would otherwise take all memory), as is nesting deeper than _MAX_DEPTH.
+_MAX_NODES = 100_000
+_MAX_DEPTH = 64
+
+
 class _Builder:
     def __init__(self, file: str, env: dict[str, str]) -> None:
         self.file = file
         self.env = env
         self.lines: dict[Path_, int] = {}
         self._constructor = yaml.constructor.SafeConstructor()
+        self._open: set[int] = set()  # ids of the nodes being built (an alias cycle check)
+        self._nodes = 0
+
+    def _error(self, node: yaml.Node, message: str) -> ConfigError:
+        return ConfigError(message, file=self.file, line=node.start_mark.line + 1)
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
+        if id(node) in self._open:
+            raise self._error(node, "an alias refers to a value that contains it (recursive)")
+        self._nodes += 1
+        if self._nodes > _MAX_NODES:
+            raise self._error(node, f"more than {_MAX_NODES} values after expanding aliases")
+        if len(path) > _MAX_DEPTH:
+            raise self._error(node, f"nested more than {_MAX_DEPTH} levels deep")
+        if node.tag not in _PLAIN_TAGS:
+            raise self._error(node, f"YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} "
+                                    "is not allowed (dx.yaml holds plain data)")
+        self._open.add(id(node))
+        try:
+            return self._build(node, path)
+        finally:
+            self._open.discard(id(node))
+
+    def _build(self, node: yaml.Node, path: Path_) -> Any:
         line = node.start_mark.line + 1
         self.lines[path] = line
         if isinstance(node, yaml.MappingNode):
@@ -69,7 +102,12 @@ class _Builder:
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
-        value = self._constructor.construct_object(node)
+        try:
+            value = self._constructor.construct_object(node)
+        except (ValueError, yaml.YAMLError) as err:  # 2024-13-45, a 5000-digit number
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise self._error(node, f"{node.value[:40]!r} is not a valid {kind} ({err}); "
+                                    "quote it to keep it as text") from None
         if isinstance(value, str):
             value = _interpolate(value, file=self.file, line=line, env=self.env)
         return value
@@ -97,6 +135,12 @@ def parse_config(text: str, *, file: str = "dx.yaml",
         mark = err.problem_mark
         raise ConfigError(f"not valid YAML: {err.problem}", file=file,
                           line=mark.line + 1 if mark else None) from None
+    except yaml.reader.ReaderError as err:  # control characters, NUL
+        raise ConfigError(f"not valid YAML: character #x{err.character:04x} is not allowed "
+                          "(write control characters as escapes in double quotes)", file=file,
+                          line=text[:err.position].count("\n") + 1) from None
+    except RecursionError:
+        raise ConfigError("not valid YAML: nested too deeply", file=file) from None
     if root is None:
         raise ConfigError("the file is empty", file=file, line=1)
     builder = _Builder(file, dict(os.environ) if env is None else env)
@@ -116,6 +160,12 @@ def parse_config(text: str, *, file: str = "dx.yaml",
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise ConfigError(f"{_loc_text(loc)}: {msg}{more}", file=file,
                           line=builder.line_for(loc)) from None
+    refused = refused_property(config.kafka.client)
+    if refused is not None:
+        key, reason = refused
+        at: Path_ = ("kafka", "client", key) if key is not None else ("kafka", "client")
+        raise ConfigError(f"{_loc_text(at)}: librdkafka refuses it: {reason}", file=file,
+                          line=builder.line_for(at))
     config.attach_source(file, builder.lines)
     return config
 
@@ -132,8 +182,14 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     """Read and validate a dx.yaml file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read configuration: {err.strerror} (give another file with "
                           "-c FILE or DX_CONFIG)", file=str(p)) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text: byte 0x{data[err.start]:02x} (save the file as "
+                          "UTF-8)", file=str(p), line=line) from None
     return parse_config(text, file=str(p), env=env)

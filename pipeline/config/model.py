@@ -8,7 +8,8 @@ come from ``${VAR}`` interpolation.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -20,10 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.alerts.config import AlertsConfig
+from pipeline.config.alerts import AlertsConfig
 from pipeline.config.api import ApiConfig
 from pipeline.config.sinks import SinkRoute
 from pipeline.config.sources import SourceRoute
+from pipeline.errors import ConfigError
+
+Route = TypeVar("Route", SinkRoute, SourceRoute)
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -39,6 +43,19 @@ class DatabaseConfig(Base):
     connect_timeout_s: float = Field(5.0, gt=0, description="seconds to wait for a connection")
 
 
+class NewTopicsConfig(Base):
+    """How dx creates the topics it writes to when they do not exist (it never relies on
+    broker auto-create, which production clusters usually turn off)."""
+
+    partitions: int = Field(1, ge=1, le=10_000, description="partitions of a topic dx creates")
+    replication_factor: int | None = Field(
+        None, ge=1, le=32, description="replicas of a topic dx creates; default the broker's "
+        "default.replication.factor")
+    config: dict[str, str | int] = Field(
+        default_factory=dict, description="topic settings of a topic dx creates, e.g. "
+        "min.insync.replicas: 2")
+
+
 class KafkaConfig(Base):
     """The Kafka cluster the exchange runs on."""
 
@@ -48,6 +65,9 @@ class KafkaConfig(Base):
         default_factory=dict,
         description="extra librdkafka properties (security.protocol, sasl.*); unknown ones fail",
     )
+    new_topics: NewTopicsConfig = Field(
+        default_factory=NewTopicsConfig, description="how dx creates topics it needs"
+    )
 
     @field_validator("topic_prefix")
     @classmethod
@@ -55,6 +75,12 @@ class KafkaConfig(Base):
         if not _TOPIC.match(v):
             raise ValueError("only letters, digits, '.', '_' and '-' are allowed")
         return v
+
+    def librdkafka(self, role: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The properties of a librdkafka client (producer, consumer or admin): the cluster,
+        then ``client`` (security, tuning), then what the client's ``role`` needs, which wins
+        (an idempotent producer stays idempotent whatever ``client`` says)."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.client, **(role or {})}
 
 
 class SchemaRegistryConfig(Base):
@@ -79,6 +105,10 @@ class RelayConfig(Base):
         True, description="register compatible schema changes without stopping"
     )
     standby_poll_s: float = Field(1.0, gt=0, description="how often a standby tries the lease")
+    lease_timeout_s: float = Field(
+        30.0, ge=1, le=3600,
+        description="a standby takes over from an active relay that has not renewed its lease "
+                    "this long (frozen, cut off); the active one stops itself at 60% of it")
 
 
 class TableConfig(Base):
@@ -190,6 +220,24 @@ class DxConfig(Base):
             if loc[:n] in self._lines:
                 return self._file, self._lines[loc[:n]]
         return self._file, None
+
+    def sink(self, name: str) -> tuple[int, SinkRoute]:
+        """The sink route called ``name`` and its index (for ``where("sinks", index, ...)``);
+        ConfigError naming the configured routes otherwise."""
+        return self._route("sinks", self.sinks, name)
+
+    def source(self, name: str) -> tuple[int, SourceRoute]:
+        """The source route called ``name`` and its index; ConfigError otherwise."""
+        return self._route("sources", self.sources, name)
+
+    def _route(self, key: str, routes: Sequence[Route], name: str) -> tuple[int, Route]:
+        for i, route in enumerate(routes):
+            if route.name == name:
+                return i, route
+        known = ", ".join(r.name for r in routes) or "none"
+        file, line = self.where(key)
+        raise ConfigError(f"no {key[:-1]} route named {name!r} (configured: {known})",
+                          file=file, line=line)
 
     def topic_for(self, table: TableConfig) -> str:
         return table.topic or f"{self.kafka.topic_prefix}.{table.schema_name}.{table.table_name}"

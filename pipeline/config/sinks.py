@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from connectors.base import ConnectorSettings
+from pipeline.config.connectors import ConnectorSettings, settings_model
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -335,8 +335,6 @@ class SinkRoute(_Base):
     @classmethod
     def _connector(cls, v: Any) -> Any:
         """Validate with the connector's own model; errors keep the nested key path."""
-        from connectors.registry import settings_model
-
         if not isinstance(v, dict):
             raise ValueError("must be a mapping with 'type' and the connector's settings")
         kind = v.get("type")

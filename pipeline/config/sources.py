@@ -29,16 +29,27 @@ class ConflictPolicy(_Base):
 
     Both policies compare ``column`` (a version or source timestamp: any orderable column) of the
     incoming row against the stored row; the higher value wins, so the outcome does not depend on
-    the order events arrive in. An equal value is a duplicate and changes nothing (the first
-    writer of a version keeps it, which makes replays and re-imports no-ops).
+    the order events arrive in.
 
     - ``last-writer-wins``: an older version is recorded as a *skipped* task (not an error).
     - ``reject-older``: an older version is a *dead* task with a dead letter (someone should look).
+
+    Content decides the rest (README, "Two-way sync"): an event whose values equal the stored
+    row's apart from ``column`` changes nothing and is not written — a duplicate at an equal
+    version, an echo at a newer one (systems that bump a version on every write they receive
+    would otherwise send a change around forever). An equal version with *other* values is a
+    tie, which exactly one side must yield: ``ties`` says whether dx does.
     """
 
     column: str = Field(description="target column holding the version or source timestamp")
     policy: Literal["last-writer-wins", "reject-older"] = Field(
         "last-writer-wins", description="what happens to an event older than the stored row"
+    )
+    ties: Literal["stored", "incoming"] = Field(
+        "stored",
+        description="an equal version with other values: stored keeps the stored row (the "
+        "target must take an equal version from dx); incoming applies it (for targets that "
+        "accept only a newer version)",
     )
 
 

@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from pipeline import db
+from pipeline.capture.catalog import primary_key, read_columns, table_oid
 from pipeline.config.model import DxConfig, TableConfig
 from pipeline.errors import CatalogError, ConfigError
 
@@ -36,25 +37,17 @@ def _table(config: DxConfig, name: str) -> TableConfig:
 
 def _check(conn: psycopg.Connection[Any], t: TableConfig) -> tuple[list[str], int]:
     """Catalog spelling of the exposed columns and key, and the planner's row estimate."""
-    row = conn.execute(
-        "SELECT c.oid, greatest(c.reltuples, 0)::bigint FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-        (t.schema_name, t.table_name)).fetchone()
-    if row is None:
+    oid = table_oid(conn, t.schema_name, t.table_name)
+    if oid is None:
         raise CatalogError(f"table {t.qualified} does not exist in the database")
-    oid, estimate = int(row[0]), int(row[1])
-    cols = {r[0] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
-        "AND NOT attisdropped", (oid,))}
+    row = conn.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s",
+                       (oid,)).fetchone()
+    estimate = int(row[0]) if row else 0
+    cols = {c.name for c in read_columns(conn, oid)}
     for c in t.columns:
         if c not in cols:
             raise CatalogError(f"column {c!r} of {t.qualified} (dx.yaml) does not exist")
-    key = list(t.key) if t.key else [r[0] for r in conn.execute(
-        "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY "
-        "AS k(attnum, ord) ON true JOIN pg_attribute a ON a.attrelid = i.indrelid "
-        "AND a.attnum = k.attnum WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
-        (oid,))]
+    key = list(t.key) if t.key else primary_key(conn, oid)
     return key, estimate
 
 

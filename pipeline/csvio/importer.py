@@ -37,8 +37,9 @@ from pipeline.errors import CatalogError, ConfigError, ServiceUnavailable, Termi
 from pipeline.events.avro import avro_type, define_once, python_converter
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_client
 from pipeline.observability.logging import KAFKA_LOG
-from pipeline.source.catalog import Column, Target, find_route, read_target
+from pipeline.source.catalog import Column, Target, read_target
 from pipeline.source.validate import FieldError, RowValidator
+from pipeline.source.worker import ensure_route_topics
 
 _NAMESPACE = uuid.UUID("6f1d3c1e-8a57-4d1e-9c1b-5d0a2b7e4c10")
 Progress = Callable[[int, int], None]  # (rows done, rows total)
@@ -58,7 +59,7 @@ class ImportResult:
 def pick_route(config: DxConfig, entity: str | None, table: str | None) -> int:
     """The route an import goes through: ``--entity`` names the route, ``--table`` its target."""
     if entity is not None:
-        return find_route(config, entity)[0]
+        return config.source(entity)[0]
     if table is None:
         raise ConfigError("give --entity ROUTE or --table TABLE", file=config.where()[0])
     wanted = table if "." in table else f"public.{table}"
@@ -103,9 +104,7 @@ class _Encoder:
         self.key_schema: RegisteredSchema | None = None
         if route.format == "avro":
             reg = config.schema_registry
-            auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info \
-                else None
-            registrar = SchemaRegistrar(registry_client(reg.url, auth), reg.url)
+            registrar = SchemaRegistrar(registry_client(reg), reg.url)
             ns = f"dx.import.{route.name}".replace("-", "_")
             self.value_schema = registrar.get(f"{route.topic}-value", define_once({
                 "type": "record", "name": "Value", "namespace": ns,
@@ -133,13 +132,28 @@ class _Encoder:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number where the record starts, cells); the header is yielded as line 1."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    """(line number where the record starts, cells); the header is yielded as line 1. Bytes
+    that are not UTF-8 are kept as lone surrogates (``surrogateescape``), so such a row is
+    rejected alone (:func:`_undecodable`) instead of stopping the import halfway; a file that
+    is not CSV stops it with the line."""
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         line = 1
-        for cells in reader:
-            yield line, cells
-            line = reader.line_num + 1
+        try:
+            for cells in reader:
+                yield line, cells
+                line = reader.line_num + 1
+        except csv.Error as err:
+            raise TerminalError(f"{path}:{reader.line_num}: not valid CSV: {err}") from None
+
+
+def _undecodable(cells: list[str]) -> str | None:
+    """Why a row read with ``surrogateescape`` is not UTF-8 text, or None."""
+    for cell in cells:
+        for ch in cell:
+            if "\udc80" <= ch <= "\udcff":
+                return f"not UTF-8 text (byte 0x{ord(ch) - 0xdc00:02x}); save the file as UTF-8"
+    return None
 
 
 def count_rows(path: Path) -> int:
@@ -164,17 +178,18 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
         _, header = next(rows)
     except StopIteration:
         raise TerminalError(f"{path}: the file is empty (expected a header line)") from None
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise TerminalError(f"{path}:1: cannot read the header: {err}") from None
+    if _undecodable(header):
+        raise TerminalError(f"{path}:1: the header is {_undecodable(header)}")
     header = [h.strip() for h in header]
     _check_header(path, header, route, target, validator)
     total = count_rows(path)
     result = ImportResult(route=route.name, topic=route.topic)
     encoder = None if dry_run else _Encoder(config, route, target, header, validator)
-    producer = None if dry_run else Producer({
-        "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
+    if not dry_run:
+        ensure_route_topics(config, route)
+    producer = None if dry_run else Producer(config.kafka.librdkafka({
         "enable.idempotence": True, "linger.ms": 50, "compression.type": "lz4",
-        "queue.buffering.max.messages": 200_000}, logger=KAFKA_LOG)
+        "queue.buffering.max.messages": 200_000}), logger=KAFKA_LOG)
     errors: list[str] = []
 
     def delivered(err: KafkaError | None, msg: Message) -> None:
@@ -197,13 +212,17 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
                 if len(cells) != len(header):
                     raise FieldError(None, f"has {len(cells)} cells, the header has "
                                            f"{len(header)}")
+                undecodable = _undecodable(cells)
+                if undecodable:
+                    raise FieldError(None, undecodable)
                 record_in = dict(zip(header, cells, strict=True))
                 row = validator.row(record_in)
                 record = {validator.field(c): v for c, v in row.items()}
             except FieldError as err:
                 result.rejected += 1
                 if writer is None:
-                    rejects = reject_path.open("w", newline="", encoding="utf-8")
+                    rejects = reject_path.open("w", newline="", encoding="utf-8",
+                                               errors="surrogateescape")  # bytes as they came
                     writer = csv.writer(rejects)
                     writer.writerow(["line", "field", "reason", *header])
                 writer.writerow([line, err.field or "", err.reason, *cells])

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from decimal import Context, Decimal
 from typing import Any
 
-from pipeline.capture.spec import ColumnSpec, TableSpec
+from pipeline.capture.spec import ColumnSpec, TableSpec, avro_name
 
 Converter = Callable[[Any], Any]
 
@@ -81,6 +81,19 @@ _VARIABLE_SCALE_DECIMAL: dict[str, Any] = {
 
 _ENUM = _debezium("string", "io.debezium.data.Enum")
 
+# Types whose exact PostgreSQL type a sink can only learn from Debezium's propagated source type
+# (`column.propagate.source.type`): Debezium's JDBC sink then creates jsonb, varchar(n), char(n).
+_SOURCE_TYPED = {"jsonb": "JSONB", "varchar": "VARCHAR", "bpchar": "BPCHAR"}
+
+
+def _source_typed(col: ColumnSpec) -> dict[str, Any]:
+    base = _SIMPLE[col.type]
+    plain: dict[str, Any] = {"type": base} if isinstance(base, str) else dict(base)
+    params = {"__debezium.source.column.type": _SOURCE_TYPED[col.type]}
+    if col.precision is not None:
+        params["__debezium.source.column.length"] = str(col.precision)
+    return {**plain, "connect.parameters": params}
+
 
 def avro_type(col: ColumnSpec) -> Any:
     """The Avro type of one column (without the null union). A schema with two unconstrained
@@ -93,6 +106,8 @@ def avro_type(col: ColumnSpec) -> Any:
             base = dict(_VARIABLE_SCALE_DECIMAL)
     elif col.category == "E" and col.type not in _SIMPLE:
         base = _ENUM
+    elif col.type in _SOURCE_TYPED:
+        base = _source_typed(col)
     else:
         base = _SIMPLE.get(col.type, "string")
     if col.is_array:
@@ -390,15 +405,6 @@ def row_converter(columns: tuple[ColumnSpec, ...]) -> Callable[[dict[str, Any]],
         return out
 
     return convert
-
-
-_INVALID = re.compile(r"[^A-Za-z0-9_]")
-
-
-def avro_name(name: str) -> str:
-    """A column or schema name made valid for Avro (Debezium's 'avro' adjustment mode)."""
-    fixed = _INVALID.sub("_", name)
-    return "_" + fixed if not fixed or fixed[0].isdigit() else fixed
 
 
 def namespace(prefix: str, spec: TableSpec) -> str:

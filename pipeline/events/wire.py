@@ -19,6 +19,7 @@ import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+from pipeline.config.model import SchemaRegistryConfig
 from pipeline.errors import SchemaError, ServiceUnavailable
 from pipeline.events.avro import Converter, python_values
 from pipeline.observability.logging import redact
@@ -108,10 +109,14 @@ class WireDecoder:
                               f"({type(err).__name__}: {err})") from None
 
 
-def registry_client(url: str, basic_auth_user_info: str | None = None) -> SchemaRegistryClient:
-    conf: dict[str, Any] = {"url": url}
-    if basic_auth_user_info:
-        conf["basic.auth.user.info"] = basic_auth_user_info
+def registry_client(registry: SchemaRegistryConfig | str) -> SchemaRegistryClient:
+    """The one way dx builds a registry client: from ``schema_registry:`` in dx.yaml (its
+    credentials unwrapped here and nowhere else), or from a bare URL."""
+    if isinstance(registry, str):
+        return SchemaRegistryClient({"url": registry})
+    conf: dict[str, Any] = {"url": registry.url}
+    if registry.basic_auth_user_info is not None:
+        conf["basic.auth.user.info"] = registry.basic_auth_user_info.get_secret_value()
     return SchemaRegistryClient(conf)
 
 

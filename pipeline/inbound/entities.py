@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
+
+import simplejson
 
 from pipeline.config.inbound import InboundConfig
 from pipeline.config.sinks import FilterConfig, SinkRoute
@@ -20,12 +23,29 @@ from pipeline.sink.mapping import Event, MappingError, RouteLogic
 #: identity, so the same entity version received twice is the same event.
 NAMESPACE = uuid.UUID("0b7c3f52-6d0e-4a8e-b6f4-3f1d7c9a2e51")
 
-__all__ = ["NAMESPACE", "Mapper", "MappingError", "canonical", "event_id"]
+__all__ = ["NAMESPACE", "Mapper", "MappingError", "canonical", "event_id", "loads_exact"]
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_exact(data: bytes | str) -> Any:
+    """JSON as a third party sent it: numbers with a fraction or exponent become ``Decimal``
+    (``19.99`` stays ``19.99``, a 20-digit amount keeps every digit on its way to a numeric
+    column); ``NaN``/``Infinity`` are refused (not JSON). Raises ``ValueError`` (also for a
+    body nested too deeply to parse)."""
+    try:
+        return json.loads(data, parse_float=Decimal, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def canonical(value: Any) -> str:
-    """One text per JSON value (sorted keys, no spaces), the input of derived ids."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    """One text per JSON value (sorted keys, no spaces): the message value and the input of
+    derived ids. ``Decimal`` numbers are written as JSON numbers with their exact digits."""
+    return simplejson.dumps(value, sort_keys=True, separators=(",", ":"), default=str,
+                            use_decimal=True)
 
 
 class Mapper:
@@ -34,6 +54,7 @@ class Mapper:
 
     def __init__(self, route_name: str, inbound: InboundConfig | None) -> None:
         mapping = inbound.mapping if inbound is not None else None
+        self.id_fields = inbound.id_fields if inbound is not None else None
         self.logic: RouteLogic | None = None
         self.route = route_name
         if mapping is not None:

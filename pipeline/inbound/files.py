@@ -20,15 +20,22 @@ on the next scan and only moves the file.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
-import json
+import itertools
 import logging
+import os
+import shutil
+import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from pipeline import db
 from pipeline.config.inbound import FilesConfig
@@ -36,9 +43,10 @@ from pipeline.config.model import DxConfig
 from pipeline.csvio.importer import import_csv
 from pipeline.errors import ConfigError, ServiceUnavailable, TerminalError
 from pipeline.inbound import state
-from pipeline.inbound.entities import Mapper, MappingError, canonical
+from pipeline.inbound.entities import Mapper, MappingError, canonical, loads_exact
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
 from pipeline.inbound.rejects import rejected
+from pipeline.observability.metrics import METRICS
 from pipeline.observability.server import WorkerServer
 from pipeline.source.events import Failure
 from pipeline.source.tasks import recorder
@@ -49,12 +57,14 @@ log = logging.getLogger(__name__)
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _TEMPORARY = (".tmp", ".part", ".partial", ".crdownload")
 _SEND_CHUNK = 10_000
+#: A JSON-lines line longer than this is rejected without being held in memory whole.
+MAX_LINE_BYTES = 16 << 20
 
 
 @dataclass
 class FileOutcome:
     name: str
-    status: str  # done, failed, duplicate
+    status: str  # done, failed, duplicate, changed (written to while read: read again)
     rows: int = 0
     rejected: int = 0
     error: str | None = None
@@ -68,9 +78,15 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _identity(path: Path) -> tuple[int, int, int, int, int]:
+    """What changes when a file is rewritten, appended to or replaced (not followed); the
+    first item is the mode, so one ``lstat`` both checks the kind and identifies the file."""
+    st = path.lstat()
+    return st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _move(path: Path, folder: Path) -> Path:
     """Into ``folder``, never over an earlier file of the same name (``name.1``, ``name.2``)."""
-    folder.mkdir(exist_ok=True)
     dest = folder / path.name
     n = 0
     while dest.exists():
@@ -104,6 +120,7 @@ class Watcher:
         self.stop = stop or threading.Event()
         self.url = config.database.url.get_secret_value()
         self.producer: InboundProducer | None = None
+        self.metrics = METRICS.worker("inbound", self.route.name)
         with self._db() as conn:
             state.ensure_schema(conn)
 
@@ -122,8 +139,15 @@ class Watcher:
         while not self.stop.is_set():
             self.server.heartbeat()
             try:
-                outcomes.extend(self.scan())
-            except ServiceUnavailable as err:
+                try:
+                    outcomes.extend(self.scan())
+                except psycopg.OperationalError as err:  # the database went away mid-scan
+                    raise ServiceUnavailable("postgresql", db.redact(self.url),
+                                             str(err).strip()) from None
+                except OSError as err:  # the folder: permissions, a file where done/ should be
+                    raise TerminalError(f"watch {self.route.name}: {err}") from None
+            except (ServiceUnavailable, TerminalError) as err:
+                self._record_error(err)
                 if once:
                     raise
                 log.error("watch %s: %s; files stay for the next scan", self.route.name, err)
@@ -133,20 +157,34 @@ class Watcher:
         self.server.set_ready(False, "stopped")
         return outcomes
 
+    def _record_error(self, err: Exception) -> None:
+        """A scan that failed is a problem in ``dx status`` (best effort: the database may be
+        what failed)."""
+        try:
+            with self._db() as conn, conn.transaction():
+                state.record(conn, self.route.name, "files", state.Counts(errors=1), ok=False,
+                             error=str(err))
+        except (ServiceUnavailable, psycopg.Error) as failed:
+            log.debug("watch %s: error not recorded: %s", self.route.name, failed)
+
     def ready(self) -> list[Path]:
         """Complete files of an accepted format, oldest first."""
         found = []
         for p in self.dir.iterdir():
             name = p.name
-            if not p.is_file() or name.startswith(".") or name.lower().endswith(_TEMPORARY):
+            if not (p.is_symlink() or p.is_file()) or name.startswith(".") \
+                    or name.lower().endswith(_TEMPORARY):
                 continue
             kind = _EXTENSIONS.get(p.suffix.lower())
             if kind is None or kind not in self.files.formats:
                 continue
             if self.files.complete == "marker" and not p.with_name(name + ".done").exists():
                 continue
-            found.append(p)
-        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+            try:
+                found.append((p.lstat().st_mtime, p))
+            except FileNotFoundError:  # taken away meanwhile
+                continue
+        return [p for _, p in sorted(found, key=lambda t: (t[0], t[1].name))]
 
     def scan(self) -> list[FileOutcome]:
         out = []
@@ -159,56 +197,100 @@ class Watcher:
 
     # ---- one file ---------------------------------------------------------------------------
 
+    def _folder(self, name: str) -> Path:
+        """``done/`` or ``failed/``: a real folder, never a symbolic link someone planted to
+        make dx move files (or write reports) elsewhere."""
+        folder = self.dir / name
+        if folder.is_symlink():
+            raise TerminalError(f"{folder} is a symbolic link: dx moves dropped files only into "
+                                "a real folder (remove the link)")
+        folder.mkdir(exist_ok=True)
+        return folder
+
     def process(self, path: Path) -> FileOutcome:
+        before = _identity(path)  # the same lstat decides "a link?" and what is read next
+        if not stat.S_ISREG(before[0]):  # a link: reading it sends whatever it points to
+            return self._conclude(path, None, FileOutcome(
+                path.name, "failed", error="not a regular file (a symbolic link is not "
+                "followed): drop the file itself"),
+                0, None)
         digest = sha256_of(path)
         with self._db() as conn:
+            # a file that could not be read at all sent nothing: the same content dropped again
+            # (after fixing the route, the permissions) is read again, not a "duplicate"
             row = conn.execute("SELECT status, processed_at FROM dx.inbound_file "
-                               "WHERE route = %s AND sha256 = %s",
-                               (self.route.name, digest)).fetchone()
+                               "WHERE route = %s AND sha256 = %s AND NOT (status = 'failed' "
+                               "AND error IS NOT NULL)", (self.route.name, digest)).fetchone()
         if row is not None:
             log.warning("watch %s: %s has the content of a file processed on %s (%s); "
                         "nothing sent", self.route.name, path.name, row[1], row[0])
-            self._finish(path, self.dir / "done")
+            self._finish(path, self._folder("done"))
             return FileOutcome(path.name, "duplicate")
-        failed = self.dir / "failed"
-        failed.mkdir(exist_ok=True)
-        rejects = failed / f"{path.name}.rejects.csv"
+        # reports are written in a private folder and moved into failed/ at the end: a link
+        # planted as failed/FILE.rejects.csv is replaced, never written through
+        work = Path(tempfile.mkdtemp(prefix=".dx-", dir=self._folder("failed")))
         try:
-            if path.suffix.lower() == ".csv":
-                result = import_csv(self.config, path, entity=self.route.name,
-                                    reject_file=rejects)
-                outcome = FileOutcome(path.name, "failed" if result.rejected else "done",
-                                      result.rows, result.rejected)
-                sent = result.produced
-            else:
-                outcome, sent = self._jsonl(path, rejects)
-        except ServiceUnavailable:
-            rejects.unlink(missing_ok=True)
-            raise
-        except (TerminalError, OSError, UnicodeDecodeError, csv.Error) as err:
-            outcome, sent = FileOutcome(path.name, "failed", error=str(err)), 0
-            (failed / f"{path.name}.error.txt").write_text(f"{err}\n", encoding="utf-8")
+            rejects = work / "rejects.csv"
+            try:
+                if path.suffix.lower() == ".csv":
+                    result = import_csv(self.config, path, entity=self.route.name,
+                                        reject_file=rejects)
+                    outcome = FileOutcome(path.name, "failed" if result.rejected else "done",
+                                          result.rows, result.rejected)
+                    sent = result.produced  # dx import's own producer: counted here
+                    self.metrics.received(self.route.topic, sent)
+                    self.metrics.delivered(self.route.topic, sent)
+                else:
+                    outcome, sent = self._jsonl(path, rejects)
+            except (TerminalError, OSError, UnicodeDecodeError, csv.Error) as err:
+                outcome, sent = FileOutcome(path.name, "failed", error=str(err)), 0
+            if _identity(path) != before:
+                # what was read is not what was hashed: recording the hash would make the
+                # content hashed look processed (a later drop of it "duplicate", never applied)
+                log.warning("watch %s: %s changed while it was read; it is read again on the "
+                            "next scan (write files under a temporary name, then rename)",
+                            self.route.name, path.name)
+                return FileOutcome(path.name, "changed", outcome.rows, outcome.rejected)
+            return self._conclude(path, digest, outcome, sent, rejects)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _conclude(self, path: Path, digest: str | None, outcome: FileOutcome, sent: int,
+                  rejects: Path | None) -> FileOutcome:
+        """Store the outcome (dead tasks, the hash, the counters) in one transaction, put the
+        reports into failed/ and move the file to done/ or failed/."""
         failures = self._reject_tasks(path.name, rejects, outcome)
         with self._db() as conn, conn.transaction():
             recorder().record(conn, self.route.name, failures)
-            conn.execute("INSERT INTO dx.inbound_file (route, sha256, name, status, rows, "
-                         "rejected, error) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                         "ON CONFLICT DO NOTHING",
-                         (self.route.name, digest, path.name, outcome.status, outcome.rows,
-                          outcome.rejected, outcome.error))
+            if digest is not None:
+                conn.execute("INSERT INTO dx.inbound_file (route, sha256, name, status, rows, "
+                             "rejected, error) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                             "ON CONFLICT (route, sha256) DO UPDATE SET name = EXCLUDED.name, "
+                             "status = EXCLUDED.status, rows = EXCLUDED.rows, rejected = "
+                             "EXCLUDED.rejected, error = EXCLUDED.error, processed_at = now()",
+                             (self.route.name, digest, path.name, outcome.status, outcome.rows,
+                              outcome.rejected, outcome.error))
             state.record(conn, self.route.name, "files", state.Counts(
                 entities=sent, files_done=int(outcome.status == "done"),
                 files_failed=int(outcome.status == "failed"),
                 errors=int(outcome.error is not None)), ok=outcome.error is None,
                 error=f"{path.name}: {outcome.error}" if outcome.error else None)
-        self._finish(path, self.dir / outcome.status)
+        if failures:  # refused before Kafka: dead tasks
+            self.metrics.failed("terminal", len(failures))
+        failed = self._folder("failed")
+        if outcome.error is not None:
+            _publish(failed / f"{path.name}.error.txt", f"{outcome.error}\n".encode())
+        elif rejects is not None and rejects.exists():
+            os.replace(rejects, failed / f"{path.name}.rejects.csv")
+        self._finish(path, self._folder(outcome.status))
         log.log(logging.INFO if outcome.status == "done" else logging.ERROR,
                 "watch %s: %s %s: %d rows, %d rejected%s", self.route.name, path.name,
                 outcome.status, outcome.rows, outcome.rejected,
                 f" ({outcome.error})" if outcome.error else "")
         return outcome
 
-    def _reject_tasks(self, name: str, rejects: Path, outcome: FileOutcome) -> list[Failure]:
+    def _reject_tasks(self, name: str, rejects: Path | None, outcome: FileOutcome
+                      ) -> list[Failure]:
         """A dead task per rejected line (read back from the reject file, whichever format
         wrote it: line, field, reason, then the line's cells or text), or one for a file that
         could not be read."""
@@ -216,7 +298,7 @@ class Watcher:
         if outcome.error is not None:
             return [rejected(route, topic, name.encode(), {"kind": "file", "file": name},
                              f"file {name}: {outcome.error}")]
-        if not outcome.rejected or not rejects.exists():
+        if not outcome.rejected or rejects is None or not rejects.exists():
             return []
         out = []
         with rejects.open(newline="", encoding="utf-8") as f:
@@ -246,9 +328,11 @@ class Watcher:
         batch: list[OutMessage] = []
         sent = 0
         try:
-            for line, text in _lines(path):
+            for line, text, problem in _lines(path):
                 outcome.rows += 1
                 try:
+                    if problem is not None:
+                        raise FieldError(None, problem)
                     record = self._record(text)
                     validator.row(record)
                 except FieldError as err:
@@ -274,7 +358,7 @@ class Watcher:
 
     def _record(self, text: str) -> dict[str, Any]:
         try:
-            value = json.loads(text)
+            value = loads_exact(text)
         except ValueError as err:
             raise FieldError(None, f"not JSON: {err}") from None
         if not isinstance(value, dict):
@@ -285,8 +369,36 @@ class Watcher:
             raise FieldError(None, str(err)) from None
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for n, text in enumerate(f, start=1):
-            if text.strip():
-                yield n, text.strip()
+def _publish(dest: Path, data: bytes) -> None:
+    """Write ``dest`` by renaming a new file over it (a planted link is replaced, not
+    followed)."""
+    fd, tmp = tempfile.mkstemp(prefix=".dx-", dir=dest.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, problem) of every non-blank line. A line that is not UTF-8 or is
+    longer than :data:`MAX_LINE_BYTES` is a problem of that line alone (rejected with its
+    number), not of the file; a long line is skipped without being held in memory."""
+    with path.open("rb") as f:
+        for n in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            problem = None
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+                    pass
+                problem = f"the line is longer than {MAX_LINE_BYTES} bytes"
+                raw = raw[:200]
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                text = raw.decode("utf-8", "replace").strip()
+                problem = problem or f"not UTF-8 (byte {err.start} of the line)"
+            if text or problem:
+                yield n, text, problem

@@ -30,7 +30,8 @@ from pipeline.config.sources import SourceRoute
 from pipeline.errors import ServiceUnavailable
 from pipeline.inbound.entities import canonical, event_id
 from pipeline.observability.logging import KAFKA_LOG
-from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.observability.metrics import METRICS
+from pipeline.source.catalog import Target, read_target
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class OutMessage:
 
 def read_route_target(config: DxConfig, route_name: str) -> tuple[int, SourceRoute, Target]:
     """The route and its checked target (CatalogError with the dx.yaml line)."""
-    index, route = find_route(config, route_name)
+    index, route = config.source(route_name)
     with db.connection(config.database.url.get_secret_value(),
                        application_name=f"dx-inbound-{route.name}",
                        connect_timeout_s=config.database.connect_timeout_s) as conn:
@@ -67,11 +68,13 @@ class InboundProducer:
         self.key_fields = [route.field_for(c) for c in target.key]
         self.id_fields = route.inbound.id_fields if route.inbound is not None else None
         self.ack_timeout_s = ack_timeout_s
-        self.producer = Producer({
-            "bootstrap.servers": config.kafka.bootstrap_servers, **config.kafka.client,
+        #: role "inbound": received = entities taken in (produced), delivered = acknowledged by
+        #: Kafka, failed transient = a batch Kafka refused, failed terminal = refused entities
+        self.metrics = METRICS.worker("inbound", route.name)
+        self.producer = Producer(config.kafka.librdkafka({
             "client.id": f"dx-inbound-{route.name}", "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "compression.type": "lz4",
-            "message.timeout.ms": int(ack_timeout_s * 1000)}, logger=KAFKA_LOG)
+            "message.timeout.ms": int(ack_timeout_s * 1000)}), logger=KAFKA_LOG)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"dx-inbound-{route.name}-acks",
                                         daemon=True)
@@ -106,6 +109,8 @@ class InboundProducer:
             return done
         left = [len(messages)]
         lock = threading.Lock()
+        self.metrics.received(self.route.topic, len(messages))
+        done.add_done_callback(self._count_failure)
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             with lock:
@@ -116,6 +121,7 @@ class InboundProducer:
                     return
                 left[0] -= 1
                 if left[0] == 0:
+                    self.metrics.delivered(self.route.topic, len(messages))
                     done.set_result(len(messages))
 
         for m in messages:
@@ -132,6 +138,10 @@ class InboundProducer:
                             done.set_exception(self._unavailable(str(err)))
                     return done
         return done
+
+    def _count_failure(self, fut: concurrent.futures.Future[int]) -> None:
+        if fut.exception() is not None:
+            self.metrics.failed("transient")
 
     def send(self, messages: Sequence[OutMessage]) -> int:
         """:meth:`submit` and wait for the acknowledgements (at most the ack timeout)."""

@@ -54,7 +54,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.inbound import state
-from pipeline.inbound.entities import Mapper, MappingError, canonical
+from pipeline.inbound.entities import Mapper, MappingError, canonical, loads_exact
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
 from pipeline.inbound.rejects import rejected
 from pipeline.observability.logging import redact
@@ -97,6 +97,11 @@ class RunStats:
     errors: list[str] = field(default_factory=list)
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = httpx.URL(url)
+    return u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme)
+
+
 def _larger(a: str | None, b: Any, compare: str) -> str | None:
     """The larger of the watermark ``a`` and a record's value ``b`` (text or number order)."""
     if b is None:
@@ -131,8 +136,12 @@ class Puller:
         self.stop = stop or threading.Event()
         self.on_page = on_page
         self.url = config.database.url.get_secret_value()
+        self.origins = {_origin(self.pull.url)}
+        if isinstance(self.pull.auth, OAuth2ClientCredentials):
+            self.origins.add(_origin(self.pull.auth.token_url))
         self.client = httpx.Client(timeout=httpx.Timeout(self.pull.timeout_s),
                                    follow_redirects=True,
+                                   event_hooks={"request": [self._same_origin]},
                                    headers={"User-Agent": "dx-inbound/0.1",
                                             "Accept": "application/json", **self.pull.headers})
         self.tokens = (TokenCache(self.pull.auth, self.client)
@@ -148,6 +157,15 @@ class Puller:
     def close(self) -> None:
         self.producer.close()
         self.client.close()
+
+    def _same_origin(self, request: httpx.Request) -> None:
+        """Every request (redirects included) goes to the host of ``pull.url`` (or the OAuth2
+        token URL): a ``next`` link or redirect elsewhere would hand that host the route's
+        credentials (httpx strips only ``Authorization`` on redirects, not an API key)."""
+        if _origin(str(request.url)) not in self.origins:
+            raise TerminalError(f"pull {self.route.name}: refusing {request.method} "
+                                f"{redact(str(request.url))}: not the host of pull.url (a next "
+                                "link or redirect to another host would get the credentials)")
 
     def reset(self) -> None:
         """Forget the cursor: the next run reads everything again (the same entities are the
@@ -230,11 +248,14 @@ class Puller:
             if page_no > self.pull.max_pages:
                 raise TerminalError(f"pull {self.route.name}: more than {self.pull.max_pages} "
                                     "pages in one run (raise pull.max_pages?)")
-            number = int(cursor.next) if p.kind == "page" else page_no  # after a resume too
+            inc = self.pull.incremental
+            keyset = inc is not None and inc.keyset
+            # after a resume too (keyset: always the first page, from a moving watermark)
+            number = int(cursor.next) if p.kind == "page" and not keyset else page_no
             resp = self._get(cursor, stats)
             where = f"{self.route.name} page {number} ({redact(str(resp.url))})"
             try:
-                body = resp.json()
+                body = loads_exact(resp.content)
             except ValueError:
                 raise TerminalError(f"pull {where}: the response is not JSON") from None
             items = dig(body, self.pull.items) if self.pull.items else body
@@ -242,7 +263,6 @@ class Puller:
                 raise TerminalError(f"pull {where}: no list at "
                                     f"{self.pull.items or 'the top level'}")
             messages, failures = self._page_messages(items, number, str(resp.url))
-            inc = self.pull.incremental
             if inc is not None:
                 for item in items:
                     if isinstance(item, dict):
@@ -251,7 +271,9 @@ class Puller:
             nxt = self._next(cursor, body, items, resp)
             if nxt is None:  # the run is complete: the watermark moves on
                 cursor.since, cursor.next = cursor.max, None
-            else:
+            elif keyset and cursor.max != cursor.since:  # on from the largest value seen
+                cursor.since, cursor.next = cursor.max, {"page": p.start, "offset": 0}[p.kind]
+            else:  # (keyset: a page that did not move the watermark pages on as usual)
                 cursor.next = nxt
             with conn.transaction():
                 recorder().record(conn, self.route.name, failures)
@@ -260,6 +282,8 @@ class Puller:
                                           errors=len(failures)),
                              cursor=cursor.dumps(), set_cursor=True,
                              ok=True if nxt is None else None)
+            if failures:  # refused before Kafka: dead tasks
+                self.producer.metrics.failed("terminal", len(failures))
             stats.pages += 1
             stats.entities += len(messages)
             stats.failed += len(failures)

@@ -3,9 +3,10 @@
 ``dx.inbound_state``    one row per route and kind: the pull cursor and what ``dx status``
                         shows (last run, pages, entities, errors, files done and failed).
 ``dx.inbound_request``  webhook idempotency: a request key (the ``Idempotency-Key`` header, or
-                        the hash of the request's event ids) claimed before producing and
-                        marked accepted after Kafka acknowledged, so a re-sent webhook is
-                        answered without producing again. Rows older than a week are purged.
+                        with ``id_fields`` the hash of the request's event ids) claimed before
+                        producing and marked accepted after Kafka acknowledged, so a re-sent
+                        webhook is answered without producing again; ``fingerprint`` (that
+                        hash) refuses a key reused for other entities. Purged after a week.
 ``dx.inbound_file``     file drops by content hash: a file dropped twice is processed once.
 """
 
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS dx.inbound_request (
     claimed_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (route, key)
 );
+ALTER TABLE dx.inbound_request ADD COLUMN IF NOT EXISTS fingerprint text;
 CREATE INDEX IF NOT EXISTS inbound_request_claimed_idx ON dx.inbound_request (claimed_at);
 CREATE TABLE IF NOT EXISTS dx.inbound_file (
     route        text        NOT NULL,
@@ -93,6 +95,8 @@ def record(conn: psycopg.Connection[Any], route: str, kind: str, counts: Counts,
            error: str | None = None) -> None:
     """Add ``counts`` to the row of (route, kind) in the caller's transaction; ``ok`` stamps a
     run (True: successful, False: failed with ``error``); ``set_cursor`` stores ``cursor``."""
+    if error is not None:  # a third party's answer quoted in it may hold NUL, which text refuses
+        error = error.replace("\x00", "\\0")
     conn.execute(
         """
         INSERT INTO dx.inbound_state AS s (route, kind, cursor, last_run_at, last_ok_at, pages,

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -43,14 +43,18 @@ from pipeline.config.model import DxConfig
 from pipeline.config.sources import SourceRoute
 from pipeline.errors import ConfigError, DxError
 from pipeline.inbound import state
-from pipeline.inbound.entities import Mapper, MappingError
+from pipeline.inbound.entities import Mapper, MappingError, loads_exact
 from pipeline.inbound.produce import InboundProducer, OutMessage, read_route_target
+from pipeline.observability.server import WorkerServer
 
 log = logging.getLogger(__name__)
 
 #: A pending claim older than this belongs to a process that died mid-request: take it over.
 _STALE_CLAIM_S = 120.0
 _PURGE_AFTER_DAYS = 7
+#: ASCII digits only: str.isdigit() also accepts digits int() cannot read ("²").
+_SECONDS = re.compile(r"[0-9]{1,12}")
+_LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass
@@ -93,21 +97,31 @@ def _body_items(body: Any) -> list[dict[str, Any]]:
 
 
 def check_signature(auth: ReceivedHmac, header: str | None, body: bytes,
-                    now: float | None = None) -> None:
-    """``t=<unix seconds>,v1=<hex>`` (several ``v1`` allowed, for secret rotation)."""
+                    now: float | None = None) -> str:
+    """``t=<unix seconds>,v1=<hex>`` (several ``v1`` allowed, for secret rotation); returns the
+    signed timestamp."""
     if not header:
         raise fail("unauthorized", f"missing {auth.header} header")
     parts = [p.strip().partition("=") for p in header.split(",")]
     ts = next((v for k, _, v in parts if k == "t"), "")
     sigs = [v for k, _, v in parts if k == "v1"]
-    if not ts.isdigit() or not sigs:
+    if not _SECONDS.fullmatch(ts) or not sigs:
         raise fail("unauthorized", f"{auth.header} must be t=<unix seconds>,v1=<hex signature>")
     if abs((now if now is not None else time.time()) - int(ts)) > auth.tolerance_s:
         raise fail("unauthorized", f"signature timestamp outside the {auth.tolerance_s:g}s "
                                    "window (a replay, or a clock far off)")
-    want = signature(auth.secret.get_secret_value(), auth.algorithm, ts, body)
-    if not any(hmac.compare_digest(want, s) for s in sigs):
+    want = signature(auth.secret.get_secret_value(), auth.algorithm, ts, body).encode()
+    # bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, not a 401)
+    if not any(hmac.compare_digest(want, s.encode("utf-8", "replace")) for s in sigs):
         raise fail("unauthorized", "signature does not match")
+    return ts
+
+
+def stale_claim_s(ack_timeout_s: float) -> float:
+    """When a pending claim is taken over: never while its request may still be waiting for
+    Kafka (up to the ack timeout plus 5 s), or both would produce and the first, timing out,
+    would release the second's claim."""
+    return max(_STALE_CLAIM_S, ack_timeout_s + 60)
 
 
 def check_bearer(auth: BearerAuth, header: str | None) -> None:
@@ -120,8 +134,11 @@ def check_bearer(auth: BearerAuth, header: str | None) -> None:
 class WebhookServer:
     """The Starlette application and the per-route receivers."""
 
-    def __init__(self, config: DxConfig, *, flush_s: float = 2.0) -> None:
+    def __init__(self, config: DxConfig, *, flush_s: float = 2.0,
+                 server: WorkerServer | None = None) -> None:
         self.config = config
+        #: /metrics /healthz /readyz on --metrics-port; the statistics thread beats it
+        self.server = server if server is not None else WorkerServer(0)
         self.receivers: dict[str, Receiver] = {}
         url = config.database.url.get_secret_value()
         with db.connection(url, application_name="dx-inbound-serve",
@@ -194,17 +211,19 @@ class WebhookServer:
             raise fail("not_found", f"no webhook route {name!r}")
         length = request.headers.get("content-length")
         limit = r.hook.max_body_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        if length is not None and (not _LENGTH.fullmatch(length) or int(length) > limit):
             raise fail("payload_too_large", f"the body is larger than {limit} bytes")
         auth = r.hook.auth
         if isinstance(auth, BearerAuth):
             check_bearer(auth, request.headers.get("authorization"))
         body = await self._read(request, limit)
+        replay_key = None
         if isinstance(auth, ReceivedHmac):
-            check_signature(auth, request.headers.get(auth.header), body)
+            stamp = check_signature(auth, request.headers.get(auth.header), body)
+            replay_key = f"signed:{stamp}:{hashlib.sha256(body).hexdigest()}"
         try:
-            parsed = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as err:
+            parsed = loads_exact(body)
+        except ValueError as err:  # UnicodeDecodeError is one
             raise fail("bad_body", f"not JSON: {err}") from None
         items = _body_items(parsed)
         if len(items) > r.hook.max_entities:
@@ -215,9 +234,15 @@ class WebhookServer:
         if given is not None and not 0 < len(given) <= 255:
             raise fail("bad_body", f"{r.hook.idempotency_header} must have 1 to 255 characters")
         messages = self._messages(r, items, given)
-        key = given or hashlib.sha256(
-            "\n".join(m.event_id for m in messages).encode()).hexdigest()
-        return await self._accept(r, key, messages)
+        fingerprint = hashlib.sha256("\n".join(m.event_id for m in messages).encode()
+                                     ).hexdigest()
+        # Without a key or id_fields the event ids come from the content, and the same content
+        # can be a new edit (A -> B -> A): answering it "duplicate" would drop it. Such a request
+        # is identified by its signature instead (a replay inside the window is the same signed
+        # request; a new edit is signed anew), and on a bearer route always produced (the apply
+        # writes nothing for a row it already holds).
+        key = given or (fingerprint if r.mapper.id_fields else replay_key)
+        return await self._accept(r, key, fingerprint, messages)
 
     @staticmethod
     async def _read(request: Request, limit: int) -> bytes:
@@ -249,9 +274,16 @@ class WebhookServer:
             raise ApiError(problems[:100])
         return out
 
-    async def _accept(self, r: Receiver, key: str, messages: list[OutMessage]) -> Response:
+    async def _accept(self, r: Receiver, key: str | None, fingerprint: str,
+                      messages: list[OutMessage]) -> Response:
         route = r.route.name
-        claim = await run_in_threadpool(self._claim, route, key, len(messages))
+        claim = "new" if key is None else await run_in_threadpool(
+            self._claim, route, key, fingerprint, len(messages),
+            stale_claim_s(r.hook.ack_timeout_s))
+        if claim == "other":
+            raise fail("key_mismatch", f"this {r.hook.idempotency_header} was used before for "
+                       "other entities; nothing sent: use a new key for a new request",
+                       r.hook.idempotency_header)
         if claim == "accepted":
             with self._lock:
                 r.counts.requests += 1
@@ -265,13 +297,15 @@ class WebhookServer:
             acked = await run_in_threadpool(r.producer.submit, messages)
             await asyncio.wait_for(asyncio.wrap_future(acked), r.hook.ack_timeout_s + 5)
         except (DxError, TimeoutError) as err:
-            await run_in_threadpool(self._release, route, key)
+            if key is not None:
+                await run_in_threadpool(self._release, route, key)
             with self._lock:
                 r.counts.errors += 1
             log.warning("webhook %s: %s", route, err)
             raise fail("unavailable", "Kafka did not acknowledge the entities; nothing was "
                        "accepted, send again", headers={"Retry-After": "5"}) from None
-        await run_in_threadpool(self._accepted, route, key)
+        if key is not None:
+            await run_in_threadpool(self._accepted, route, key)
         with self._lock:
             r.counts.requests += 1
             r.counts.entities += len(messages)
@@ -280,20 +314,26 @@ class WebhookServer:
 
     # ---- idempotency claims -----------------------------------------------------------------
 
-    def _claim(self, route: str, key: str, n: int) -> str:
-        """'new' (ours to produce), 'accepted' (done before) or 'pending' (in flight)."""
+    def _claim(self, route: str, key: str, fingerprint: str, n: int, stale_s: float) -> str:
+        """'new' (ours to produce), 'accepted' (done before), 'pending' (in flight) or 'other'
+        (the key was used for other entities: answering "duplicate" would drop them)."""
         with self.pool.connection() as conn, conn.transaction():
             row = conn.execute(
-                "INSERT INTO dx.inbound_request AS r (route, key, state, entities) "
-                "VALUES (%s, %s, 'pending', %s) ON CONFLICT (route, key) DO UPDATE "
-                "SET claimed_at = now() WHERE r.state = 'pending' "
+                "INSERT INTO dx.inbound_request AS r (route, key, state, entities, fingerprint) "
+                "VALUES (%s, %s, 'pending', %s, %s) ON CONFLICT (route, key) DO UPDATE "
+                "SET claimed_at = now(), fingerprint = EXCLUDED.fingerprint, "
+                "entities = EXCLUDED.entities WHERE r.state = 'pending' "
                 "AND r.claimed_at < now() - make_interval(secs => %s) RETURNING state",
-                (route, key, n, _STALE_CLAIM_S)).fetchone()
+                (route, key, n, fingerprint, stale_s)).fetchone()
             if row is not None:
                 return "new"
-            found = conn.execute("SELECT state FROM dx.inbound_request WHERE route = %s "
-                                 "AND key = %s", (route, key)).fetchone()
-            return str(found[0]) if found else "pending"
+            found = conn.execute("SELECT state, fingerprint FROM dx.inbound_request "
+                                 "WHERE route = %s AND key = %s", (route, key)).fetchone()
+            if found is None:
+                return "pending"
+            if found[1] is not None and found[1] != fingerprint:
+                return "other"
+            return str(found[0])
 
     def _release(self, route: str, key: str) -> None:
         with self.pool.connection() as conn, conn.transaction():
@@ -310,6 +350,7 @@ class WebhookServer:
     def _flush_loop(self, every_s: float) -> None:
         next_purge = 0.0
         while not self._stop.wait(every_s):
+            self.server.heartbeat()
             try:
                 self._flush()
                 if time.monotonic() >= next_purge:

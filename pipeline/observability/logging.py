@@ -9,7 +9,8 @@ its entry point, how records are rendered by calling :func:`setup_logging`:
   :mod:`pipeline.observability.tracing`), so a log line can be joined with the trace of the event
   it was about;
 * every rendered line passes through :func:`redact`: passwords in connection URLs
-  (``postgresql://user:secret@host``), ``password=...`` settings and ``Authorization`` header values
+  (``postgresql://user:secret@host``), ``password=...`` settings, ``Authorization`` header values,
+  webhook URLs whose path is the credential and ``sig=``/``signature=``/``key=`` query parameters
   are replaced by ``***`` — a driver error or a debug dump of request headers must not put a
   credential into a log store that many people can read.
 """
@@ -43,24 +44,49 @@ KAFKA_LOG = logging.getLogger("dx.librdkafka")
 # everything up to the last '@' before the host part ends (whitespace, quote, '/').
 _URL_PASSWORD = re.compile(
     r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s\"']*:)(?P<secret>[^\s/\"']*)(?=@)")
-# libpq key/value strings and settings: password=secret, PGPASSWORD=x, "api_key": "secret"
+# libpq key/value strings and settings: password=secret, PGPASSWORD=x, "api_key": "secret",
+# a signing header "X-Dx-Signature: sha256=..."
 _KEY_VALUE = re.compile(
-    r"(?P<head>\b[\w.-]*?(?:password|passwd|pwd|secret|api[_-]?key|token)"
+    r"(?P<head>\b[\w.-]*?(?:password|passwd|pwd|secret|api[_-]?key|token|signature)"
     r"[\"']?\s*[=:]\s*[\"']?)(?P<secret>[^\s\"',;&}]+)",
+    re.IGNORECASE)
+# Query parameters that are credentials by themselves: pre-signed URLs (sig=, signature=,
+# X-Amz-Signature=) and API keys in the query (key=, apikey=).
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&;](?:sig|signature|x-amz-signature|x-goog-signature|key|apikey|api-key|"
+    r"hmac)=)(?P<secret>[^&\s\"'#<>]+)",
+    re.IGNORECASE)
+# Webhook URLs whose path is the credential (anyone who has it can post): chat services
+# (/services/T../B../<token>, /api/webhooks/<id>/<token>, /hooks/<token>, Teams'
+# /webhookb2/.../IncomingWebhook/...), generic /webhook/<token>, and bot tokens (/bot<id>:<token>).
+_WEBHOOK_PATH = re.compile(
+    r"(?P<head>/(?:services/(?=T\w+/B\w+/)|webhooks?/|webhookb2/|hooks/|bot(?=\d+:)))"
+    r"(?P<secret>[^\s\"'?#<>]+)",
     re.IGNORECASE)
 # Authorization / Proxy-Authorization header values, plain ("Authorization: Bearer x") or in a
 # dict repr ("'authorization': 'Basic x'"); the value runs to the end of the quoted string/line.
 _AUTH_HEADER = re.compile(
     r"(?P<head>\bauthorization[\"']?\s*[:=]\s*[\"']?)(?P<secret>[^\"'\r\n,}]+)",
     re.IGNORECASE)
-_PATTERNS = (_URL_PASSWORD, _AUTH_HEADER, _KEY_VALUE)
+_PATTERNS = (_URL_PASSWORD, _AUTH_HEADER, _WEBHOOK_PATH, _QUERY_SECRET, _KEY_VALUE)
 
 
 def redact(text: str) -> str:
-    """``text`` with credentials replaced by ``***`` (URL passwords, password=, Authorization)."""
+    """``text`` with credentials replaced by ``***`` (URL passwords, password=, Authorization,
+    webhook URL paths, signature and key query parameters)."""
     for pattern in _PATTERNS:
         text = pattern.sub(lambda m: m.group("head") + MASK, text)
     return text
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a header or field called ``name`` holds a credential (its value is masked
+    whole wherever dx shows it: logs, export logs)."""
+    low = name.lower()
+    if low == "idempotency-key":  # the event id: what an operator looks for, not a secret
+        return False
+    return low in ("authorization", "proxy-authorization", "cookie", "set-cookie") or any(
+        part in low for part in ("signature", "token", "key", "secret", "auth", "session"))
 
 
 class RedactFilter(logging.Filter):

@@ -3,8 +3,8 @@
 Naming follows the Prometheus conventions operators expect: a ``dx_`` prefix, base units in the
 name (``_seconds``), ``_total`` on counters, and only low-cardinality labels:
 
-* ``role`` — ``relay``, ``sink``, ``source`` (or a one-shot job: ``snapshot``, ``import``,
-  ``export``);
+* ``role`` — ``relay``, ``sink``, ``source``, ``inbound`` (webhooks, pulls, file drops producing
+  to a source route's topic), or a one-shot job: ``snapshot``, ``import``, ``export``;
 * ``route`` — the route name from ``dx.yaml`` (the relay name for the relay);
 * ``topic`` / ``partition`` — bounded by the topics a route reads and their partition counts;
 * ``kind`` / ``reason`` — small closed sets documented on each metric.
@@ -31,7 +31,7 @@ from typing import Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
-Role = Literal["relay", "sink", "source", "snapshot", "import", "export"]
+Role = Literal["relay", "sink", "source", "inbound", "snapshot", "import", "export"]
 FailureKind = Literal["transient", "terminal"]
 SkipReason = Literal["filtered", "origin", "duplicate", "tombstone"]
 
@@ -114,6 +114,11 @@ class DxMetrics:
         self.relay_blocking_tx_age = Gauge(
             "dx_relay_blocking_transaction_age_seconds",
             "Age of the oldest open transaction holding back the commit frontier (0 when none)",
+            ["relay"], registry=registry)
+        self.relay_inactive_triggers = Gauge(
+            "dx_capture_inactive_triggers",
+            "dx triggers in the relay's database that do not fire for every write (disabled, "
+            "or skipped under session_replication_role = replica): writes they miss are lost",
             ["relay"], registry=registry)
         self.relay_active = Gauge(
             "dx_relay_active",
@@ -233,6 +238,10 @@ class RelayMetrics(WorkerMetrics):
     def blocking_transaction(self, age_s: float) -> None:
         """Age of the open transaction holding the frontier back (0 when nothing blocks)."""
         self.metrics.relay_blocking_tx_age.labels(self.route).set(max(0.0, age_s))
+
+    def inactive_triggers(self, count: int) -> None:
+        """dx triggers that do not fire for every write (0 when capture sees everything)."""
+        self.metrics.relay_inactive_triggers.labels(self.route).set(count)
 
     def active(self, is_active: bool) -> None:
         """1 while holding the lease, 0 as a hot standby (alert when the sum is not 1)."""

@@ -15,15 +15,8 @@ from pipeline.observability.logging import KAFKA_LOG
 from pipeline.relay.reader import Cursor
 
 
-def base_config(config: DxConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    return conf
-
-
 def producer_config(config: DxConfig) -> dict[str, Any]:
-    conf = base_config(config)
-    conf.update({
+    conf = config.kafka.librdkafka({
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -43,7 +36,7 @@ def producer_config(config: DxConfig) -> dict[str, Any]:
 
 
 def check_reachable(config: DxConfig, timeout_s: float = 10.0) -> AdminClient:
-    admin = AdminClient(base_config(config), logger=KAFKA_LOG)
+    admin = AdminClient(config.kafka.librdkafka(), logger=KAFKA_LOG)
     try:
         admin.list_topics(timeout=timeout_s)
     except KafkaException as err:
@@ -88,10 +81,9 @@ def read_state(config: DxConfig, timeout_s: float = 30.0) -> RelayState:
     """The last state committed to the state topic (read_committed, so aborted writes are
     unseen; the last record wins, never the largest: after a deliberate reset the cursor goes
     down)."""
-    conf = base_config(config)
-    conf.update({"group.id": f"dx-relay-state-{config.relay.name}",
-                 "isolation.level": "read_committed", "enable.auto.commit": False,
-                 "enable.partition.eof": True})
+    conf = config.kafka.librdkafka({"group.id": f"dx-relay-state-{config.relay.name}",
+                                    "isolation.level": "read_committed",
+                                    "enable.auto.commit": False, "enable.partition.eof": True})
     consumer = Consumer(conf, logger=KAFKA_LOG)
     key = config.relay.name.encode()
     last: tuple[int, RelayState] | None = None

@@ -11,7 +11,10 @@ without observability. :class:`RelayObserver` is the real one ``dx relay`` insta
   (records acknowledged by Kafka, by topic), ``dx_batch_size``/``dx_batch_duration_seconds``,
   ``dx_event_latency_seconds`` (database commit to Kafka acknowledgement, per row);
 * every few seconds while active, on a connection of its own: ``dx_relay_backlog_events``,
-  ``dx_relay_oldest_pending_age_seconds`` and ``dx_relay_blocking_transaction_age_seconds``.
+  ``dx_relay_oldest_pending_age_seconds``, ``dx_relay_blocking_transaction_age_seconds`` and
+  ``dx_capture_inactive_triggers`` (dx triggers that miss writes: disabled, or skipped under
+  ``session_replication_role = replica``; each one is also a warning line and part of the
+  ``/readyz`` reason).
   A standby exports none of these, so summing over replicas stays right.
 """
 
@@ -20,12 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 import psycopg
 
+from pipeline.capture.install import inactive_triggers
 from pipeline.config import DxConfig
 from pipeline.db import connect
 from pipeline.errors import DxError
@@ -54,6 +59,18 @@ class RelayHooks:
         """A batch attempt failed transiently and will be repeated."""
 
 
+def pause(stop: threading.Event, seconds: float, hooks: RelayHooks,
+          beat_s: float = 1.0) -> bool:
+    """Wait ``seconds`` (a retry backoff) while the heartbeat goes on, so a liveness probe does
+    not restart a relay that is patiently retrying within its budget; True when stopped."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        hooks.tick()
+        if stop.wait(min(beat_s, left)):
+            return True
+    return stop.is_set()
+
+
 class RelayObserver(RelayHooks):
     def __init__(self, config: DxConfig, server: WorkerServer | None = None, *,
                  metrics: DxMetrics = METRICS, sample_every_s: float = 5.0) -> None:
@@ -65,6 +82,7 @@ class RelayObserver(RelayHooks):
         self.sample_every_s = sample_every_s
         self._next_sample = 0.0
         self._conn: psycopg.Connection[Any] | None = None
+        self._capture_problems: tuple[str, ...] = ()
         self.active = False
 
     def state(self, state: str) -> None:
@@ -72,7 +90,7 @@ class RelayObserver(RelayHooks):
         self.active = state == "active"
         self.metrics.active(self.active)
         if self.active:
-            self.server.set_ready(True, "holding the relay lease")
+            self.server.set_ready(True, self._ready_reason())
         elif state.startswith("standby"):
             self.server.set_standby(state)
         else:
@@ -110,12 +128,29 @@ class RelayObserver(RelayHooks):
             events, oldest = outbox_backlog(self._conn)
             blocking = [t.age_s for t in open_transactions(self._conn, 0)
                         if t.holds_captured_changes]
+            inactive = inactive_triggers(self._conn)
         except (DxError, psycopg.Error) as err:
             log.warning("relay %s: backlog sample failed: %s", self.name, err)
             self.close()
             return
         self.metrics.backlog(events, oldest or 0.0)
         self.metrics.blocking_transaction(max(blocking, default=0.0))
+        self.metrics.inactive_triggers(len(inactive))
+        problems = tuple(t.problem() for t in inactive)
+        if problems != self._capture_problems:
+            self._capture_problems = problems
+            for line in problems:
+                log.warning("relay %s: capture incomplete: %s", self.name, line)
+            if self.active:
+                self.server.set_ready(True, self._ready_reason())
+
+    def _ready_reason(self) -> str:
+        """Still ready (the relay publishes what is captured), but /readyz says what is not."""
+        if not self._capture_problems:
+            return "holding the relay lease"
+        first, more = self._capture_problems[0], len(self._capture_problems) - 1
+        return (f"holding the relay lease; capture incomplete: {first}"
+                + (f" (and {more} more)" if more else ""))
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -63,21 +63,18 @@ class OutboxReader:
         self.conn.commit()  # never sit idle in a transaction between polls
         return int(row[0]) if row else 0
 
-    def frontier(self, lock_timeout_ms: int = 200) -> int:
+    def frontier(self, max_wait_ms: int = 200) -> int:
         """Highest commit number below which every transaction has finished committing.
 
-        Waits for commits in progress, at most ``lock_timeout_ms``: a transaction that drew its
-        number early and is still open (SET CONSTRAINTS ALL IMMEDIATE, a prepared transaction)
-        holds the frontier back, and committers must not queue behind the relay meanwhile.
-        On timeout the previous frontier is kept: later rows wait, none is skipped."""
-        try:
-            self.conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-            row = self.conn.execute("SELECT dx.commit_frontier()").fetchone()
-            self.conn.commit()
-        except psycopg.errors.LockNotAvailable:
-            self.conn.rollback()
-            return self._frontier
-        self._frontier = int(row[0]) if row else 0
+        Waits for commits in progress, at most ``max_wait_ms``, by watching them: committers
+        never queue behind the relay. A transaction that drew its number early and is still
+        open (SET CONSTRAINTS ALL IMMEDIATE, a prepared transaction) holds the frontier back
+        until it ends; meanwhile the previous frontier is kept: later rows wait, none is
+        skipped."""
+        row = self.conn.execute("SELECT dx.commit_frontier(%s)", (int(max_wait_ms),)).fetchone()
+        self.conn.commit()
+        if row is not None and row[0] is not None:
+            self._frontier = int(row[0])
         return self._frontier
 
     def fetch(self, after: Cursor, frontier: int, limit: int) -> list[OutboxRow]:

@@ -39,10 +39,10 @@ from pipeline.errors import (
 )
 from pipeline.events.wire import SchemaRegistrar, registry_client
 from pipeline.observability import tracing
-from pipeline.relay import kafka
+from pipeline.relay import identity, kafka
 from pipeline.relay.encoder import Encoder, Record
 from pipeline.relay.lease import Lease
-from pipeline.relay.observe import RelayHooks
+from pipeline.relay.observe import RelayHooks, pause
 from pipeline.relay.reader import Cursor, OutboxReader, OutboxRow
 from pipeline.relay.stream import LogicalStream, Resolver, SlotLost
 
@@ -113,7 +113,8 @@ class Relay:
         app_name = f"dx-relay:{self.config.relay.name}:{socket.gethostname()}:{os.getpid()}"
         lease_conn = connect(url, autocommit=True, application_name=app_name)
         try:
-            lease = Lease(lease_conn, self.config.relay.name)
+            lease = Lease(lease_conn, self.config.relay.name,
+                          timeout_s=self.config.relay.lease_timeout_s)
             while not lease.try_acquire():
                 self._set_state(f"standby (active: {lease.holder() or 'unknown'})")
                 if self.stop.wait(self.config.relay.standby_poll_s):
@@ -138,9 +139,7 @@ class Relay:
                     "cleanup.policy": "compact"}})
             sr = self.config.schema_registry
             registrar = SchemaRegistrar(
-                registry_client(sr.url, sr.basic_auth_user_info.get_secret_value()
-                                if sr.basic_auth_user_info else None),
-                sr.url, auto_register=self.config.relay.auto_register_schemas)
+                registry_client(sr), sr.url, auto_register=self.config.relay.auto_register_schemas)
             registrar.check_reachable()
             db, system_id = reader.database_info()
             encoder = Encoder(
@@ -154,6 +153,8 @@ class Relay:
                 return
             self._new_producer()
             cursor = self._start_cursor(reader)
+            identity.settle(conn, self.config.relay.name,
+                            cursor if self.eos and not self.reset_state else None)
             reader.delete_upto(cursor)
             listen = connect(url, autocommit=True, application_name=app_name + ":listen")
             try:
@@ -354,7 +355,7 @@ class Relay:
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
                 log.warning("relay batch failed (attempt %d of %d), retrying in %.1fs: %s",
                             attempt, MAX_ATTEMPTS, delay, err)
-                self.stop.wait(delay)
+                pause(self.stop, delay, self.hooks)  # heartbeats on while retrying
         now = time.time()
         self.stats.batches += 1
         self.stats.events += len(rows)

@@ -36,7 +36,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from pipeline.capture import logical
-from pipeline.capture.catalog import _typmod
+from pipeline.capture.catalog import typmod_parts
 from pipeline.capture.install import spec_version
 from pipeline.capture.spec import ColumnSpec, TableSpec
 from pipeline.config import DxConfig
@@ -135,7 +135,7 @@ class Resolver:
                 continue  # a dropped column leaves the schema (a compatible change)
             c = rel.columns[index[name]]
             typname, is_array, category = types.get(c.type_oid, ("text", False, "S"))
-            precision, scale = _typmod(typname, c.typmod)
+            precision, scale = typmod_parts(typname, c.typmod)
             try:
                 nullable = installed.column(name).nullable
             except KeyError:
@@ -277,12 +277,12 @@ class LogicalStream:
             self._tables[rel.relid] = self.resolver.table(rel)
         elif kind == 0x4D:  # M
             self._message(buf, rows)
-        elif kind == 0x54:  # T: got past dx's guard (session_replication_role = replica)
+        elif kind == 0x54:  # T: got past dx's guard (disabled)
             for relid in pgoutput.truncate(buf):
                 t = self._tables.get(relid)
                 if t is not None:
-                    log.error("relay: %s was truncated at %s (dx's TRUNCATE guard does not fire "
-                              "under session_replication_role = replica): consumers still hold "
+                    log.error("relay: %s was truncated at %s (past dx's TRUNCATE guard: it "
+                              "was disabled or dropped): consumers still hold "
                               "its rows; re-snapshot it ('dx snapshot %s') after deleting them "
                               "downstream", t.entity, pgoutput.lsn_text(self._lsn), t.entity)
         # Y (type) and O (origin) carry nothing for dx

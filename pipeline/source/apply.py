@@ -13,17 +13,20 @@ Why it is shaped like this:
   (read ``FOR UPDATE``) and the versions before it, so every event gets its own outcome.
 * **No-op writes are skipped** (``IS DISTINCT FROM``): re-applying an identical row neither
   writes nor fires capture, which makes a re-import or a third party echoing our own change back
-  a no-op instead of a ping-pong.
+  a no-op instead of a ping-pong. Under a conflict policy the version column does not count: a
+  row that differs only in its version (a system that bumps it on every write it receives) is
+  not written either, so it travels nowhere (README, "Two-way sync").
 * **A row PostgreSQL rejects fails alone.** The batch runs in a savepoint; on a data or
   constraint error the key plans are bisected in nested savepoints until the failing key is
-  found, its last event is failed with PostgreSQL's reason and the key is re-planned without it.
+  found, its last event is failed with the reason (in dx's words: PostgreSQL's text can quote
+  columns the route does not expose) and the key is re-planned without it.
   Keys that failed are retried once after everything else (a child row can need a parent that
   was in the other half). Nothing is partially applied: a key's plan lands whole or not at all.
 """
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +35,12 @@ import psycopg
 from psycopg import sql
 
 from pipeline.config.sources import SourceRoute
+from pipeline.row_errors import describe, is_row_error
 from pipeline.source.catalog import Target
 from pipeline.source.events import Event, Failure
 
 # Types without an equality operator: compared as text in the no-op guard.
 _NO_EQUALITY = {"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"}
-_KEY_DETAIL = re.compile(r"Key \(([^)]*)\)=")
 
 _STAGE = "_dx_stage"
 _KEYS = "_dx_keys"
@@ -58,24 +61,6 @@ class Plan:
 
 class RowRejected(Exception):
     """PostgreSQL refused one key's plan (raised only for a single-key attempt)."""
-
-
-def is_row_error(err: psycopg.Error) -> bool:
-    state = err.sqlstate or ""
-    return state.startswith(("22", "23")) or state in ("42804", "P0001")
-
-
-def row_error_reason(err: psycopg.Error) -> tuple[str, str | None]:
-    diag = err.diag
-    msg = diag.message_primary or str(err).strip().splitlines()[0]
-    if diag.message_detail:
-        msg = f"{msg} ({diag.message_detail})"
-    column = diag.column_name
-    if column is None and diag.message_detail:
-        m = _KEY_DETAIL.search(diag.message_detail)
-        if m and "," not in m.group(1):
-            column = m.group(1)
-    return msg, column
 
 
 class Applier:
@@ -109,18 +94,23 @@ class Applier:
 
     # ---- planning ---------------------------------------------------------------------------
 
-    def _stored_versions(self, keys: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], Any]:
-        """Stored versions of ``keys``, rows locked so nobody changes them under the plan."""
+    def _stored_rows(self, keys: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], Stored]:
+        """Stored version and route columns of ``keys``, rows locked so nobody changes them
+        under the plan."""
         version = self.target.version
         assert version is not None
         self._stage_keys(keys)
-        q = sql.SQL("SELECT {tk}, t.{v} FROM {t} t JOIN {keys} k ON {join} FOR UPDATE OF t").format(
+        q = sql.SQL("SELECT {tk}, t.{v}, {cols} FROM {t} t JOIN {keys} k ON {join} "
+                    "FOR UPDATE OF t").format(
             tk=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k))
                                   for k in self.target.key),
-            v=sql.Identifier(version), t=self._table, keys=sql.Identifier(_KEYS),
-            join=self._key_join)
+            v=sql.Identifier(version),
+            cols=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c))
+                                    for c in self.columns),
+            t=self._table, keys=sql.Identifier(_KEYS), join=self._key_join)
         n = len(self.target.key)
-        return {tuple(r[:n]): r[n] for r in self.conn.execute(q)}
+        return {tuple(r[:n]): Stored(r[n], dict(zip(self.columns, r[n + 1:], strict=True)))
+                for r in self.conn.execute(q)}
 
     def plan(self, events: Sequence[Event]) -> tuple[list[Plan], list[Failure]]:
         """Reduce events by key with the semantics of applying them one at a time."""
@@ -128,12 +118,12 @@ class Applier:
         for ev in events:
             by_key.setdefault(ev.key, []).append(ev)
         failures: list[Failure] = []
-        stored: dict[tuple[Any, ...], Any] = {}
+        stored: dict[tuple[Any, ...], Stored] = {}
         version = self.target.version
         if version is not None:
             upsert_keys = [k for k, evs in by_key.items() if any(e.op == "upsert" for e in evs)]
             if upsert_keys:
-                stored = self._stored_versions(upsert_keys)
+                stored = self._stored_rows(upsert_keys)
         plans = []
         mode = self.route.mode
         for key, evs in by_key.items():
@@ -157,37 +147,71 @@ class Applier:
 
     def _plan_upsert(self, p: Plan, evs: list[Event], stored: Any,
                      failures: list[Failure]) -> None:
+        """Under a conflict policy each event is judged against the row as the events before
+        it left it (``stored``: a :class:`Stored`, or _ABSENT): older loses; same values apart
+        from the version change nothing (a duplicate, or an echo with a bumped version: not
+        written, so it travels nowhere); an equal version with other values is a tie that
+        ``conflict.ties`` decides."""
         version = self.target.version
-        current = stored  # _ABSENT: no row; else the stored version (may be None)
+        current: Any = _ABSENT if stored is _ABSENT else stored.version
+        row: dict[str, Any] | None = None if stored is _ABSENT else dict(stored.row)
         for ev in evs:
             if ev.op == "delete":
                 p.delete = True
                 p.row = None
                 p.conditional = False
                 p.events.append(ev)
-                current = _ABSENT
+                current, row = _ABSENT, None
                 continue
             assert ev.row is not None
             if version is not None and current is not _ABSENT and current is not None:
-                v = ev.row[version]
-                if v < current:
-                    status = "dead" if self.route.conflict and \
-                        self.route.conflict.policy == "reject-older" else "skipped"
-                    failures.append(self._fail(ev, status, f"version {v} is older than the "
-                                               f"current version {current}",
-                                               field=self._field(version)))
-                    continue
-                if v == current:
-                    failures.append(self._fail(ev, "skipped", f"version {v} is already applied "
-                                               "(duplicate)", field=self._field(version)))
+                skip = self._judge(ev.row, current, row)
+                if skip is not None:
+                    status, reason = skip
+                    failures.append(self._fail(ev, status, reason, field=self._field(version)))
                     continue
             if version is not None:
                 current = ev.row[version]
+            row = dict(ev.row) if row is None else {**row, **ev.row}
             p.row = ev.row if p.row is None else {**p.row, **ev.row}
             p.events.append(ev)
 
+    def _judge(self, incoming: dict[str, Any], current: Any,
+               row: dict[str, Any] | None) -> tuple[str, str] | None:
+        """Why an event does not apply against ``current``/``row`` (status, reason), or None."""
+        version = self.target.version
+        assert version is not None and self.route.conflict is not None
+        v = incoming[version]
+        if v < current:
+            status = "dead" if self.route.conflict.policy == "reject-older" else "skipped"
+            return status, f"version {v} is older than the current version {current}"
+        if row is not None and self._same_content(incoming, row):
+            if v == current:
+                return "skipped", f"version {v} is already applied (duplicate)"
+            return "skipped", (f"only the version changed ({current} -> {v}): an echo of the "
+                               "stored row, not written")
+        if v == current and self.route.conflict.ties == "stored":
+            return "skipped", (f"version {v} is already applied with other values (a tie; "
+                               "conflict.ties: stored keeps the stored row)")
+        return None
+
+    def _same_content(self, incoming: dict[str, Any], row: dict[str, Any]) -> bool:
+        """Whether every column ``incoming`` carries, apart from key and version, already holds
+        that value (conservative: a value it cannot compare counts as a change)."""
+        skip = {*self.target.key, self.target.version}
+        for c, value in incoming.items():
+            if c in skip:
+                continue
+            if c not in row or not _equal(self.target.columns[c].type, value, row[c]):
+                return False
+        return True
+
     def _field(self, column: str) -> str:
         return self.route.field_for(column)
+
+    def _exposed(self, column: str) -> str | None:
+        """The producer field of a column the route writes; None for any other column."""
+        return self._field(column) if column in self.target.columns else None
 
     def _fail(self, ev: Event, status: str, reason: str, field: str | None = None) -> Failure:
         return Failure(ev.message, status, reason, field, ev.key, ev.event_id)  # type: ignore[arg-type]
@@ -225,17 +249,19 @@ class Applier:
             self._fail_last(plans[0], cause, failures)
 
     def _fail_last(self, plan: Plan, err: psycopg.Error, failures: list[Failure]) -> None:
-        """Fail the plan's last event with PostgreSQL's reason and apply the rest of the key."""
-        reason, column = row_error_reason(err)
+        """Fail the plan's last event with why PostgreSQL refused it (in dx's words, naming
+        only the route's columns: its task log is exported to people who may not see the
+        others) and apply the rest of the key."""
+        refused = describe(err, self._exposed)
         last = plan.events[-1]
-        failures.append(self._fail(last, "dead", reason,
-                                   field=self._field(column) if column else None))
+        failures.append(self._fail(last, "dead", f"{refused.code}: {refused.message}",
+                                   field=refused.field))
         rest = plan.events[:-1]
         if not rest:
             return
         stored = _ABSENT
         if self.target.version is not None:
-            stored = self._stored_versions([plan.key]).get(plan.key, _ABSENT)
+            stored = self._stored_rows([plan.key]).get(plan.key, _ABSENT)
         again = Plan(plan.key)
         sub: list[Failure] = []
         if self.route.mode == "insert":
@@ -324,14 +350,22 @@ class Applier:
                 return sql.SQL("{}::text").format(ref)
             return ref
 
-        changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
-            sql.SQL(", ").join(side("t", c) for c in settable),
-            sql.SQL(", ").join(side("excluded", c) for c in settable))
-        guard: sql.Composable = changed
-        if self.target.version is not None and self.target.version in present:
-            v = sql.Identifier(self.target.version)
-            guard = sql.SQL("{changed} AND (t.{v} IS NULL OR t.{v} < excluded.{v})").format(
-                changed=changed, v=v)
+        def changed(cols: list[str]) -> sql.Composable:
+            return sql.SQL("({}) IS DISTINCT FROM ({})").format(
+                sql.SQL(", ").join(side("t", c) for c in cols),
+                sql.SQL(", ").join(side("excluded", c) for c in cols))
+
+        guard: sql.Composable = changed(settable)
+        version = self.target.version
+        if version is not None and version in present:
+            # Content decides whether to write, the version whether the row may: a row whose
+            # values equal the stored ones apart from the version is not written (an echo must
+            # not travel on), and a tie writes only when dx yields on ties.
+            content = [c for c in settable if c != version]
+            tie = self.route.conflict is not None and self.route.conflict.ties == "incoming"
+            guard = sql.SQL("{changed} AND (t.{v} IS NULL OR t.{v} {op} excluded.{v})").format(
+                changed=changed(content or settable), v=sql.Identifier(version),
+                op=sql.SQL("<=" if tie else "<"))
         q = base + sql.SQL("ON CONFLICT ({key}) DO UPDATE SET {sets} WHERE {guard}").format(
             key=self._key_list,
             sets=sql.SQL(", ").join(sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c))
@@ -339,6 +373,26 @@ class Applier:
             guard=guard)
         self._upsert_sql[present] = q
         return q
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored row as the planner sees it: its version and the route's columns."""
+
+    version: Any
+    row: dict[str, Any]
+
+
+def _equal(type_name: str, given: Any, stored: Any) -> bool:
+    """``given`` (validated, JSON as text) equals ``stored`` (as psycopg returned it)."""
+    if given == stored:
+        return True
+    if type_name in ("json", "jsonb") and isinstance(given, str):
+        try:
+            return bool(json.loads(given) == stored)
+        except ValueError:
+            return False
+    return False
 
 
 class _Absent:

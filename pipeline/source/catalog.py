@@ -13,26 +13,10 @@ from typing import Any
 
 import psycopg
 
+from pipeline.capture.catalog import read_columns as read_catalog_columns
+from pipeline.capture.catalog import table_oid
 from pipeline.config.model import DxConfig
-from pipeline.config.sources import SourceRoute
 from pipeline.errors import CatalogError
-
-_COLUMNS = """
-SELECT a.attname,
-       COALESCE(et.typname, t.typname),
-       a.attnotnull,
-       et.oid IS NOT NULL,
-       a.atttypmod,
-       COALESCE(et.typcategory, t.typcategory),
-       a.atthasdef OR a.attidentity <> '',
-       a.attgenerated <> '' OR a.attidentity = 'a',
-       COALESCE(et.oid, t.oid)
-FROM pg_attribute a
-JOIN pg_type t ON t.oid = a.atttypid
-LEFT JOIN pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem
-WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attnum
-"""
 
 _UNIQUE = """
 SELECT i.indisprimary, array_agg(a.attname ORDER BY k.ord)
@@ -77,47 +61,22 @@ class Target:
         return f"{self.schema}.{self.table}"
 
 
-def _typmod(typname: str, typmod: int) -> tuple[int | None, int | None]:
-    if typmod < 0:
-        return None, None
-    if typname == "numeric":
-        mod = typmod - 4
-        return (mod >> 16) & 0xFFFF, mod & 0xFFFF
-    if typname in ("varchar", "bpchar"):
-        return typmod - 4, None
-    return None, None
-
-
-def find_route(config: DxConfig, name: str) -> tuple[int, SourceRoute]:
-    """The route called ``name`` and its index (for dx.yaml line numbers)."""
-    for i, route in enumerate(config.sources):
-        if route.name == name:
-            return i, route
-    known = ", ".join(r.name for r in config.sources) or "none"
-    raise CatalogError(f"source route {name!r} is not configured (configured: {known})")
-
-
 def read_columns(conn: psycopg.Connection[Any], schema: str, table: str
                  ) -> tuple[dict[str, Column], list[tuple[bool, list[str]]]] | None:
     """Every column of a table (or partitioned table) with what validation needs, and its
     unique indexes as (is primary key, columns); None when there is no such table."""
-    row = conn.execute(
-        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-        (schema, table)).fetchone()
-    if row is None:
+    oid = table_oid(conn, schema, table)
+    if oid is None:
         return None
-    oid = int(row[0])
     columns: dict[str, Column] = {}
-    for (name, typ, not_null, is_array, typmod, category, has_default, generated,
-         type_oid) in conn.execute(_COLUMNS, (oid,)).fetchall():
-        precision, scale = _typmod(typ, typmod)
+    for c in read_catalog_columns(conn, oid):
         labels: tuple[str, ...] = ()
-        if category == "E":
-            labels = tuple(r[0] for r in conn.execute(_ENUM, (type_oid,)))
-        columns[name] = Column(name=name, type=typ, not_null=not_null, is_array=is_array,
-                               precision=precision, scale=scale, category=category,
-                               has_default=has_default, generated=generated, enum_labels=labels)
+        if c.category == "E":
+            labels = tuple(r[0] for r in conn.execute(_ENUM, (c.type_oid,)))
+        columns[c.name] = Column(name=c.name, type=c.type, not_null=not c.nullable,
+                                 is_array=c.is_array, precision=c.precision, scale=c.scale,
+                                 category=c.category, has_default=c.has_default,
+                                 generated=c.generated, enum_labels=labels)
     uniques = [(bool(p), list(cols)) for p, cols in conn.execute(_UNIQUE, (oid,)).fetchall()]
     return columns, uniques
 

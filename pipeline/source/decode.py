@@ -12,13 +12,13 @@ batch (retrying later will decode it, dead-lettering it would lose it).
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from pipeline.db import json_loads_exact
 from pipeline.events.wire import Undecodable, WireDecoder
 from pipeline.source.validate import FieldError
 
@@ -49,8 +49,9 @@ class AvroDecoder:
 
 
 def json_decode(data: bytes) -> Any:
+    """JSON numbers with a fraction become ``Decimal``: a numeric column gets every digit."""
     try:
-        return json.loads(data)
+        return json_loads_exact(data)
     except (UnicodeDecodeError, ValueError) as err:
         raise FieldError(None, f"undecodable: not JSON ({err})") from None
 

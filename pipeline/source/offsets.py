@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS dx.source_offsets (
 );
 COMMENT ON TABLE dx.source_offsets IS
   'dx source workers: next Kafka offset to apply per route/partition (exactly-once apply)';
+ALTER TABLE dx.source_offsets ADD COLUMN IF NOT EXISTS topic_id text;
+COMMENT ON COLUMN dx.source_offsets.topic_id IS
+  'the topic''s id when the offset was stored: a re-created topic (or a mirror) has another';
 """
 
 
@@ -56,6 +59,17 @@ def load(conn: psycopg.Connection[Any], route: str, topic: str,
     return {int(p): int(o) for p, o in rows}
 
 
+def topic_ids(conn: psycopg.Connection[Any], route: str, topic: str,
+              partitions: Iterable[int]) -> dict[int, str]:
+    """The topic id each of ``partitions``' offsets was stored under (where one was known)."""
+    rows = conn.execute(
+        "SELECT partition, topic_id FROM dx.source_offsets WHERE route = %s AND topic = %s "
+        "AND partition = ANY(%s) AND topic_id IS NOT NULL",
+        (route, topic, list(partitions)),
+    ).fetchall()
+    return {int(p): str(t) for p, t in rows}
+
+
 def lock_and_check(conn: psycopg.Connection[Any], route: str, topic: str,
                    expected: Mapping[int, int | None]) -> None:
     """Lock the offset rows of a batch and check they hold ``expected`` (None: no row yet).
@@ -78,16 +92,20 @@ def lock_and_check(conn: psycopg.Connection[Any], route: str, topic: str,
 
 
 def store(conn: psycopg.Connection[Any], route: str, topic: str,
-          next_offsets: Mapping[int, int], expected: Mapping[int, int | None]) -> None:
-    """Write the new positions (inside the batch's transaction)."""
+          next_offsets: Mapping[int, int], expected: Mapping[int, int | None],
+          topic_id: str | None = None) -> None:
+    """Write the new positions (inside the batch's transaction), with the id of the topic
+    they belong to (kept when unknown)."""
     with conn.cursor() as cur:
         for partition, nxt in sorted(next_offsets.items()):
             if expected.get(partition) is None:
                 cur.execute(
-                    "INSERT INTO dx.source_offsets (route, topic, partition, next_offset) "
-                    "VALUES (%s, %s, %s, %s)", (route, topic, partition, nxt))
+                    "INSERT INTO dx.source_offsets (route, topic, partition, next_offset, "
+                    "topic_id) VALUES (%s, %s, %s, %s, %s)",
+                    (route, topic, partition, nxt, topic_id))
             else:
                 cur.execute(
-                    "UPDATE dx.source_offsets SET next_offset = %s, updated_at = now() "
+                    "UPDATE dx.source_offsets SET next_offset = %s, updated_at = now(), "
+                    "topic_id = COALESCE(%s, topic_id) "
                     "WHERE route = %s AND topic = %s AND partition = %s",
-                    (nxt, route, topic, partition))
+                    (nxt, topic_id, route, topic, partition))

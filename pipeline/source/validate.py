@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import simplejson
+
 from pipeline.config.sources import SourceRoute
 from pipeline.source.catalog import Column, Target
 
@@ -241,7 +243,8 @@ def _json(_: Column) -> Coercer:
                 raise ValueError(f"is not valid JSON text: {v[:40]!r}") from None
             return v
         try:
-            return json.dumps(v, separators=(",", ":"), default=str)
+            # Decimal (exactly decoded JSON numbers) stays a number, not a string
+            return simplejson.dumps(v, separators=(",", ":"), default=str, use_decimal=True)
         except (TypeError, ValueError) as err:
             raise ValueError(f"cannot be written as JSON: {err}") from None
 
@@ -274,7 +277,7 @@ def _passthrough(col: Column) -> Coercer:
                 raise ValueError("contains a NUL character")
             return v
         if isinstance(v, dict | list):
-            return json.dumps(v, default=str)
+            return simplejson.dumps(v, default=str, use_decimal=True)
         return str(v)
 
     return coerce

@@ -21,10 +21,12 @@ batch is never half-applied.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -40,21 +42,26 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from pipeline import db
 from pipeline.capture.origin import mark_origin
 from pipeline.config.model import DxConfig
-from pipeline.errors import EventError, ServiceUnavailable, TransientError
+from pipeline.config.sources import SourceRoute
+from pipeline.errors import EventError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.deadletter import dead_letter_headers
+from pipeline.events.topics import ensure_topics, topic_id, topic_spec
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
 from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
 from pipeline.observability.server import WorkerServer
+from pipeline.routes.pause import RoutePause
+from pipeline.row_errors import log_text
 from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
-from pipeline.source.catalog import Target, find_route, read_target
+from pipeline.source.catalog import Target, read_target
 from pipeline.source.decode import AvroDecoder
 from pipeline.source.events import Event, Failure, RawMessage
 from pipeline.source.inbound import Converter
@@ -62,6 +69,14 @@ from pipeline.tasks.headers import decode_headers
 from pipeline.tasks.store import TaskStore
 
 log = logging.getLogger(__name__)
+
+
+class CatalogDrift(TransientError):
+    """The target table no longer has what the worker read at start; re-read it."""
+
+
+class TopicReset(TransientError):
+    """Kafka moved a partition's position below what is applied; check the topic again."""
 
 
 @dataclass
@@ -85,10 +100,15 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     tasks.ensure_schema(conn)
 
 
-def kafka_conf(config: DxConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    return conf
+def ensure_route_topics(config: DxConfig, route: SourceRoute,
+                        admin: AdminClient | None = None) -> None:
+    """Create the route's inbound and dead-letter topics if missing (never left to broker
+    auto-create: with it off, the first dead letter would stall the route)."""
+    admin = admin or AdminClient(config.kafka.librdkafka(), logger=KAFKA_LOG)
+    ensure_topics(admin, [
+        topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
+        topic_spec(config.kafka, route.dlq_topic,
+                   f"dead-letter topic of source route {route.name}")])
 
 
 def _bytes(v: str | bytes | None) -> bytes | None:
@@ -125,13 +145,15 @@ class SourceWorker:
                  stop_when_idle_s: float | None = None,
                  on_batch: Callable[[int, list[Failure]], None] | None = None,
                  server: WorkerServer | None = None, lag_interval_s: float = 2.0,
-                 accept_retention_gap: bool = False) -> None:
+                 accept_retention_gap: bool = False, accept_topic_reset: bool = False) -> None:
         self.config = config
-        self.index, self.route = find_route(config, route_name)
+        self.index, self.route = config.source(route_name)
         self.server = server if server is not None else WorkerServer(0)
         self.metrics = METRICS.worker("source", self.route.name)
         self.lag_interval_s = lag_interval_s
         self.accept_retention_gap = accept_retention_gap
+        self.accept_topic_reset = accept_topic_reset
+        self.topic_id: str | None = None  # the inbound topic's id in the cluster, when known
         self.assigned: set[int] = set()  # partitions of the current assignment
         self.stop_when_idle_s = stop_when_idle_s
         self.on_batch = on_batch
@@ -142,6 +164,9 @@ class SourceWorker:
         self.expected: dict[int, int | None] = {}  # stored next_offset (None: no row yet)
         self.position: dict[int, int] = {}  # next offset the batch accepts (dedupe on replay)
         self.batch: list[Message] = []
+        self.pause = RoutePause(config.database.url.get_secret_value(), "source",
+                                self.route.name)
+        self.held: list[tuple[str, int]] = []  # partitions paused by an operator's pause
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -155,7 +180,11 @@ class SourceWorker:
 
     def run(self) -> Stats:
         """Consume and apply until stopped; transient failures reconnect with backoff."""
-        previous = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Signals reach the main thread only; elsewhere (tests, an embedding process) the owner
+        # stops the worker by setting ``stopping``.
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._signal)
+                    for s in ((signal.SIGTERM, signal.SIGINT) if main else ())}
         backoff = 0.5
         try:
             while not self.stopping:
@@ -164,7 +193,8 @@ class SourceWorker:
                         break
                     backoff = 0.5
                 except TransientError as err:
-                    if self.stop_when_idle_s is not None and not isinstance(err, offsets.Fenced):
+                    if self.stop_when_idle_s is not None and \
+                            not isinstance(err, offsets.Fenced | CatalogDrift | TopicReset):
                         raise
                     self.metrics.failed("transient")
                     self.metrics.retried()
@@ -186,18 +216,27 @@ class SourceWorker:
         consumer: Consumer | None = None
         producer: Producer | None = None
         self.assigned.clear()
+        self.held = []
         try:
+            admin = AdminClient(self.config.kafka.librdkafka(), logger=KAFKA_LOG)
+            ensure_route_topics(self.config, self.route, admin)
+            self.topic_id = topic_id(admin, self.route.topic)
             ensure_schema(conn)
             target = read_target(conn, self.config, self.index)
             conn.commit()
             applier = Applier(conn, self.route, target)
             convert = Converter(self.route, target, self._decoder())
-            producer = Producer({**kafka_conf(self.config), "enable.idempotence": True,
-                                 "linger.ms": 5}, logger=KAFKA_LOG)
+            producer = Producer(self.config.kafka.librdkafka(
+                {"enable.idempotence": True, "linger.ms": 5}), logger=KAFKA_LOG)
             consumer = self._consumer(conn)
             return self._loop(conn, consumer, producer, applier, convert, target)
         except psycopg.OperationalError as err:
             raise db.unreachable(url, err) from None
+        except psycopg.Error as err:  # not one row's fault (those fail alone): the batch's
+            what = f"PostgreSQL refused the batch ({log_text(err)}: {err.diag.message_primary})"
+            if (err.sqlstate or "").startswith("40"):  # deadlock, serialization: retry it
+                raise TransientError(f"route {self.route.name}: {what}; retrying") from None
+            raise TerminalError(f"route {self.route.name}: {what}") from None
         except KafkaException as err:
             raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
                                      str(err)) from None
@@ -213,34 +252,63 @@ class SourceWorker:
         if self.route.format != "avro":
             return None
         reg = self.config.schema_registry
-        auth = reg.basic_auth_user_info.get_secret_value() if reg.basic_auth_user_info else None
-        return AvroDecoder(registry_client(reg.url, auth), reg.url)
+        return AvroDecoder(registry_client(reg), reg.url)
 
     # ---- Kafka ------------------------------------------------------------------------------
 
-    def _check_retention_gap(self, c: Consumer, stored: dict[int, int]) -> None:
-        """A stored offset below the partition's log start means Kafka deleted messages
-        (retention) before they were applied. Kafka would silently resume at the log start;
-        dx stops instead, unless the operator accepted the loss for this run."""
-        topic = self.route.topic
+    def _check_offsets(self, c: Consumer, stored: dict[int, int],
+                       ids: dict[int, str]) -> dict[int, int]:
+        """Compare each stored offset with the partition's log before resuming there.
+
+        * Below the log start: Kafka deleted messages (retention) before they were applied.
+          Kafka would silently resume at the log start.
+        * Beyond the log end: the topic was re-created, or this is another cluster's copy (a
+          mirror keeps its own offsets). Kafka would silently skip every message below the
+          stored offset (they look like replays), so new messages are never applied.
+        * Stored for a topic with another id (``ids``): the same, caught even when the new
+          topic has already grown past the stored offset.
+
+        dx stops on either, naming the partition, unless the operator accepted it for this run
+        (``--accept-retention-gap`` / ``--accept-topic-reset``). Returns where to resume each
+        accepted partition instead of its stored offset."""
+        topic, name = self.route.topic, self.route.name
+        resume: dict[int, int] = {}
         for partition, offset in sorted(stored.items()):
-            low, _ = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
-                                             cached=False)
-            if offset >= low:
-                continue
-            lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
-            if not self.accept_retention_gap:
-                raise EventError(f"route {self.route.name}: {lost}; restore them from their "
-                                 "source, or accept the loss with 'dx source run "
-                                 f"{self.route.name} --accept-retention-gap'",
-                                 topic=topic, partition=partition, offset=offset)
-            log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
-                        self.route.name, topic, partition, lost, low)
+            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
+                                                cached=False)
+            was = ids.get(partition)
+            replaced = was is not None and self.topic_id is not None and was != self.topic_id
+            reset = None
+            if offset > high:
+                reset = (f"the stored offset {offset} (dx.source_offsets) is beyond the "
+                         f"partition's end {high}: the topic was re-created or is another "
+                         "cluster's copy, and messages below the stored offset would be skipped")
+            elif replaced:
+                reset = (f"the stored offset {offset} (dx.source_offsets) belongs to another "
+                         f"topic of this name (id {was}, now {self.topic_id}): the topic was "
+                         "re-created or is another cluster's copy")
+            if reset is not None:
+                if not self.accept_topic_reset:
+                    raise EventError(f"route {name}: {reset}; apply the partition from its "
+                                     f"start with 'dx source run {name} --accept-topic-reset'",
+                                     topic=topic, partition=partition, offset=offset)
+                log.warning("route %s: %s[%d]: %s; applying from its start %d "
+                            "(--accept-topic-reset)", name, topic, partition, reset, low)
+                resume[partition] = low
+            elif offset < low:
+                lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
+                if not self.accept_retention_gap:
+                    raise EventError(f"route {name}: {lost}; restore them from their "
+                                     "source, or accept the loss with 'dx source run "
+                                     f"{name} --accept-retention-gap'",
+                                     topic=topic, partition=partition, offset=offset)
+                log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
+                            name, topic, partition, lost, low)
+        return resume
 
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
-        conf = {
-            **kafka_conf(self.config),
+        conf = self.config.kafka.librdkafka({
             "group.id": route.group,
             "client.id": f"dx-source-{route.name}",
             "enable.auto.commit": False,
@@ -248,19 +316,22 @@ class SourceWorker:
             "auto.offset.reset": route.start,
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "range",
-        }
+        })
         consumer = Consumer(conf, logger=KAFKA_LOG)
 
         def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
-            stored = offsets.load(conn, route.name, route.topic, [p.partition for p in parts])
+            numbers = [p.partition for p in parts]
+            stored = offsets.load(conn, route.name, route.topic, numbers)
+            ids = offsets.topic_ids(conn, route.name, route.topic, numbers)
             conn.rollback()
-            self._check_retention_gap(c, stored)
+            resume = self._check_offsets(c, stored, ids)
             start = OFFSET_BEGINNING if route.start == "earliest" else OFFSET_END
             for p in parts:
                 s = stored.get(p.partition)
-                p.offset = s if s is not None else start
-                self.expected[p.partition] = s
-                self.position[p.partition] = s if s is not None else -1
+                at = resume.get(p.partition, s)
+                p.offset = at if at is not None else start
+                self.expected[p.partition] = s  # the row's value: the batch compares-and-sets it
+                self.position[p.partition] = at if at is not None else -1
             log.info("route %s: assigned %s", route.name,
                      {p.partition: stored.get(p.partition) for p in parts})
             c.assign(parts)
@@ -303,8 +374,18 @@ class SourceWorker:
                     continue
                 p, o = _part(msg), _off(msg)
                 pos = self.position.get(p)
-                if pos is None or o < pos:
-                    continue  # not ours any more, or a replay of what the batch already holds
+                if pos is None:
+                    continue  # not ours any more
+                if o < pos:
+                    applied = self.expected.get(p)
+                    if applied is not None and o < applied:
+                        # Below what is applied: Kafka reset the position (the topic was
+                        # re-created under the worker). Dropping these as replays would lose
+                        # them; reconnect and let the assignment checks decide.
+                        raise TopicReset(f"{self.route.topic}[{p}] went back to offset {o}, "
+                                         f"below the stored offset {applied}; "
+                                         "checking the topic again")
+                    continue  # a replay of what the batch already holds
                 self.position[p] = o + 1
                 self.batch.append(msg)
 
@@ -315,6 +396,7 @@ class SourceWorker:
         next_lag = 0.0
         while True:
             self.server.heartbeat()
+            paused = self._hold(consumer)
             self._collect(consumer)
             if self.batch:
                 batch, self.batch = self.batch, []
@@ -323,7 +405,7 @@ class SourceWorker:
             if time.monotonic() >= next_lag:
                 self._report_lag(consumer)
                 next_lag = time.monotonic() + self.lag_interval_s
-            if time.monotonic() >= next_redrive:
+            if time.monotonic() >= next_redrive and not paused:
                 if self._redrive(conn, producer, applier, convert):
                     idle_since = time.monotonic()
                 next_redrive = time.monotonic() + 1.0
@@ -332,6 +414,22 @@ class SourceWorker:
                 return True
             if self.stopping:
                 return True
+
+    def _hold(self, consumer: Consumer) -> bool:
+        """Follow the operator's pause (``dx source pause``): pause fetching of the whole
+        assignment (again after a rebalance), resume it when resumed. Polling goes on, so the
+        group keeps this member and its partitions; nothing fetched is skipped, because fetching
+        restarts from the consumed position."""
+        paused = self.pause.paused()
+        parts = consumer.assignment() if paused or self.held else []
+        now = sorted((p.topic, p.partition) for p in parts)
+        if paused and now != self.held:
+            consumer.pause(parts)
+            self.held = now
+        elif not paused and self.held:
+            consumer.resume(parts)
+            self.held = []
+        return paused
 
     def _readiness(self) -> None:
         self.server.set_assignment(len(self.assigned), stopping=self.stopping)
@@ -361,13 +459,14 @@ class SourceWorker:
                 failures.append(out)
         expected = {p: self.expected.get(p) for p in next_offsets}
         try:
-            with conn.transaction():
+            with self._catalog_guard(), conn.transaction():
                 mark_origin(conn, route.system)
                 offsets.lock_and_check(conn, route.name, route.topic, expected)
                 failures.extend(applier.apply(events))
                 failures.sort(key=lambda f: (f.message.partition, f.message.offset))
                 self.recorder.record(conn, route.name, failures)
-                offsets.store(conn, route.name, route.topic, next_offsets, expected)
+                offsets.store(conn, route.name, route.topic, next_offsets, expected,
+                              self.topic_id)
                 self._dead_letter(producer, failures)
         except psycopg.errors.UniqueViolation as err:
             raise offsets.Fenced(f"route {route.name}: another worker stored offsets first "
@@ -390,6 +489,18 @@ class SourceWorker:
                                          for p, o in next_offsets.items()], asynchronous=True)
             except KafkaException as err:  # lag visibility only; the truth is in PostgreSQL
                 log.debug("route %s: kafka commit: %s", route.name, err)
+
+    @contextlib.contextmanager
+    def _catalog_guard(self) -> Iterator[None]:
+        """The target table changed under the worker (a column or the table dropped or renamed:
+        catalog drift). The batch's transaction is rolled back; the worker reconnects and reads
+        the table again, which either adapts (a route writing every column) or stops with the
+        dx.yaml line of a configured column that is gone."""
+        try:
+            yield
+        except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as err:
+            raise CatalogDrift(f"table {self.route.qualified} changed under the worker "
+                               f"({err.diag.message_primary}); reading it again") from None
 
     def _count(self, batch: list[Message], failures: list[Failure], seconds: float) -> None:
         """Metrics of a committed batch: applied, skipped, dead; latency from the Kafka
@@ -418,7 +529,7 @@ class SourceWorker:
         (locked, re-applied and updated in one transaction). Without a conflict policy a
         redriven event overwrites newer data of its key, as the operator asked."""
         route = self.route
-        with conn.transaction():
+        with self._catalog_guard(), conn.transaction():
             rows = TaskStore(conn).lock_redrivable(route.name, route.batch_size)
             if not rows:
                 return False
@@ -465,7 +576,8 @@ class SourceWorker:
             producer.produce(self.route.dlq_topic, key=m.key, value=m.value, headers=headers,
                              on_delivery=delivered)
         left = producer.flush(30)
-        if left or errors:
-            raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
-                                     f"dead letters to {self.route.dlq_topic} not delivered: "
-                                     f"{errors[0] if errors else f'{left} pending'}")
+        if left or errors:  # the batch rolls back; the reconnect re-creates a deleted topic
+            raise TransientError(f"route {self.route.name}: dead letters to "
+                                 f"{self.route.dlq_topic} not delivered "
+                                 f"({errors[0] if errors else f'{left} pending'}); the batch "
+                                 "is retried")

@@ -83,6 +83,10 @@ CREATE INDEX IF NOT EXISTS task_route_status_idx ON dx.task (route, status, upda
 CREATE INDEX IF NOT EXISTS task_unresolved_key_idx ON dx.task (route, key, id)
     WHERE status IN ('pending', 'retrying', 'failed', 'dead');
 CREATE INDEX IF NOT EXISTS task_updated_idx ON dx.task (updated_at);
+-- newest-first pages of the console and 'dx tasks list --key': ordered index scans
+CREATE INDEX IF NOT EXISTS task_route_status_id_idx ON dx.task (route, status, id);
+CREATE INDEX IF NOT EXISTS task_status_id_idx ON dx.task (status, id);
+CREATE INDEX IF NOT EXISTS task_key_id_idx ON dx.task (key, id);
 """
 
 

@@ -5,11 +5,12 @@ AvroDeserializer) reading the topics back."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,25 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from pipeline.capture.origin import mark_origin
 from pipeline.config.loader import load_config
 from pipeline.relay.runner import Relay
+
+DEMO = Path(__file__).resolve().parents[2] / "deploy" / "demo"
+
+
+def render_demo_config(path: Path, values: dict[str, str]) -> Path:
+    """The demo's own template (deploy/demo/dx.yaml) with its ${NAME} placeholders filled: the
+    test runs the exchange users see."""
+    def fill(m: re.Match[str]) -> str:
+        return values[m.group(1)]
+
+    text = (DEMO / "dx.yaml").read_text()
+    path.write_text(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text))
+    return path
+
+
+def load_demo_shop(db_url: str) -> None:
+    """The demo shop's tables and seed rows (deploy/demo/shop.sql) in ``db_url``."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute((DEMO / "shop.sql").read_text())  # type: ignore[arg-type]
 
 
 def write_config(path: Path, stack: Any, db_url: str, prefix: str, tables: str,
@@ -62,25 +82,32 @@ def dx(*args: str, env: dict[str, str] | None = None, check: bool = False,
 
 
 @contextmanager
-def relay_thread(config_path: Path, *, reset_state: bool = False) -> Iterator[Relay]:
-    relay = Relay(load_config(config_path), keep_latencies=True, reset_state=reset_state)
+def in_thread(run: Callable[[], Any], stop: Callable[[], Any]) -> Iterator[None]:
+    """``run`` in a daemon thread for the block; ``stop`` ends it; its error is raised here."""
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def target() -> None:
         try:
-            relay.run()
+            run()
         except BaseException as err:  # surfaced to the test below
             errors.append(err)
 
-    t = threading.Thread(target=run, daemon=True)
+    t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
-        yield relay
+        yield
     finally:
-        relay.stop.set()
+        stop()
         t.join(60)
     if errors:
         raise errors[0]
+
+
+@contextmanager
+def relay_thread(config_path: Path, *, reset_state: bool = False) -> Iterator[Relay]:
+    relay = Relay(load_config(config_path), keep_latencies=True, reset_state=reset_state)
+    with in_thread(relay.run, relay.stop.set):
+        yield relay
 
 
 def start_relay_process(config_path: Path) -> subprocess.Popen[str]:

@@ -395,7 +395,9 @@ def test_openapi_document_docs_and_reload(served: Served, config_path: Path,
                                           tmp_path: Path) -> None:
     with served.client() as c:
         doc = c.get("/openapi.json").json()
-        assert c.get("/docs").status_code == 200
+        docs = c.get("/docs")
+        assert docs.status_code == 200 and "cdn" not in docs.text  # works offline
+        assert c.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
     assert {"/products", "/products/{id}", "/variants", "/variants/{id}"} <= set(doc["paths"])
     create = doc["components"]["schemas"]["ProductsCreate"]
     assert create["required"] == ["sku", "title", "price"]

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import pytest
 
 from pipeline.config.loader import load_config
 from pipeline.errors import ServiceUnavailable
-from pipeline.inbound.files import Watcher
+from pipeline.inbound.files import Watcher, sha256_of
 from tests.integration.test_inbound_support import (
     free_port,
     inbound_config,
@@ -111,6 +114,9 @@ def test_marker_mode_reads_a_file_only_once_its_done_marker_exists(
     assert "'nope' is not a field" in (drop / "failed" / "bad.csv.error.txt").read_text()
     ((partition, error),) = tasks(pg_db)
     assert partition == -1 and error.startswith("file bad.csv: ") and "'nope'" in error
+    (drop / "bad-again.csv").write_text("id,sku,nope\n1,a,b\n")  # nothing of it was sent:
+    (drop / "bad-again.csv.done").touch()  # read again (e.g. after the route was fixed)
+    assert scan(cfg) == [("bad-again.csv", "failed", 0, 0)]
 
 
 def tasks(db_url: str) -> list[tuple[int, str]]:
@@ -140,3 +146,76 @@ def test_with_kafka_unreachable_a_file_stays_for_the_next_scan(
     assert not (drop / "failed" / "one.jsonl.rejects.csv").exists()
     with psycopg.connect(pg_db) as conn:
         assert conn.execute("SELECT count(*) FROM dx.inbound_file").fetchone() == (0,)
+
+
+def test_links_are_not_followed_and_a_file_changed_while_read_is_read_again(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    products_table(pg_db)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                         f"      files: {{directory: {drop}}}\n")
+    secret = tmp_path / "outside.csv"  # somebody else's file, linked into the drop folder
+    secret.write_text("id,sku,name,price,seq\n66,secret,not for dx,6.60,1\n")
+    (drop / "link.csv").symlink_to(secret)
+    (drop / "failed").mkdir()
+    victim = tmp_path / "victim.txt"  # a link planted where dx writes a reject file
+    victim.write_text("keep me\n")
+    (drop / "failed" / "bad.jsonl.rejects.csv").symlink_to(victim)
+    good = json.dumps({"id": 1, "sku": "a", "name": "one", "seq": 1})
+    (drop / "bad.jsonl").write_bytes(  # a line that is not UTF-8, one too long: those lines
+        (good + "\n").encode() + b'{"id": 2, "name": "\xff"}\n' + b"x" * 300 + b"\n")
+    monkeypatch.setattr("pipeline.inbound.files.MAX_LINE_BYTES", 100)
+    assert sorted(scan(cfg)) == [("bad.jsonl", "failed", 3, 2), ("link.csv", "failed", 0, 0)]
+    assert victim.read_text() == "keep me\n" and secret.exists()
+    assert (drop / "failed" / "link.csv").is_symlink()
+    assert "symbolic link" in (drop / "failed" / "link.csv.error.txt").read_text()
+    with (drop / "failed" / "bad.jsonl.rejects.csv").open(newline="") as f:
+        assert [(r["line"], r["reason"][:12]) for r in csv.DictReader(f)] == [
+            ("2", "not UTF-8 (b"), ("3", "the line is ")]
+
+    # a writer rewrites a file in place between dx hashing it and reading it
+    original = "id,sku,name,price,seq\n5,sku-5,first,5.00,1\n"
+    rewritten = "id,sku,name,price,seq\n5,sku-5,second,5.00,2\n"
+    (drop / "p.csv").write_text(original)
+    hash_file = sha256_of
+
+    def hash_then_rewrite(path: Path) -> str:
+        digest = hash_file(path)
+        if path.read_text() == original:
+            path.write_text(rewritten)
+        return digest
+    monkeypatch.setattr("pipeline.inbound.files.sha256_of", hash_then_rewrite)
+    assert scan(cfg) == [("p.csv", "changed", 1, 0)]
+    assert (drop / "p.csv").exists()  # left for the next scan, nothing recorded
+    assert scan(cfg) == [("p.csv", "done", 1, 0)]
+    monkeypatch.setattr("pipeline.inbound.files.sha256_of", hash_file)
+    (drop / "p-again.csv").write_text(original)  # the first content was never processed
+    assert scan(cfg) == [("p-again.csv", "done", 1, 0)]
+    stats = run_worker(cfg, "products")
+    assert stats.failed == 0
+    assert sorted(rows(pg_db)) == [1, 5] and rows(pg_db)[5][1] == "first"
+
+
+def test_a_folder_problem_is_one_error_line_and_the_file_stays(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    products_table(pg_db)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                         f"      files: {{directory: {drop}}}\n")
+    (drop / "done").write_text("a file where the done/ folder should be\n")
+    (drop / "p.csv").write_text(CSV_TEXT)
+    cmd = [sys.executable, "-m", "pipeline.cli", "inbound", "watch", "products", "--once",
+           "-c", str(cfg)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dx: error: watch products: "), out.stderr
+    assert "File exists" in lines[0] and (drop / "p.csv").exists()
+    with psycopg.connect(pg_db) as conn:  # and a problem in dx status
+        (error,) = conn.execute("SELECT last_error FROM dx.inbound_state WHERE kind = 'files'"
+                                ).fetchone() or ("",)
+    assert "File exists" in error

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from pipeline.config.loader import load_config
+from pipeline.errors import TerminalError
 from pipeline.inbound.pull import Puller
 from pipeline.observability.server import WorkerServer
 from tests.integration.test_inbound_support import (
@@ -305,3 +306,79 @@ def test_with_kafka_unreachable_the_cursor_does_not_move(
         assert row == (None, 0, 1)  # nothing acknowledged: nothing moved on
     finally:
         catalog.server.close()
+
+
+def test_a_next_link_or_redirect_to_another_host_never_gets_the_credentials(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DX_TEST_PULL_SECRET", "key-for-tests")
+    products_table(pg_db)
+    elsewhere = ThirdParty(lambda *_: (200, {}, {"data": []}))
+    entity = {"id": 1, "code": "a", "title": "one", "seq": 1}
+
+    def pim(method: str, path: str, query: dict[str, str], headers: dict[str, str],
+            body: bytes) -> tuple[int, dict[str, str], Any]:
+        if path == "/moved":
+            return 302, {"Location": f"{elsewhere.url}/products"}, b""
+        return 200, {}, {"data": [entity], "next": f"{elsewhere.url}/products?page=2"}
+    home = ThirdParty(pim)
+    try:
+        for n, path in enumerate(("/products", "/moved")):
+            cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim{n}.products", f"""\
+      mapping: {{fields: {{id: id, sku: code, name: title, seq: seq}}}}
+      pull:
+        url: {home.url}{path}
+        auth: {{kind: api_key, key: "${{DX_TEST_PULL_SECRET}}"}}
+        items: data
+        pagination: {{kind: next, token_path: next}}
+""")
+            with pytest.raises(TerminalError, match=r"not the host of pull\.url"):
+                pull_once(load_config(cfg))
+        assert elsewhere.requests == []
+    finally:
+        home.close()
+        elsewhere.close()
+
+
+def test_a_refusal_quoting_a_nul_byte_is_recorded_and_raised_as_one_error(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    products_table(pg_db)
+    pim = ThirdParty(lambda *_: (400, {}, b'{"error": "bad \x00 request"}'))
+    try:
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                             f"      pull: {{url: {pim.url}/products}}\n")
+        with pytest.raises(TerminalError, match="HTTP 400"):  # not psycopg's DataError
+            pull_once(load_config(cfg))
+    finally:
+        pim.close()
+    with psycopg.connect(pg_db) as conn:
+        (error,) = conn.execute("SELECT last_error FROM dx.inbound_state").fetchone() or ("",)
+    assert "HTTP 400" in error and "\\0" in error
+
+
+def test_an_entity_changed_mid_run_shifts_no_other_past_a_keyset_pull(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    """Without keyset, page 2 of the changed feed starts one entity later: item 11 slides onto
+    page 1, already read, and the watermark passes it for good."""
+    products_table(pg_db)
+    catalog = Catalog(30)
+    try:
+        pull = PULL.format(url=catalog.server.url).replace(
+            "compare: number}", "compare: number, keyset: true}")
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products", pull)
+        edited: list[int] = []
+
+        def edit_once(page: int, cursor: Any) -> None:
+            if not edited:  # item 3 changes after page 1: it moves to the end of the feed
+                edited.append(page)
+                catalog.change(3, "edited", "3.75")
+        puller = Puller(load_config(cfg), "products", on_page=edit_once)
+        try:
+            puller.run(once=True)
+            puller.run(once=True)  # the next run: from the watermark
+        finally:
+            puller.close()
+    finally:
+        catalog.server.close()
+    run_worker(cfg, "products")
+    assert sorted(rows(pg_db)) == list(range(1, 31)) and rows(pg_db)[3][1] == "edited"

@@ -8,10 +8,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 
 from pipeline.config.loader import load_config
 from pipeline.inbound.webhook import WebhookServer
@@ -98,9 +104,9 @@ def test_webhook_refuses_bad_requests_and_a_resent_webhook_applies_once(
         one = json.dumps(product(4)).encode()
         keyed = {**signed(one), "Idempotency-Key": "delivery-77"}
         assert post(url, one, keyed).status_code == 202
-        other = json.dumps(product(5)).encode()  # same key, other body: the key decides
-        assert post(url, other, {**signed(other), "Idempotency-Key": "delivery-77"}
-                    ).json()["status"] == "duplicate"
+        other = json.dumps(product(5)).encode()  # same key, other entities: refused, never a
+        reused = post(url, other, {**signed(other), "Idempotency-Key": "delivery-77"})  # 2xx
+        assert (reused.status_code, codes(reused)) == (422, [("key_mismatch", "Idempotency-Key")])
 
         refused = json.dumps(product(9)).encode()
         bad_sig = post(url, refused, signed(refused, secret="wrong"))
@@ -143,14 +149,14 @@ def test_webhook_refuses_bad_requests_and_a_resent_webhook_applies_once(
     assert sorted(rows(pg_db)) == [1, 2, 3, 4]
     assert set(writes(pg_db).values()) == {1}
     requests, entities, refused_n = _state(pg_db) or (0, 0, 0)
-    assert (requests, entities, refused_n) == (4, 4, 9)
+    assert (requests, entities, refused_n) == (3, 4, 10)
 
 
 def _state(db_url: str) -> tuple[int, int, int] | None:
     with psycopg.connect(db_url) as conn:
         row = conn.execute("SELECT requests, entities, refused FROM dx.inbound_state "
                            "WHERE route = 'products' AND kind = 'webhook'").fetchone()
-    return None if row is None or row[0] < 4 else (int(row[0]), int(row[1]), int(row[2]))
+    return None if row is None or row[0] < 3 else (int(row[0]), int(row[1]), int(row[2]))
 
 
 def test_webhook_with_the_broker_unreachable_answers_503_and_accepts_the_resend(
@@ -171,9 +177,82 @@ def test_webhook_with_the_broker_unreachable_answers_503_and_accepts_the_resend(
         assert down.headers["retry-after"] == "5"
     with psycopg.connect(pg_db) as conn:  # the claim was released: a re-send is not a duplicate
         assert conn.execute("SELECT count(*) FROM dx.inbound_request").fetchone() == (0,)
+    topic = f"{topic_prefix}.pim.products"
+    labels = {"role": "inbound", "route": "products", "topic": topic}
+    before = REGISTRY.get_sample_value("dx_events_delivered_total", labels) or 0
     with serving(cfg) as url:
         resent = post(url, body, good)
         assert resent.status_code == 202, resent.text
+        assert REGISTRY.get_sample_value("dx_events_delivered_total", labels) == before + 2
+        # no id_fields, no key: the same content again is a new edit (A -> B -> A), not a
+        # duplicate to drop with a 2xx
+        a, b = json.dumps(product(8)).encode(), json.dumps({**product(8), "name": "B"}).encode()
+        assert [post(url, x, good).status_code for x in (a, b, a)] == [202, 202, 202]
     stats = run_worker(cfg, "products")
-    assert stats.applied == 2
-    assert sorted(rows(pg_db)) == [7, 8] and set(writes(pg_db).values()) == {1}
+    assert stats.failed == 0
+    assert rows(pg_db) == {7: ("sku-7", "product 7", Decimal("7.25"), 1),
+                           8: ("sku-8", "product 8", Decimal("8.25"), 1)}
+    assert writes(pg_db)[7] == 1
+
+
+def test_a_replay_inside_the_window_is_answered_without_producing_but_a_new_edit_is_sent(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DX_TEST_HOOK_SECRET", SECRET)
+    products_table(pg_db)
+    hook = "\n".join(line for line in HMAC_HOOK.splitlines() if "id_fields" not in line) + "\n"
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products", hook)
+    a = json.dumps(product(1)).encode()
+    b = json.dumps({**product(1), "name": "B"}).encode()
+    with serving(cfg) as url:
+        first = signed(a, ts=int(time.time()) - 2)
+        assert post(url, a, first).status_code == 202
+        replayed = post(url, a, first)  # the same signed request again (captured, or retried)
+        assert replayed.status_code == 200 and replayed.json()["status"] == "duplicate"
+        # the same content signed anew is a new edit back to A, sent
+        assert [post(url, x, signed(x)).status_code for x in (b, a)] == [202, 202]
+        two = json.dumps(product(2)).encode()  # 8 identical requests at once: one is sent
+        keyed = {**signed(two), "Idempotency-Key": "concurrent-1"}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(url, two, keyed), range(8)))
+        assert sorted({a.status_code for a in answers} - {200, 409}) == [202]
+        assert [a.status_code for a in answers].count(202) == 1
+    run_worker(cfg, "products")
+    assert rows(pg_db)[1][1] == "product 1" and writes(pg_db)[2] == 1
+
+
+def test_dx_inbound_serve_answers_and_a_port_in_use_is_one_error_line(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DX_TEST_HOOK_SECRET", SECRET)
+    products_table(pg_db)
+    cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products", BEARER_HOOK)
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipeline.cli", "inbound", "serve", "--port", str(port),
+           "-c", str(cfg)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                             text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return first.poll() is not None
+        wait_for("dx inbound serve", healthy, 60)
+        assert first.poll() is None, first.stderr.read() if first.stderr else ""
+        body = json.dumps(product(1)).encode()
+        ok = post(url, body, {"Authorization": f"Bearer {SECRET}"})
+        assert ok.status_code == 202, ok.text
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60,
+                                check=False)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"dx: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+            "(set --port / DX_INBOUND_PORT)"]
+    finally:
+        first.terminate()
+        assert first.wait(60) == 0  # uvicorn re-raised SIGTERM under dx's handler
+    assert "dx inbound: stopped" in (first.stderr.read() if first.stderr else "")

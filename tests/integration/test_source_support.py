@@ -114,3 +114,25 @@ def tasks(db_url: str, route: str) -> list[tuple[Any, ...]]:
         return conn.execute(
             'SELECT "offset", status, error FROM dx.task WHERE route = %s ORDER BY "offset"',
             (route,)).fetchall()
+
+
+STOCK = "CREATE TABLE stock (sku text PRIMARY KEY, qty int NOT NULL)"
+
+
+def stock_route(stack: Any, db_url: str, topic_prefix: str, tmp_path: Path, *,
+                table: str = STOCK, extra: str = "", create: bool = True) -> tuple[str, Path]:
+    """Table ``stock`` and a json route 'stock' into it (``extra``: more route keys); returns
+    the route's topic (created unless ``create`` is false) and the dx.yaml path."""
+    import psycopg
+
+    with psycopg.connect(db_url) as conn:
+        conn.execute(table)  # type: ignore[arg-type]
+    topic = f"{topic_prefix}.stock"
+    if create:
+        create_topic(stack, topic)
+    cfg = write_config(tmp_path / "dx.yaml", stack, db_url, f"""  - name: stock
+    topic: {topic}
+    format: json
+    table: stock
+{extra}""")
+    return topic, cfg

@@ -166,8 +166,8 @@ def test_one_image_tag_everywhere() -> None:
 def test_one_deployment_per_role_relay_with_standby() -> None:
     deps = deployments()
     roles = {key.split(":")[0] for key in deps}
-    # TODO(lead): the console joins here once it is merged.
-    assert roles == {"relay", "sink", "source", "api", "alerts", "inbound", "inbound-pull"}
+    assert roles == {"relay", "sink", "source", "api", "alerts", "inbound", "inbound-pull",
+                     "console"}
     relay = deps["relay:default"]
     assert relay["spec"]["replicas"] == 2  # active + hot standby
     rolling = relay["spec"]["strategy"]["rollingUpdate"]
@@ -198,6 +198,7 @@ def hardened_pod(key: str) -> dict[str, Any]:
 @pytest.mark.parametrize(("key", "args", "env_prefix", "port", "health"), [
     ("api:default", ["api", "serve"], "DX_API", 8080, "/-/health"),
     ("inbound:default", ["inbound", "serve"], "DX_INBOUND", 8088, "/healthz"),
+    ("console:default", ["console", "serve"], "DX_CONSOLE", 8091, "/healthz"),
 ])
 def test_http_servers_have_a_service_and_probes(key: str, args: list[str], env_prefix: str,
                                                 port: int, health: str) -> None:
@@ -275,6 +276,8 @@ def test_configmap_dx_yaml_loads_and_runs_the_deployed_routes(tmp_path: Path) ->
             assert args == ["alerts", "run"] and config.alerts is not None
         elif args[:2] == ["inbound", "serve"]:
             assert any(r.inbound and r.inbound.webhook for r in config.sources)
+        elif args[0] == "console":
+            assert args == ["console", "serve"]
         elif args[:2] == ["inbound", "pull"]:
             (route,) = [r for r in config.sources if r.name == args[2]]
             assert route.inbound is not None and route.inbound.pull is not None

@@ -72,6 +72,8 @@ def test_inbound_config_loads_with_secrets_from_the_environment() -> None:
         ('{kind: hmac, secret: "${HOOK_SECRET}"}', "{kind: hmac}", 20, "secret"),
         ("{from: attributes.weight, type: int}", "{from: attributes.weight, type: money}", 18,
          "type"),
+        ("field: updated_at}", "field: updated_at, keyset: true}", 21,
+         "keyset needs page or offset pagination"),
     ])
 def test_inbound_config_errors_name_file_and_line(old: str, new: str, line: int,
                                                   fragment: str) -> None:

@@ -172,6 +172,21 @@ def test_port_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     ("Authorization: Bearer eyJhbGciOi.abc", "eyJhbGciOi"),
     ("headers={'Authorization': 'Basic dXNlcjpwdw==', 'Accept': 'json'}", "dXNlcjpwdw"),
     ('{"api_key": "k-123"}', "k-123"),
+    # webhook URLs whose path is the credential, and signed / keyed query strings
+    ("POST https://hooks.slack.com/services/T0AB12CD/B0EF34GH/xoxbSECRETtoken42 -> 500",
+     "xoxbSECRETtoken42"),
+    ("url=https://discord.com/api/webhooks/112233445566/Abc-SECRET_tok3n retry",
+     "Abc-SECRET_tok3n"),
+    ("https://acme.webhook.office.com/webhookb2/a1b2@c3d4/IncomingWebhook/f00dSECRET/e5f6",
+     "f00dSECRET"),
+    ("https://chat.acme.io/hooks/k8sSECRETx93 timed out", "k8sSECRETx93"),
+    ("https://api.telegram.org/bot123456:AAHsecretTOKEN/sendMessage", "AAHsecretTOKEN"),
+    ("GET https://acct.blob.core.windows.net/c/f.csv?sv=2022&sig=SECRETsig%3D&se=1", "SECRETsig"),
+    ("https://s3.example/x?X-Amz-Signature=abc123SECRET&X-Amz-Date=1", "abc123SECRET"),
+    ("https://hook.example/in?signature=SECRETsig2", "SECRETsig2"),
+    ("https://chat.googleapis.com/v1/spaces/S/messages?key=AIzaSECRET&token=tokSECRET",
+     "AIzaSECRET"),
+    ("X-Dx-Signature: sha256=deadbeefSECRET", "deadbeefSECRET"),
 ])
 def test_redact(raw: str, leaked: str) -> None:
     out = redact(raw)
@@ -179,7 +194,8 @@ def test_redact(raw: str, leaked: str) -> None:
 
 
 def test_redact_leaves_ordinary_text() -> None:
-    text = "scraped http://localhost:9400/metrics in 3 ms; user dx at db:5432"
+    text = ("scraped http://localhost:9400/metrics in 3 ms; user dx at db:5432; "
+            "POST http://erp.local/services/orders?page=2 -> 200; key [42] failed")
     assert redact(text) == text
     assert redact("postgresql://dx:s3cr3t@db:5432/shop") == "postgresql://dx:***@db:5432/shop"
 

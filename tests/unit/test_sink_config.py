@@ -111,3 +111,24 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert [p.delay(n, 0.0) for n in (1, 2, 3, 4)] == [1, 2, 4, 5]
     assert p.delay(2, 0.999) == pytest.approx(1.001)
     assert RetryPolicy(jitter=0).delay(1, 0.7) == 0.5
+
+
+def test_routes_by_name_with_one_error_for_both_kinds() -> None:
+    cfg = load("""    connector: {type: http, url: "http://erp.local/x"}
+sources:
+  - name: erp-orders
+    topic: erp.orders
+    table: public.orders
+    key: [id]
+    columns: [id]
+""")
+    assert cfg.sink("orders-to-erp") == (0, cfg.sinks[0])
+    assert cfg.source("erp-orders") == (0, cfg.sources[0])
+    with pytest.raises(ConfigError) as sink:
+        cfg.sink("nope")
+    assert str(sink.value) == ("dx.yaml:4: no sink route named 'nope' "
+                               "(configured: orders-to-erp)")
+    with pytest.raises(ConfigError) as source:
+        cfg.source("orders-to-erp")
+    assert str(source.value) == ("dx.yaml:9: no source route named 'orders-to-erp' "
+                                 "(configured: erp-orders)")

@@ -1,0 +1,34 @@
+"""Restarts a dx worker whenever it exits, the way a Kubernetes Deployment would, and keeps the
+last line each run printed to stderr (dx's one-line error, or nothing)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+
+
+class Supervisor:
+    def __init__(self, *args: str) -> None:
+        self.argv = [sys.executable, "-m", "pipeline.cli", *args]
+        self.done = threading.Event()
+        self.exits: list[tuple[int, str]] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True)
+            _, err = self.proc.communicate()
+            lines = err.strip().splitlines()
+            self.exits.append((self.proc.returncode, lines[-1] if lines else ""))
+            self.done.wait(0.5)
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.thread.join(60)
