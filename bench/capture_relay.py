@@ -10,7 +10,9 @@ outbox, for single-row and 500-row UPDATE transactions. Relay figures for logica
 capture. Relay throughput: draining a backlog, and while writers run;
 baseline is a bare producer sending the same number of pre-encoded records (no database).
 Latency: writers at a fixed rate; a read_committed consumer measures receive time minus the
-commit timestamp carried in ``source.ts_ms``.
+commit timestamp carried in ``source.ts_ms``. Then Debezium on Kafka Connect
+(bench/debezium_peer.py, same stack, same table and writes; ``--no-debezium`` skips it) and a
+side-by-side table of dx logical, dx trigger and Debezium with the ratios dx/Debezium.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, Producer
@@ -124,7 +127,8 @@ def drain_outbox(db: str) -> None:
         conn.execute("VACUUM dx.outbox")
 
 
-def bench_writes(env: dict[str, str], tmp: Path, seconds: int) -> None:
+def bench_writes(env: dict[str, str], tmp: Path, seconds: int) -> dict[str, tuple[float, float]]:
+    """tx/s (1-row, 500-row) per capture setup; prints the table."""
     db = fresh_db(env["DX_DATABASE_URL"])
     setup_table(db, ROWS)
     cfg_row = write_config(tmp, env, db, "bw_row", "at-least-once", "row")
@@ -156,6 +160,7 @@ def bench_writes(env: dict[str, str], tmp: Path, seconds: int) -> None:
     for name, (single, bulk) in results.items():
         print(f"| {name} | {single:,.0f} | {100 * (base_single / single - 1):+.1f}% | "
               f"{bulk:,.1f} | {base_bulk / bulk:.2f}x |")
+    return results
 
 
 def fill_backlog(db: str, n: int) -> None:
@@ -202,19 +207,25 @@ def bare_producer_rate(env: dict[str, str], n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int) -> None:
+Figures = dict[str, float]
+
+
+def bench_relay(env: dict[str, str], tmp: Path, backlog: int,
+                seconds: int) -> dict[str, Figures]:
+    """Per capture (logical, statement): drain and under-writes events/s per delivery mode."""
     print("\n## Relay throughput (events/s committed to Kafka)")
     print("| capture | scenario | exactly-once | at-least-once |")
     print("|---|---|---:|---:|")
-    for capture in ("logical", "statement"):
-        _bench_relay(env, tmp, backlog, seconds, capture)
+    out = {capture: _bench_relay(env, tmp, backlog, seconds, capture)
+           for capture in ("logical", "statement")}
     bare = bare_producer_rate(env, backlog)
     print(f"| - | baseline: bare idempotent producer, pre-encoded 120-byte records, no "
           f"database | {bare:,.0f} | |")
+    return out
 
 
 def _bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int,
-                 capture: str) -> None:
+                 capture: str) -> Figures:
     drain: dict[str, float] = {}
     under: dict[str, float] = {}
     for mode in ("exactly-once", "at-least-once"):
@@ -245,6 +256,8 @@ def _bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int,
     print(f"| {name} | under concurrent writes (50-row tx, 2 writers) | "
           f"{under['exactly-once']:,.0f} (written {under['exactly-once writes']:,.0f}/s) | "
           f"{under['at-least-once']:,.0f} (written {under['at-least-once writes']:,.0f}/s) |")
+    return {**{f"drain {m}": v for m, v in drain.items()},
+            **{f"under {m}": v for m, v in under.items()}}
 
 
 def start_relay(cfg: Path) -> subprocess.Popen[str]:
@@ -259,7 +272,10 @@ def start_relay(cfg: Path) -> subprocess.Popen[str]:
     raise RuntimeError(f"relay did not start (exit {proc.wait()})")
 
 
-def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> None:
+def bench_latency(env: dict[str, str], tmp: Path, rate: int,
+                  seconds: int) -> dict[tuple[str, str], tuple[float, float]]:
+    """(p50, p99) ms per (capture, relay mode)."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
     print(f"\n## Commit-to-Kafka latency at {rate:,} rows/s (ms)")
     print("| capture | relay mode | p50 | p99 | max | events |")
     print("|---|---|---:|---:|---:|---:|")
@@ -283,6 +299,8 @@ def bench_latency(env: dict[str, str], tmp: Path, rate: int, seconds: int) -> No
 
         print(f"| {capture} | {mode} | {p(0.5):.1f} | {p(0.99):.1f} | {lat[-1]:.1f} | "
               f"{len(lat):,} |")
+        out[(capture, mode)] = (p(0.5), p(0.99))
+    return out
 
 
 def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,
@@ -340,10 +358,14 @@ def consume_latencies(env: dict[str, str], topic: str, db: str, rate: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs")
-    ap.add_argument("--only", choices=["writes", "relay", "latency"], action="append",
-                    help="run only these parts (repeatable)")
+    ap.add_argument("--only", choices=["writes", "relay", "latency", "debezium"],
+                    action="append", help="run only these parts (repeatable)")
+    ap.add_argument("--no-debezium", action="store_true",
+                    help="skip Debezium on Kafka Connect (bench/debezium_peer.py)")
     args = ap.parse_args()
-    parts = set(args.only or ["writes", "relay", "latency"])
+    parts = set(args.only or ["writes", "relay", "latency", "debezium"])
+    if args.no_debezium:
+        parts.discard("debezium")
     env = services()
     os.environ.update(env)
     seconds = 5 if args.quick else 15
@@ -357,12 +379,51 @@ def main() -> None:
 def run(args: argparse.Namespace, parts: set[str], env: dict[str, str], seconds: int,
         tmp: Path) -> None:
     print(f"# dx capture/relay benchmark ({os.cpu_count()} cores)")
-    if "writes" in parts:
-        bench_writes(env, tmp, seconds)
-    if "relay" in parts:
-        bench_relay(env, tmp, 20_000 if args.quick else 100_000, seconds)
-    if "latency" in parts:
-        bench_latency(env, tmp, 2000, seconds)
+    backlog = 20_000 if args.quick else 100_000
+    writes = bench_writes(env, tmp, seconds) if "writes" in parts else {}
+    relay = bench_relay(env, tmp, backlog, seconds) if "relay" in parts else {}
+    lat = bench_latency(env, tmp, 2000, seconds) if "latency" in parts else {}
+    if "debezium" in parts:
+        import debezium_peer
+
+        peer = debezium_peer.measure(env, backlog=backlog, seconds=seconds)
+        debezium_peer.print_figures(peer)
+        side_by_side(writes, relay, lat, peer)
+
+
+def side_by_side(writes: dict[str, tuple[float, float]], relay: dict[str, Figures],
+                 lat: dict[tuple[str, str], tuple[float, float]], peer: Any) -> None:
+    """dx logical, dx trigger and Debezium in one table, with the ratios dx/Debezium (for
+    costs and latencies, lower is better; for events/s, higher)."""
+    print("\n## Side by side (same run, same stack, same table)")
+    print("| figure | dx logical | dx trigger | Debezium | logical/Debezium | "
+          "trigger/Debezium |")
+    print("|---|---:|---:|---:|---:|---:|")
+
+    def row(name: str, logical: float | None, trigger: float | None, dbz: float,
+            fmt: str = ",.0f") -> None:
+        cells = [format(v, fmt) if v is not None else "-" for v in (logical, trigger, dbz)]
+        ratios = [f"{v / dbz:.2f}" if v is not None and dbz else "-"
+                  for v in (logical, trigger)]
+        print(f"| {name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+
+    if writes:
+        base = writes["no capture (baseline)"][0]
+        cost = {k: 100 * (base / v[0] - 1) for k, v in writes.items()}
+        row("write cost, 1-row tx (%)",
+            cost.get("logical (slot, REPLICA IDENTITY FULL)"), cost.get("row trigger"),
+            100 * (peer.writes_off_tps / peer.writes_on_tps - 1), "+.1f")
+    for mode in ("exactly-once", "at-least-once"):
+        if relay:
+            row(f"drain events/s (dx {mode})", relay["logical"][f"drain {mode}"],
+                relay["statement"][f"drain {mode}"], peer.drain_eps)
+            row(f"events/s under writes (dx {mode})", relay["logical"][f"under {mode}"],
+                relay["statement"][f"under {mode}"], peer.concurrent_eps)
+        if lat:
+            for i, q in ((0, "p50"), (1, "p99")):
+                row(f"latency {q} ms at 2,000 rows/s (dx {mode})",
+                    lat[("logical", mode)][i], lat[("row", mode)][i],
+                    (peer.latency_p50_ms, peer.latency_p99_ms)[i], ".1f")
 
 
 if __name__ == "__main__":

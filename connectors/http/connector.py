@@ -246,10 +246,12 @@ class HttpConnector(RecordConnector[HttpSettings]):
 
     # -- sending -----------------------------------------------------------------------------
 
-    def _send(self, request: httpx.Request) -> Outcome:
+    def _send(self, request: httpx.Request, *, keep_answer: bool = False) -> Outcome:
         """Send one request within ``timeout_s`` for the whole of it: connect, send, the answer
         and its body (read in chunks against the deadline; a target that drips its answer
-        times out like one that does not answer)."""
+        times out like one that does not answer). ``keep_answer``: the outcome of a success
+        keeps the answer even when successes are not logged (a bulk answer's per-record
+        results are read from it)."""
         if self.limiter is not None:
             self.limiter.acquire()
         s = self.settings
@@ -276,7 +278,7 @@ class HttpConnector(RecordConnector[HttpSettings]):
         elapsed = (time.perf_counter() - started) * 1000
         text = b"".join(chunks).decode(resp.encoding or "utf-8", "replace")
         error = self.classify(resp.status_code, resp.headers, text)
-        if error is None and not self.log_successes:
+        if error is None and not self.log_successes and not keep_answer:
             return Outcome(status=resp.status_code, elapsed_ms=elapsed)
         return Outcome(error=error, request=_describe(request), status=resp.status_code,
                        response=text, elapsed_ms=elapsed)
@@ -298,18 +300,47 @@ class HttpConnector(RecordConnector[HttpSettings]):
 
     def deliver(self, batch: Sequence[Record]) -> list[Outcome]:
         if self.settings.bulk is not None and len(batch) > 1:
-            return self._bulk(batch)
+            return self._bulk_by_waves(batch)
         return super().deliver(batch)
 
+    def _bulk_by_waves(self, batch: Sequence[Record]) -> list[Outcome]:
+        """Bulk requests that carry at most one record per key: the first record of every key,
+        then the second, ... A target reports per-record results after applying the request as
+        a whole, so two records of one key in one request could see the later one applied
+        while the earlier one failed transiently and is retried after it (a stale overwrite).
+        A record whose key failed in an earlier wave is not attempted."""
+        waves: list[list[int]] = []
+        seen: dict[str, int] = {}
+        for i, r in enumerate(batch):
+            k = key_text(r.key)
+            n = seen.get(k, 0)
+            seen[k] = n + 1
+            if n == len(waves):
+                waves.append([])
+            waves[n].append(i)
+        out: list[Outcome | None] = [None] * len(batch)
+        failed: set[str] = set()
+        for wave in waves:
+            todo = [i for i in wave if key_text(batch[i].key) not in failed]
+            for i in wave:
+                if key_text(batch[i].key) in failed:
+                    out[i] = Outcome.failed(NOT_ATTEMPTED)
+            if not todo:
+                continue
+            sent = self._bulk([batch[i] for i in todo])
+            for i, o in zip(todo, sent, strict=True):
+                out[i] = o
+                if o.error is not None:
+                    failed.add(key_text(batch[i].key))
+        return [o if o is not None else Outcome.failed(NOT_ATTEMPTED) for o in out]
+
     def _bulk(self, batch: Sequence[Record]) -> list[Outcome]:
-        """One bulk request; per-record outcomes where the target reports them (``results``),
-        else, when the target refuses the request (a terminal error), halves sent one after
-        the other until the refused records stand alone: one bad record does not fail its
-        batch. A later record of a key whose earlier record failed is not attempted."""
-        try:
-            outcome = self._send(self.bulk_request(batch))
-        except DxError as err:
-            outcome = Outcome.failed(err)
+        """One bulk request (``batch`` holds at most one record per key); per-record outcomes
+        where the target reports them (``results``), else, when the target refuses the request
+        (a terminal error), halves sent one after the other until the refused records stand
+        alone: one bad record does not fail its batch. Terminates: every split halves the
+        batch; a record in an accepted half is never sent again."""
+        outcome = self._one_request(batch)
         per = self._per_record(outcome, len(batch))
         if per is not None:
             return per
@@ -317,25 +348,14 @@ class HttpConnector(RecordConnector[HttpSettings]):
         if refused is None or refused.transient or len(batch) == 1:
             return [outcome] * len(batch)
         mid = len(batch) // 2
-        out = self._bulk(batch[:mid])
-        failed = {key_text(r.key) for r, o in zip(batch[:mid], out, strict=True) if o.error}
-        rest = [r for r in batch[mid:] if key_text(r.key) not in failed]
-        sent = iter(self._bulk(rest) if len(rest) > 1 else
-                    [self._one(rest[0])] if rest else [])
-        for r in batch[mid:]:
-            if key_text(r.key) in failed:
-                out.append(Outcome.failed(NOT_ATTEMPTED))
-            else:
-                o = next(sent)
-                out.append(o)
-                if o.error is not None:
-                    failed.add(key_text(r.key))
-        return out
+        return self._bulk(batch[:mid]) + self._bulk(batch[mid:])
 
-    def _one(self, record: Record) -> Outcome:
-        """A record of a split bulk request, alone (still to the bulk endpoint)."""
+    def _one_request(self, batch: Sequence[Record]) -> Outcome:
+        """One bulk request (its answer kept when per-record results are to be read)."""
+        bulk = self.settings.bulk
         try:
-            return self._send(self.bulk_request([record]))
+            return self._send(self.bulk_request(batch),
+                              keep_answer=bulk is not None and bulk.results is not None)
         except DxError as err:
             return Outcome.failed(err)
 

@@ -181,7 +181,12 @@ class AlertEngine:
             ensure_schema(conn)
             self._redeliver(conn)
             for o in self.observe(conn):
-                sent.extend(self._apply(conn, o))
+                try:
+                    sent.extend(self._apply(conn, o))
+                except TransientError as err:
+                    # this incident's channels are all down: it is tried again next
+                    # evaluation; the other incidents (other recipients) still go now
+                    log.warning("%s (retried next evaluation)", err)
         return sent
 
     def channels_for(self, o: Observation) -> list[Channel]:

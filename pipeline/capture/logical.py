@@ -143,8 +143,8 @@ def install_table(conn: psycopg.Connection[Any], config: DxConfig, index: int) -
             conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(rel))
         if installed_mode(conn) == "trigger":
             conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(PUBLICATION)))
-        # truncates too: the guard refuses them, but not under session_replication_role =
-        # replica, and the relay must say so rather than let consumers keep the rows
+        # truncates too: the guard refuses them, but not once someone disabled it, and the
+        # relay must say so rather than let consumers keep the rows
         conn.execute(sql.SQL(
             "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate', "
             "publish_via_partition_root = true)").format(sql.Identifier(PUBLICATION)))

@@ -54,6 +54,7 @@ MAX_ATTEMPTS = 12
 #: logical mode, caught up: how long a batch waits for more rows after its first one, so a
 #: burst shares one Kafka transaction while a lone change still leaves within milliseconds
 LINGER_S = 0.004
+MAX_LINGER_S = 0.1
 _RESET_HINT = ("check what reached Kafka, then start once with 'dx relay --reset-state' to "
                "publish every pending change (consumers de-duplicate by event_id)")
 
@@ -172,7 +173,8 @@ class Relay:
     def _run_logical(self, lease: Lease, url: str, app_name: str,
                      spec_conn: psycopg.Connection[Any], encoder: Encoder, admin: Any) -> None:
         """Read the slot (see :mod:`pipeline.relay.stream`) and deliver in batches: large
-        ones while a backlog drains, one every ``LINGER_S`` when caught up."""
+        ones while a backlog drains or writes keep coming, one every ``LINGER_S`` when caught
+        up."""
         info = logical.slot_info(spec_conn)
         slot = logical.current_slot(spec_conn)
         if info is None:
@@ -192,13 +194,20 @@ class Relay:
             poll = self.config.relay.poll_interval_s
             known_topics: set[str] = set()
             last_mark = 0.0
+            linger = LINGER_S
             while not self.stop.is_set():
                 self.hooks.tick()
                 lease.check()
-                rows = stream.read(batch_size, linger_s=LINGER_S, wait_s=poll)
+                rows = stream.read(batch_size, linger_s=linger, wait_s=poll)
                 if rows:
+                    started = time.monotonic()
                     self._deliver(lease, encoder, admin, known_topics, rows, stream.confirm)
+                    # while changes keep coming, a batch gathers for as long as the last one
+                    # took to deliver: batches grow with the load instead of one Kafka
+                    # transaction per few rows; caught up, they leave after LINGER_S
+                    linger = min(MAX_LINGER_S, max(LINGER_S, time.monotonic() - started))
                 else:
+                    linger = LINGER_S
                     stream.idle()
                 if time.monotonic() - last_mark > 5 and stream.confirmed:
                     last_mark = time.monotonic()

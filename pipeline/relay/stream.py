@@ -277,12 +277,12 @@ class LogicalStream:
             self._tables[rel.relid] = self.resolver.table(rel)
         elif kind == 0x4D:  # M
             self._message(buf, rows)
-        elif kind == 0x54:  # T: got past dx's guard (session_replication_role = replica)
+        elif kind == 0x54:  # T: got past dx's guard (disabled)
             for relid in pgoutput.truncate(buf):
                 t = self._tables.get(relid)
                 if t is not None:
-                    log.error("relay: %s was truncated at %s (dx's TRUNCATE guard does not fire "
-                              "under session_replication_role = replica): consumers still hold "
+                    log.error("relay: %s was truncated at %s (past dx's TRUNCATE guard: it "
+                              "was disabled or dropped): consumers still hold "
                               "its rows; re-snapshot it ('dx snapshot %s') after deleting them "
                               "downstream", t.entity, pgoutput.lsn_text(self._lsn), t.entity)
         # Y (type) and O (origin) carry nothing for dx

@@ -26,9 +26,15 @@ class BreakerState:
 
 
 class Breaker:
-    def __init__(self, route: str, policy: BreakerPolicy) -> None:
+    def __init__(self, route: str, policy: BreakerPolicy, *,
+                 max_attempts: int | None = None) -> None:
+        """``max_attempts``: the route's retry budget. The breaker opens after
+        ``min(policy.failures, max_attempts)`` failures in a row: a task's failures inside one
+        run of failures then never reach its budget (with ``max_attempts: 3`` and the default
+        ``failures: 5`` a lone event went dead while the target was down, the breaker shut)."""
         self.route = route
         self.policy = policy
+        self.threshold = min(policy.failures, max_attempts or policy.failures)
         self.lock = threading.Lock()
         self.failures = 0
         self.first_failure: float | None = None  # wall clock
@@ -94,7 +100,7 @@ class Breaker:
                     self.interval = min(self.policy.probe_max_s, self.interval * 2)
                     self.next_probe = now + self.interval
                 return False
-            if self.policy.enabled and self.failures >= self.policy.failures:
+            if self.policy.enabled and self.failures >= self.threshold:
                 self.is_open = True
                 self.probing = False
                 self.interval = self.policy.probe_initial_s

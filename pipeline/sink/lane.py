@@ -91,7 +91,6 @@ class Lane(threading.Thread):
         self._seq = 0
         self._epoch = -1
         self.blocked: set[str] = set()  # parked keys (a dead task holds them)
-        self.redriving: set[str] = set()
         self.redrive_queued: set[str] = set()
         self._store: TaskStore | None = None
         self.rnd = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -325,20 +324,20 @@ class Lane(threading.Thread):
             if not todo:
                 continue
             live, tps = self.ownership.begin(todo)
-            try:
+            try:  # on the wire until settled: a revoke waits for the outcomes to be recorded
                 outcomes = self._call(live) if live else []
+                for w, o in zip(live, outcomes, strict=True):
+                    later = self._settle(w, o, probe)
+                    if later is not None:
+                        held.setdefault(w.key_text, []).append(w)
+                        if later > 0:
+                            due[w.key_text] = max(due.get(w.key_text) or 0.0, later)
+                        else:
+                            due.setdefault(w.key_text, None)
+                    elif w.redrive:
+                        redriven[w.key_text] = w
             finally:
                 self.ownership.end(tps)
-            for w, o in zip(live, outcomes, strict=True):
-                later = self._settle(w, o, probe)
-                if later is not None:
-                    held.setdefault(w.key_text, []).append(w)
-                    if later > 0:
-                        due[w.key_text] = max(due.get(w.key_text) or 0.0, later)
-                    else:
-                        due.setdefault(w.key_text, None)
-                elif w.redrive:
-                    redriven[w.key_text] = w
         if probe:
             self.breaker.release()  # the probe's outcome, if any, was recorded above
         for key, works in held.items():
@@ -454,7 +453,7 @@ class Lane(threading.Thread):
         """Queue a key's pending tasks (in arrival order) at the front of its queue; when the
         last of them is decided the key is read again, and unparked once nothing is left."""
         self.redrive_queued.discard(key)
-        if key in self.redriving:
+        if self._redriving(key):
             return
         try:
             self.writer.flush()
@@ -479,16 +478,19 @@ class Lane(threading.Thread):
                               generation=self.ownership.generation_of(tp),
                               consumed_at=time.monotonic(), attempts=int(r["attempts"]),
                               redrive=True))
-        self.redriving.add(key)
         for w in reversed(works):
             self._enqueue(w, front=True)
 
     def _redrive_settled(self, key: str, w: Work) -> None:
         """A redriven task was decided: read the key again once none of its batch is left."""
-        q = self.keys.get(key) or ()
-        if any(x.redrive for x in q):
+        if self._redriving(key):
             return
-        self.redriving.discard(key)
         if w.status in ("succeeded", "skipped") and not self.stop.is_set():
             self._redrive(key)
 
+    def _redriving(self, key: str) -> bool:
+        """Whether redriven tasks of ``key`` are still queued here (in its queue, maybe backing
+        off). Work of a revoked partition does not count: it is abandoned, and once its
+        partition is back the key must be redriven again (a flag set when the redrive started
+        stayed set forever when its work was abandoned, and the key never moved again)."""
+        return any(x.redrive and self.ownership.current(x) for x in self.keys.get(key) or ())

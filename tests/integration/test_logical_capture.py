@@ -180,11 +180,13 @@ def test_an_incompatible_column_change_stops_the_relay_with_one_line(
 def test_a_truncate_past_the_guard_is_reported(stack: Any, pg_db: str, topic_prefix: str,
                                                logical_items: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    """Under session_replication_role = replica the TRUNCATE guard does not fire; the stream
-    still carries the truncate, and the relay says so (one error line naming the table)."""
+    """With the TRUNCATE guard disabled (it fires ALWAYS, under session_replication_role =
+    replica too) the stream still carries the truncate, and the relay says so (one error line
+    naming the table)."""
     execute(pg_db, "INSERT INTO items VALUES (1, 1)")
-    execute(pg_db, "SET session_replication_role = replica", "TRUNCATE items",
-            "SET session_replication_role = origin", "INSERT INTO items VALUES (2, 2)")
+    execute(pg_db, "ALTER TABLE items DISABLE TRIGGER dx_refuse_truncate", "TRUNCATE items",
+            "ALTER TABLE items ENABLE ALWAYS TRIGGER dx_refuse_truncate",
+            "INSERT INTO items VALUES (2, 2)")
     reader = TopicReader(stack, f"{topic_prefix}.public.items")
     with relay_thread(logical_items):
         assert len(reader.read(until=2)) == 2

@@ -190,3 +190,37 @@ sources:
     finally:
         smtp.stop()
 
+
+
+def test_an_incident_whose_channels_are_all_down_does_not_hold_up_the_others(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Recipients per route: route a's only channel refuses, route b's works. b's alert used
+    to wait for a's channel (the evaluation stopped at a's failure); now it goes, and a's is
+    sent once its channel answers."""
+    down = {"on": True}
+    with target(lambda r, n: Resp(500 if r.path == "/a" and down["on"] else 200)) as hook:
+        routes = "".join(f"""
+  - name: {name}
+    topics: [{topic_prefix}.{name}]
+    connector: {{type: http, url: "{hook.url}/never"}}
+""" for name in ("a", "b"))
+        cfg = load_config(write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, routes))
+        alerts = AlertsConfig.model_validate({
+            "recipients": [{"routes": [name], "webhook": {"url": f"{hook.url}/{name}"}}
+                           for name in ("a", "b")],
+            "rules": {"dead_tasks": 1, "backlog_age_s": None, "target_down": False}})
+        with connect(pg_db, autocommit=True) as conn:
+            ensure_schema(conn)
+        writer = TaskWriter(pg_db)
+        writer.start()
+        for name in ("a", "b"):
+            writer.put(TaskRow(route=name, topic="t", partition=0, offset=0, status="dead",
+                               key='{"id":1}', error="HTTP 400"))
+        writer.flush()
+        writer.close()
+        engine = AlertEngine(cfg, alerts)
+        assert [f.split(":")[0] for f in engine.evaluate_once()] == ["FIRING dead_tasks b"]
+        down["on"] = False
+        assert [f.split(":")[0] for f in engine.evaluate_once()] == ["FIRING dead_tasks a"]
+    delivered = [r.path for r in hook.received() if r.status == 200]
+    assert delivered == ["/b", "/a"]

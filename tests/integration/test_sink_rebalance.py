@@ -205,3 +205,32 @@ def test_a_slow_target_does_not_let_the_old_owner_overwrite_after_the_hand_over(
     late = [r.path for r in srv.received() if r.path.startswith("/a/")
             and partition_of[r.headers["idempotency-key"]] in moved and r.at >= handed_over]
     assert late == []
+
+
+def test_outcomes_on_the_wire_at_a_revoke_are_recorded_by_the_old_owner(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """The revoke waits for calls on the wire so their outcomes are recorded and committed
+    before the hand-over. A call used to count as done when the answer came, before its
+    outcome was settled: the hand-over then went ahead, the old owner dead-lettered the event
+    but did not record it, and the new owner sent it again and dead-lettered it a second
+    time."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic, partitions=2)
+    group = f"{topic_prefix}-reb"
+    keys = keys_one_per_lane()  # each lane has a call on the wire for its partition
+    with target(lambda r, n: Resp(400, '{"error": "refused"}', delay_s=3.0)) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                           route_yaml(f"{srv.url}/items/{{$key.id}}", topic, group, 0.05))
+        prod = EventProducer(stack, topic, topic_prefix)
+        for k, part in keys.items():
+            send(prod, k, part, 1)
+        prod.flush()
+        with sink_thread(cfg, "reb") as w1:
+            wait_for(lambda: len(srv.received()) == len(keys), 30, what="a call per lane")
+            with sink_thread(cfg, "reb") as w2:
+                wait_for(lambda: len(w1.partitions) == 1 and len(w2.partitions) == 1, 60,
+                         what="one partition per worker")
+                wait_for(lambda: [r["status"] for r in tasks(pg_db, "reb")]
+                         == ["dead"] * len(keys), 30, what="every event dead")
+    assert len(srv.received()) == len(keys)  # none sent twice
+    assert len(read_topic(stack, f"{topic}.dlq", 2 * len(keys), timeout=3)) == len(keys)

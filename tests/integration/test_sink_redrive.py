@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,83 @@ def test_retry_works_after_the_workers_database_connections_were_cut(
             wait_for(lambda: all(r["status"] == "succeeded" for r in tasks(pg_db, "redrive")),
                      60, what="the redrive after reconnecting")
     assert accepted(srv.received()) == {1: [1, 2]}
+
+
+def test_a_redrive_cut_short_by_a_rebalance_goes_on_when_the_partition_comes_back(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """A redrive under way when its partition is revoked is abandoned; when the partition comes
+    back, the key must be redriven again (the lane used to keep the key marked 'redriving'
+    forever, so it ignored every later redrive request and the key stayed parked)."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic, partitions=2)
+    phase = {"now": "refuse"}  # refuse the seq-1 events, then 503 everything, then accept
+
+    def script(r: Req, n: int) -> Resp:
+        if phase["now"] == "refuse":
+            return Resp(400) if (r.json or {}).get("seq") == 1 else Resp(200)
+        return Resp(503) if phase["now"] == "down" else Resp(200)
+
+    n_keys = 6
+    with target(script) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, route_yaml(
+            srv.url, topic, extra="    breaker: {probe_initial_s: 0.2, probe_max_s: 0.5}\n"))
+        prod = EventProducer(stack, topic, topic_prefix)
+        for seq in (1, 2):
+            for k in range(n_keys):
+                prod.send(k, seq=seq)
+        prod.flush()
+        with sink_thread(cfg, "redrive") as w1:
+            wait_for(lambda: sorted(r["status"] for r in tasks(pg_db, "redrive"))
+                     == ["dead"] * n_keys + ["pending"] * n_keys, 60, what="keys to park")
+            phase["now"] = "down"
+            seen = len(srv.received())
+            out = dx(cfg, "tasks", "retry", "--all", "--route", "redrive", "--status", "dead")
+            assert out.returncode == 0, out.stderr
+            wait_for(lambda: len(srv.received()) > seen, 30, what="the redrive to start")
+            with sink_thread(cfg, "redrive") as w2:  # takes a partition: the redrive is cut
+                wait_for(lambda: len(w1.partitions) == 1 and len(w2.partitions) == 1, 60,
+                         what="one partition per worker")
+            wait_for(lambda: len(w1.partitions) == 2, 60, what="the partition to come back")
+            phase["now"] = "up"
+            wait_for(lambda: all(r["status"] == "succeeded" for r in tasks(pg_db, "redrive")),
+                     30, what="every parked event to be delivered")
+    got = accepted(srv.received())
+    assert got == {k: [1, 2] for k in range(n_keys)}, got
+
+
+
+def test_a_partition_taken_over_while_the_task_store_refuses_connections_waits_for_it(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """A worker that takes a partition over reads which keys are parked. When the database
+    refused that read, the worker went on without them and delivered a later event of a dead
+    key past it; now the partition waits (paused) until the read succeeds."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic)
+    with target(lambda r, n: Resp(400) if r.json["seq"] == 1 else Resp(200)) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                           route_yaml(srv.url, topic))
+        prod = EventProducer(stack, topic, topic_prefix)
+        db = pg_db.rsplit("/", 1)[1]
+        with psycopg.connect(stack.database_url, autocommit=True) as admin, ExitStack() as first:
+            first.enter_context(sink_thread(cfg, "redrive"))
+            try:
+                with sink_thread(cfg, "redrive") as w2:  # joins owning nothing
+                    prod.send(1, seq=1)  # goes dead at w1, after w2 read the parked keys
+                    prod.flush()
+                    wait_for(lambda: [r["status"] for r in tasks(pg_db, "redrive")] == ["dead"],
+                             30, what="the key's first event to go dead")
+                    admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+                    first.close()  # the partition moves to w2, which cannot read parked keys
+                    wait_for(lambda: len(w2.partitions) == 1, 60, what="the take-over")
+                    prod.send(1, seq=2)  # must park behind the dead seq 1
+                    prod.send(2, seq=3)
+                    prod.flush()
+                    time.sleep(1.5)  # room for the old mistake: delivering seq 2 right away
+                    admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+                    wait_for(lambda: len(tasks(pg_db, "redrive")) == 3, 30,
+                             what="the new events' tasks")
+            finally:
+                admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+    assert sorted((r["offset"], r["status"]) for r in tasks(pg_db, "redrive")) == [
+        (0, "dead"), (1, "pending"), (2, "succeeded")]
+    assert accepted(srv.received()) == {2: [3]}

@@ -223,3 +223,30 @@ def test_an_operator_pause_holds_the_route_in_place_and_resume_goes_on(
             hold.clear()
             wait_for(lambda: len(srv.received()) == 6, 30, what="deliveries after resuming")
     assert ok_in_order(srv.received())[1] == list(range(6))
+
+
+def test_a_lone_event_does_not_go_dead_while_the_target_is_down_with_a_small_retry_budget(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """With ``max_attempts`` below the breaker's ``failures`` (3 < 5, the default), a lone
+    event used its whole budget before the breaker opened and went dead because the target was
+    down. The breaker now opens within the retry budget."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic)
+    up = threading.Event()
+    with target(lambda r, n: Resp(200) if up.is_set() else Resp(503)) as srv:
+        path = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, f"""
+  - name: lone
+    topics: [{topic}]
+    retry: {{max_attempts: 3, backoff_base_s: 0.05, backoff_max_s: 0.1}}
+    breaker: {{probe_initial_s: 0.1, probe_max_s: 0.2}}
+    connector: {{type: http, url: "{srv.url}/items/{{$key.id}}"}}
+""")
+        prod = EventProducer(stack, topic, topic_prefix)
+        prod.send(1, seq=1)
+        prod.flush()
+        with sink_thread(path, "lone"):
+            wait_for(lambda: len(srv.received()) >= 6, 30, what="attempts past the budget")
+            assert [r["status"] for r in tasks(pg_db, "lone")] == ["retrying"]
+            up.set()
+            wait_for(lambda: [r["status"] for r in tasks(pg_db, "lone")] == ["succeeded"], 30,
+                     what="the event delivered once the target is back")

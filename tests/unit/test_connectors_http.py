@@ -213,3 +213,39 @@ def test_timeout_s_bounds_the_whole_request_also_a_dripping_answer() -> None:
         srv.close()
     assert out.error is not None and out.error.transient and "timeout" in str(out.error)
     assert took < 10  # not the 20 s the answer takes
+
+
+def test_bulk_per_record_results_are_read_when_successes_are_not_logged() -> None:
+    """The worker turns ``log_successes`` off (task log detail ``errors``, the default): the
+    answer of a 2xx bulk request must still be read, or records the target rejected in its
+    per-record results are recorded as delivered."""
+    def script(r: Req, n: int) -> Resp:
+        return Resp(200, json.dumps({"results": [
+            {"status": 400, "error": "sku"} if i["name"] == "n2" else {"status": 201}
+            for i in r.json]}))
+
+    with target(script) as srv:
+        c = conn(srv.url + "/x", bulk={"url": srv.url + "/bulk", "results": "results"})
+        c.log_successes = False
+        outs = c.deliver([rec(1), rec(2), rec(3)])
+    assert [o.ok for o in outs] == [True, False, True]
+    assert "sku" in str(outs[1].error)
+
+
+def test_a_bulk_request_never_carries_two_records_of_one_key() -> None:
+    """Per-key order: with two records of a key in one request, the target could apply the
+    later one while the earlier one fails transiently and is retried (and applied) after it.
+    The records of a key go in successive requests; after a failure the key's later records
+    are not attempted."""
+    def script(r: Req, n: int) -> Resp:
+        return Resp(200, json.dumps({"results": [
+            {"status": 503} if i["name"] == "n1" else {"status": 200} for i in r.json]}))
+
+    with target(script) as srv:
+        c = conn(srv.url + "/x", bulk={"url": srv.url + "/bulk", "results": "results"})
+        c.log_successes = False
+        outs = c.deliver([rec(1, key=7), rec(2, key=8), rec(3, key=7), rec(4, key=8)])
+    bodies = [[i["name"] for i in req.json] for req in srv.received()]
+    assert bodies == [["n1", "n2"], ["n4"]]  # n3 (key 7) waits for n1
+    assert outs[0].error is not None and outs[0].error.transient
+    assert outs[1].ok and outs[3].ok and outs[2].error is NOT_ATTEMPTED
