@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import psycopg
@@ -170,42 +167,32 @@ class SourceWorker:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    def _signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            raise KeyboardInterrupt
-        log.warning("route %s: stopping after the current batch (signal %d again to abort)",
-                    self.route.name, signum)
+    def stop(self) -> None:
+        """Stop after the current batch (``dx source run`` calls this on SIGTERM/SIGINT)."""
+        log.warning("route %s: stopping after the current batch", self.route.name)
         self.stopping = True
         self.server.set_ready(False, "stopping")
 
     def run(self) -> Stats:
-        """Consume and apply until stopped; transient failures reconnect with backoff."""
-        # Signals reach the main thread only; elsewhere (tests, an embedding process) the owner
-        # stops the worker by setting ``stopping``.
-        main = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, self._signal)
-                    for s in ((signal.SIGTERM, signal.SIGINT) if main else ())}
+        """Consume and apply until stopped (:meth:`stop`, or ``stopping`` set by the owner);
+        transient failures reconnect with backoff."""
         backoff = 0.5
-        try:
-            while not self.stopping:
-                try:
-                    if self._run_connected():
-                        break
-                    backoff = 0.5
-                except TransientError as err:
-                    if self.stop_when_idle_s is not None and \
-                            not isinstance(err, offsets.Fenced | CatalogDrift | TopicReset):
-                        raise
-                    self.metrics.failed("transient")
-                    self.metrics.retried()
-                    self.server.set_ready(False, f"reconnecting: {err}")
-                    log.warning("route %s: %s; retrying in %.1fs", self.route.name, err, backoff)
-                    self.server.heartbeat()
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        while not self.stopping:
+            try:
+                if self._run_connected():
+                    break
+                backoff = 0.5
+            except TransientError as err:
+                if self.stop_when_idle_s is not None and \
+                        not isinstance(err, offsets.Fenced | CatalogDrift | TopicReset):
+                    raise
+                self.metrics.failed("transient")
+                self.metrics.retried()
+                self.server.set_ready(False, f"reconnecting: {err}")
+                log.warning("route %s: %s; retrying in %.1fs", self.route.name, err, backoff)
+                self.server.heartbeat()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
         return self.stats
 
     def _run_connected(self) -> bool:
