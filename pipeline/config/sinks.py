@@ -32,10 +32,10 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.config.connectors import ConnectorSettings, settings_model
+from pipeline.config.names import TOPIC, check_topic
 from pipeline.templates import IDENT, check_path, template_paths
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _TARGET = re.compile(rf"^{IDENT}(?:\.{IDENT})*$")
 
 Op = Literal["c", "u", "d", "r"]
@@ -229,12 +229,7 @@ class DeadLetterConfig(_Base):
 
     topic: str | None = Field(None, description="default: <source topic>.dlq")
 
-    @field_validator("topic")
-    @classmethod
-    def _topic(cls, v: str | None) -> str | None:
-        if v is not None and not _TOPIC.match(v):
-            raise ValueError("not a valid Kafka topic name")
-        return v
+    _topic = field_validator("topic")(classmethod(lambda cls, v: check_topic(v)))
 
 
 class TaskLogConfig(_Base):
@@ -288,7 +283,7 @@ class SinkRoute(_Base):
     @classmethod
     def _topics(cls, v: list[str]) -> list[str]:
         for t in v:
-            if not _TOPIC.match(t):
+            if not TOPIC.match(t):
                 raise ValueError(f"{t!r} is not a valid Kafka topic name")
         if len(set(v)) != len(v):
             raise ValueError("topics must be unique")
