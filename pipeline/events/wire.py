@@ -109,12 +109,17 @@ class WireDecoder:
                               f"({type(err).__name__}: {err})") from None
 
 
+#: seconds one registry request may take; without a bound a half-open connection to the
+#: registry hangs the caller (the relay) forever, with no retry and no heartbeat
+REGISTRY_TIMEOUT_S = 10
+
+
 def registry_client(registry: SchemaRegistryConfig | str) -> SchemaRegistryClient:
     """The one way dx builds a registry client: from ``schema_registry:`` in dx.yaml (its
     credentials unwrapped here and nowhere else), or from a bare URL."""
     if isinstance(registry, str):
-        return SchemaRegistryClient({"url": registry})
-    conf: dict[str, Any] = {"url": registry.url}
+        return SchemaRegistryClient({"url": registry, "timeout": REGISTRY_TIMEOUT_S})
+    conf: dict[str, Any] = {"url": registry.url, "timeout": REGISTRY_TIMEOUT_S}
     if registry.basic_auth_user_info is not None:
         conf["basic.auth.user.info"] = registry.basic_auth_user_info.get_secret_value()
     return SchemaRegistryClient(conf)

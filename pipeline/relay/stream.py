@@ -52,10 +52,15 @@ log = logging.getLogger(__name__)
 #: session settings of the replication connection: the text forms trigger capture sees
 _OPTIONS = ("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1 "
             "-c bytea_output=hex")
+# A domain is described by its base type and the domain's type modifier (the relation message
+# carries the column's, -1 for a domain), as pipeline/capture/catalog.py does for trigger capture.
 _TYPES = """
-SELECT t.oid, COALESCE(et.typname, t.typname), et.oid IS NOT NULL,
-       COALESCE(et.typcategory, t.typcategory)::text
-FROM pg_type t LEFT JOIN pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem
+SELECT t.oid, COALESCE(et.typname, bt.typname, t.typname), et.oid IS NOT NULL,
+       COALESCE(et.typcategory, bt.typcategory, t.typcategory)::text,
+       CASE WHEN bt.oid IS NULL THEN NULL ELSE t.typtypmod END
+FROM pg_type t
+LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
+LEFT JOIN pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem
 WHERE t.oid = ANY(%s)
 """
 
@@ -124,7 +129,7 @@ class Resolver:
         if row is None:
             raise CatalogError(f"{tcfg.qualified}: no capture spec; run 'dx capture install'")
         installed = TableSpec.from_json(row[0])
-        types = {int(r[0]): (r[1], bool(r[2]), r[3]) for r in self.conn.execute(
+        types = {int(r[0]): (r[1], bool(r[2]), r[3], r[4]) for r in self.conn.execute(
             _TYPES, ([c.type_oid for c in rel.columns],))}
         index = {c.name: i for i, c in enumerate(rel.columns)}
         cols: list[ColumnSpec] = []
@@ -134,8 +139,10 @@ class Resolver:
                     raise CatalogError(f"{tcfg.qualified}: key column {name} was dropped")
                 continue  # a dropped column leaves the schema (a compatible change)
             c = rel.columns[index[name]]
-            typname, is_array, category = types.get(c.type_oid, ("text", False, "S"))
-            precision, scale = typmod_parts(typname, c.typmod)
+            typname, is_array, category, domain_typmod = types.get(
+                c.type_oid, ("text", False, "S", None))
+            precision, scale = typmod_parts(typname, c.typmod if domain_typmod is None
+                                            else int(domain_typmod))
             try:
                 nullable = installed.column(name).nullable
             except KeyError:

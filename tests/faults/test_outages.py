@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline.config.loader import load_config
@@ -38,8 +39,14 @@ class CountingObserver(RelayObserver):
         super().retry()
 
 
+@pytest.mark.parametrize("outage", [
+    "cut",
+    pytest.param("blackhole", marks=pytest.mark.xfail(strict=True, reason=(
+        "a half-open registry connection blocks one registry request for up to its 10 s timeout "
+        "times the client's own retries, longer than this drill's 12 s heartbeat"))),
+])
 def test_registry_outage_keeps_the_heartbeat_and_loses_nothing(
-        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path, outage: str) -> None:
     captured_items(stack, pg_db, topic_prefix, tmp_path)
     registry = urlsplit(stack.schema_registry_url)
     proxy = Proxy(int(registry.port or 80))
@@ -59,7 +66,7 @@ def test_registry_outage_keeps_the_heartbeat_and_loses_nothing(
         execute(pg_db, "INSERT INTO items (id, v) VALUES (0, 0)")
         committed.append((0, 0))
         wait_drained(pg_db)  # started, and the items schemas are known
-        proxy.cut()
+        proxy.cut() if outage == "cut" else proxy.blackhole()
         # a new subject needs the registry: this event and every change after it wait
         execute(pg_db, "SELECT dx.publish('order', '1', 'OrderPlaced', '{}')")
         for i in range(1, 21):
@@ -76,12 +83,12 @@ def test_registry_outage_keeps_the_heartbeat_and_loses_nothing(
         wait_drained(pg_db)
     finally:
         relay.stop.set()
+        proxy.close()  # resets whatever hangs on it
         thread.join(60)
         server.close()
-        proxy.close()
     assert not errors, errors
     got = topic_facts(stack, f"{topic_prefix}.public.items", len(committed))
-    verdict = compare("registry outage", committed, got)
+    verdict = compare(f"registry outage ({outage})", committed, got)
     assert verdict.lost == 0 and verdict.dup == 0
     orders = TopicReader(stack, f"{topic_prefix}.outbox.order")
     assert len(orders.read(until=1, settle_s=0.5)) == 1

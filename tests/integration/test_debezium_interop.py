@@ -184,12 +184,13 @@ def wait_replicated(connect: Connect, sinks: list[str], source: str, replica: st
 
 def test_jdbc_sink_replicates_every_type_into_typed_tables(
         stack: Any, connect: Connect, pg_db: str, replicas: tuple[str, str],
-        topic_prefix: str, tmp_path: Path) -> None:
+        topic_prefix: str, tmp_path: Path, capture_mode: str) -> None:
     by_ddl, auto = replicas
     execute(pg_db, SCHEMA_DDL)
     execute(by_ddl, SCHEMA_DDL)
     cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
-                       f"  - name: everything\n    columns: [{', '.join(COLUMNS)}]\n")
+                       f"  - name: everything\n    columns: [{', '.join(COLUMNS)}]\n",
+                       capture_mode=capture_mode)
     res = dx("capture", "install", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
     topic = f"{topic_prefix}.public.everything"
