@@ -45,7 +45,7 @@ from pipeline import db
 from pipeline.capture.origin import mark_origin
 from pipeline.config.model import DxConfig
 from pipeline.config.sources import SourceRoute
-from pipeline.errors import EventError, ServiceUnavailable, TerminalError, TransientError
+from pipeline.errors import ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.deadletter import dead_letter_headers
 from pipeline.events.topics import ensure_topics, topic_id, topic_spec
 from pipeline.events.wire import registry_client
@@ -60,7 +60,7 @@ from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
 from pipeline.source.catalog import Target, read_target
 from pipeline.source.decode import AvroDecoder
-from pipeline.source.events import Event, Failure, RawMessage
+from pipeline.source.events import Event, Failure, RawMessage, offset_of, partition_of, to_raw
 from pipeline.source.inbound import Converter
 from pipeline.tasks.headers import decode_headers
 from pipeline.tasks.store import TaskStore
@@ -106,33 +106,6 @@ def ensure_route_topics(config: DxConfig, route: SourceRoute,
         topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
         topic_spec(config.kafka, route.dlq_topic,
                    f"dead-letter topic of source route {route.name}")])
-
-
-def _bytes(v: str | bytes | None) -> bytes | None:
-    return v.encode() if isinstance(v, str) else v
-
-
-def to_raw(msg: Message) -> RawMessage:
-    ts_type, ts = msg.timestamp()
-    hdrs = msg.headers() or []
-    items = hdrs.items() if isinstance(hdrs, dict) else hdrs
-    return RawMessage(
-        topic=str(msg.topic()), partition=_part(msg), offset=_off(msg), key=_bytes(msg.key()),
-        value=_bytes(msg.value()), headers=tuple((k, _bytes(v)) for k, v in items),
-        timestamp_ms=ts if ts_type != 0 else None,
-    )
-
-
-def _part(msg: Message) -> int:
-    p = msg.partition()
-    assert p is not None
-    return p
-
-
-def _off(msg: Message) -> int:
-    o = msg.offset()
-    assert o is not None
-    return o
 
 
 class SourceWorker:
@@ -243,56 +216,6 @@ class SourceWorker:
 
     # ---- Kafka ------------------------------------------------------------------------------
 
-    def _check_offsets(self, c: Consumer, stored: dict[int, int],
-                       ids: dict[int, str]) -> dict[int, int]:
-        """Compare each stored offset with the partition's log before resuming there.
-
-        * Below the log start: Kafka deleted messages (retention) before they were applied.
-          Kafka would silently resume at the log start.
-        * Beyond the log end: the topic was re-created, or this is another cluster's copy (a
-          mirror keeps its own offsets). Kafka would silently skip every message below the
-          stored offset (they look like replays), so new messages are never applied.
-        * Stored for a topic with another id (``ids``): the same, caught even when the new
-          topic has already grown past the stored offset.
-
-        dx stops on either, naming the partition, unless the operator accepted it for this run
-        (``--accept-retention-gap`` / ``--accept-topic-reset``). Returns where to resume each
-        accepted partition instead of its stored offset."""
-        topic, name = self.route.topic, self.route.name
-        resume: dict[int, int] = {}
-        for partition, offset in sorted(stored.items()):
-            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
-                                                cached=False)
-            was = ids.get(partition)
-            replaced = was is not None and self.topic_id is not None and was != self.topic_id
-            reset = None
-            if offset > high:
-                reset = (f"the stored offset {offset} (dx.source_offsets) is beyond the "
-                         f"partition's end {high}: the topic was re-created or is another "
-                         "cluster's copy, and messages below the stored offset would be skipped")
-            elif replaced:
-                reset = (f"the stored offset {offset} (dx.source_offsets) belongs to another "
-                         f"topic of this name (id {was}, now {self.topic_id}): the topic was "
-                         "re-created or is another cluster's copy")
-            if reset is not None:
-                if not self.accept_topic_reset:
-                    raise EventError(f"route {name}: {reset}; apply the partition from its "
-                                     f"start with 'dx source run {name} --accept-topic-reset'",
-                                     topic=topic, partition=partition, offset=offset)
-                log.warning("route %s: %s[%d]: %s; applying from its start %d "
-                            "(--accept-topic-reset)", name, topic, partition, reset, low)
-                resume[partition] = low
-            elif offset < low:
-                lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
-                if not self.accept_retention_gap:
-                    raise EventError(f"route {name}: {lost}; restore them from their "
-                                     "source, or accept the loss with 'dx source run "
-                                     f"{name} --accept-retention-gap'",
-                                     topic=topic, partition=partition, offset=offset)
-                log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
-                            name, topic, partition, lost, low)
-        return resume
-
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
         conf = self.config.kafka.librdkafka({
@@ -311,7 +234,10 @@ class SourceWorker:
             stored = offsets.load(conn, route.name, route.topic, numbers)
             ids = offsets.topic_ids(conn, route.name, route.topic, numbers)
             conn.rollback()
-            resume = self._check_offsets(c, stored, ids)
+            resume = offsets.check_stored(
+                c, self.route.name, self.route.topic, stored, ids, self.topic_id,
+                accept_topic_reset=self.accept_topic_reset,
+                accept_retention_gap=self.accept_retention_gap)
             start = OFFSET_BEGINNING if route.start == "earliest" else OFFSET_END
             for p in parts:
                 s = stored.get(p.partition)
@@ -359,7 +285,7 @@ class SourceWorker:
                                                  err.str())
                     log.warning("route %s: kafka: %s", self.route.name, err.str())
                     continue
-                p, o = _part(msg), _off(msg)
+                p, o = partition_of(msg), offset_of(msg)
                 pos = self.position.get(p)
                 if pos is None:
                     continue  # not ours any more
@@ -505,7 +431,7 @@ class SourceWorker:
         now_ms = time.time() * 1000
         for msg in batch:
             ts_type, ts = msg.timestamp()
-            if ts_type != 0 and (_part(msg), _off(msg)) not in not_applied:
+            if ts_type != 0 and (partition_of(msg), offset_of(msg)) not in not_applied:
                 m.latency(max(0.0, (now_ms - ts) / 1000))
 
     def _redrive(self, conn: psycopg.Connection[Any], producer: Producer, applier: Applier,
