@@ -24,11 +24,27 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import Field
 
 from pipeline.config.connectors import ConnectorSettings
 from pipeline.errors import DxError, TerminalError, TransientError
 from pipeline.tasks.keys import key_text
+
+
+class TableSettings(ConnectorSettings):
+    """What every connector that writes rows into a database table is told (``postgres``,
+    ``sql``): upsert each record's payload into ``table`` by ``key``; deletes delete by key."""
+
+    table: str = Field(description="target table, optionally schema-qualified")
+    key: list[str] | None = Field(None, description="key columns (upsert and delete match "
+                                  "them); default the primary key")
+    columns: list[str] | None = Field(
+        None, description="columns written; default every payload field (each must exist)")
+    on_delete: Literal["delete", "ignore"] = Field("delete", description="what a delete does")
+    max_batch: int = Field(500, ge=1, le=10_000, description="records per transaction")
+    connect_timeout_s: float = Field(5, gt=0)
 
 
 class Backpressure(TransientError):
@@ -201,5 +217,16 @@ def one_by_one(batch: Sequence[Record], attempt: Callable[[Record], Outcome]) ->
     return outcomes
 
 
-__all__ = ["NOT_ATTEMPTED", "Backpressure", "Connector", "ConnectorSettings", "Outcome",
-           "Record", "RecordConnector", "TerminalError", "TransientError", "key_text"]
+__all__ = [
+    "NOT_ATTEMPTED",
+    "Backpressure",
+    "Connector",
+    "ConnectorSettings",
+    "Outcome",
+    "Record",
+    "RecordConnector",
+    "TableSettings",
+    "TerminalError",
+    "TransientError",
+    "key_text",
+]

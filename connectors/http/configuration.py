@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from connectors.base import ConnectorSettings
 from pipeline.config.auth import BasicAuth, BearerAuth, HmacAuth, OAuth2ClientCredentials
-from pipeline.config.sinks import Op, template_paths
+from pipeline.config.sinks import Op
+from pipeline.templates import template_paths
 
 Auth = Annotated[BearerAuth | BasicAuth | OAuth2ClientCredentials | HmacAuth,
                  Field(discriminator="kind")]

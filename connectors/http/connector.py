@@ -29,7 +29,6 @@ import httpx
 
 from connectors.base import NOT_ATTEMPTED, Backpressure, Outcome, Record, RecordConnector, key_text
 from connectors.http.configuration import HttpSettings
-from connectors.templating import Part, parse, record_resolver, render
 from pipeline.config.auth import (
     ApiKeyAuth,
     BasicAuth,
@@ -39,6 +38,7 @@ from pipeline.config.auth import (
 )
 from pipeline.errors import DxError, TerminalError, TransientError
 from pipeline.observability.logging import is_secret_name, redact
+from pipeline.templates import Part, parse, record_resolver, render
 
 #: every request carries the change's per-key position (see ``Record.position``)
 POSITION_HEADER = "Dx-Position"

@@ -8,19 +8,12 @@ from typing import Literal
 
 from pydantic import Field, SecretStr
 
-from connectors.base import ConnectorSettings
+from connectors.base import TableSettings
 
 
-class SqlSettings(ConnectorSettings):
+class SqlSettings(TableSettings):
     """Upsert each record's payload into ``table`` (by ``key``); deletes delete by key."""
 
     type: Literal["sql"]
     url: SecretStr = Field(description="SQLAlchemy URL, e.g. mysql+pymysql://u:${PW}@host/db, "
                            "from ${VAR}")
-    table: str = Field(description="target table, optionally schema-qualified")
-    key: list[str] | None = Field(None, description="match columns; default the primary key")
-    columns: list[str] | None = Field(
-        None, description="columns written; default every payload field (each must exist)")
-    on_delete: Literal["delete", "ignore"] = Field("delete", description="what a delete does")
-    max_batch: int = Field(500, ge=1, le=10_000, description="records per transaction")
-    connect_timeout_s: float = Field(5, gt=0)

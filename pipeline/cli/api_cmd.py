@@ -8,8 +8,6 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -35,10 +33,11 @@ def serve(config: Path = ConfigOption,
           port: int | None = typer.Option(None, "--port", envvar="DX_API_PORT",
                                           help="listen port (default api.port)")) -> None:
     """Serve the API (uvicorn). SIGHUP re-reads dx.yaml without a restart (a refused file keeps
-    the running API); SIGTERM/Ctrl-C stop after in-flight requests."""
+    the running API); SIGTERM/Ctrl-C stop after in-flight requests, a second signal exits now."""
     import uvicorn
 
     from pipeline.api.app import create_app
+    from pipeline.cli.shutdown import serve_uvicorn
 
     api = create_app(_path(config))
     cfg = api.state.config
@@ -58,25 +57,9 @@ def serve(config: Path = ConfigOption,
     typer.echo(f"dx api: {len(api.state.entities)} entities on http://{bind_host}:{bind_port} "
                "(docs at /docs)", err=True)
 
-    class Server(uvicorn.Server):
-        """uvicorn without its own signal handling: the handlers below stop it, so the process
-        exits 0 after in-flight requests instead of re-raising SIGTERM."""
-
-        @contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    server = Server(uvicorn.Config(api.app, host=bind_host, port=bind_port, log_config=None,
-                                    access_log=False, server_header=False))
-
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        server.force_exit = server.should_exit  # a second signal aborts in-flight requests
-        server.should_exit = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
     try:
-        server.run()
+        serve_uvicorn(uvicorn.Config(api.app, host=bind_host, port=bind_port, log_config=None,
+                                     access_log=False, server_header=False))
     finally:
         api.close()
     typer.echo("dx api: stopped", err=True)

@@ -63,9 +63,10 @@ def serve(config: Path = ConfigOption,
               help="proxies trusted for X-Forwarded-Proto (cookies are Secure behind TLS)"),
           ) -> None:
     """Serve the console (pages, /api/v1, /metrics, /healthz, /readyz). SIGTERM/Ctrl-C stop
-    after in-flight requests."""
+    after in-flight requests; a second signal exits now."""
     import uvicorn
 
+    from pipeline.cli.shutdown import serve_uvicorn
     from pipeline.console.app import build_app
 
     if bool(tls_cert) != bool(tls_key):
@@ -75,10 +76,11 @@ def serve(config: Path = ConfigOption,
     app = build_app(cfg)
     scheme = "https" if tls_cert else "http"
     typer.echo(f"dx console: {scheme}://{host}:{port}/ (API docs at /api/docs)", err=True)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
-                server_header=False, proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    serve_uvicorn(uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, server_header=False,
+        proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None))
 
 
 @contextmanager

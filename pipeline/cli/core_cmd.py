@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
-import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import typer
@@ -27,6 +22,7 @@ from pipeline.cli.common import (
     config_from,
     worker_server,
 )
+from pipeline.cli.shutdown import graceful_shutdown
 from pipeline.config import DxConfig
 from pipeline.db import connection
 from pipeline.errors import CatalogError, ConfigError
@@ -205,22 +201,6 @@ def snapshot(table: str = typer.Argument(..., help="configured table, e.g. publi
     typer.echo(f"snapshot of {table}: {done} rows queued for the relay")
 
 
-def install_signal_handlers(stop: threading.Event,
-                            on_stop: Callable[[], None] | None = None) -> None:
-    """First SIGTERM/SIGINT: finish the batch in hand and stop. Second: exit at once."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            print("dx: second signal, exiting without cleanup", file=sys.stderr)
-            raise SystemExit(130)
-        stop.set()
-        if on_stop is not None:
-            on_stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 def relay(config: Path = ConfigOption, metrics_port: int = MetricsPortOption,
           metrics_host: str = MetricsHostOption,
           reset_state: bool = typer.Option(
@@ -235,8 +215,6 @@ def relay(config: Path = ConfigOption, metrics_port: int = MetricsPortOption,
     cfg = config_from(config)
     server = worker_server(metrics_port, metrics_host)
     observer = RelayObserver(cfg, server)
-    stop = threading.Event()
-    install_signal_handlers(stop, lambda: server.set_ready(False, "stopping"))
     last = {"state": ""}
 
     def on_state(state: str) -> None:
@@ -245,7 +223,9 @@ def relay(config: Path = ConfigOption, metrics_port: int = MetricsPortOption,
             last["state"] = state
 
     try:
-        Relay(cfg, stop=stop, on_state=on_state, hooks=observer, reset_state=reset_state).run()
+        with graceful_shutdown(lambda: server.set_ready(False, "stopping")) as stop:
+            Relay(cfg, stop=stop, on_state=on_state, hooks=observer,
+                  reset_state=reset_state).run()
     finally:
         observer.close()
         server.close()

@@ -17,6 +17,7 @@ from pipeline.cli.common import (
     config_from,
     worker_server,
 )
+from pipeline.cli.shutdown import graceful_shutdown, serve_uvicorn
 from pipeline.errors import TerminalError
 from pipeline.observability.logging import redact
 
@@ -48,7 +49,6 @@ def serve(config: Path = ConfigOption,
     Prometheus /metrics on --metrics-port (not on the port facing the senders)."""
     import uvicorn
 
-    from pipeline.cli.core_cmd import install_signal_handlers
     from pipeline.inbound.webhook import WebhookServer
 
     _verbose(verbose)
@@ -66,13 +66,10 @@ def serve(config: Path = ConfigOption,
         typer.echo(f"dx inbound: webhooks for {', '.join(sorted(server.receivers))} on "
                    f"http://{host}:{port}/inbound/<route>", err=True)
         metrics.set_ready(True, "serving")
-        # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again under the
-        # handler it found: ours, so the statistics are flushed and the exit code is 0
-        install_signal_handlers(threading.Event())
         try:
-            uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_config=None,
-                                          access_log=False, server_header=False)
-                           ).run(sockets=[sock])
+            serve_uvicorn(uvicorn.Config(server.app, host=host, port=port, log_config=None,
+                                         access_log=False, server_header=False),
+                          sockets=[sock], on_stop=(lambda: metrics.set_ready(False, "stopping"),))
         finally:
             server.close()
     finally:
@@ -92,7 +89,6 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
          verbose: bool = VerboseOption) -> None:
     """GET the route's endpoint every interval, page by page, from the stored cursor; each page
     is acknowledged by Kafka before the cursor moves (a crash re-reads at most one page)."""
-    from pipeline.cli.core_cmd import install_signal_handlers
     from pipeline.inbound.pull import Puller
 
     _verbose(verbose)
@@ -101,11 +97,11 @@ def pull(route: str = typer.Argument(..., help="source route with 'inbound: pull
     server = worker_server(metrics_port, metrics_host)
     try:
         puller = Puller(cfg, route, stop=stop, server=server)
-        install_signal_handlers(stop)
         try:
             if reset:
                 puller.reset()
-            stats = puller.run(once=once)
+            with graceful_shutdown(stop.set):
+                stats = puller.run(once=once)
         finally:
             puller.close()
     finally:
@@ -125,7 +121,6 @@ def watch(route: str = typer.Argument(..., help="source route with 'inbound: fil
     """Pick up complete CSV / JSON-lines files from the route's folder, check them like 'dx
     import' and move them to done/ or failed/ (with FILE.rejects.csv). A file dropped twice is
     applied once."""
-    from pipeline.cli.core_cmd import install_signal_handlers
     from pipeline.inbound.files import Watcher
 
     _verbose(verbose)
@@ -134,9 +129,9 @@ def watch(route: str = typer.Argument(..., help="source route with 'inbound: fil
     server = worker_server(metrics_port, metrics_host)
     try:
         watcher = Watcher(cfg, route, stop=stop, server=server)
-        install_signal_handlers(stop)
         try:
-            outcomes = watcher.run(once=once)
+            with graceful_shutdown(stop.set):
+                outcomes = watcher.run(once=once)
         finally:
             watcher.close()
     finally:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import signal
 import sys
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import typer
@@ -24,6 +21,7 @@ from pipeline.cli.common import (
     config_from,
     worker_server,
 )
+from pipeline.cli.shutdown import graceful_shutdown
 from pipeline.db import connection
 from pipeline.errors import TerminalError
 from pipeline.observability.logging import redact
@@ -56,21 +54,9 @@ def run(route: str = typer.Argument(..., help="sink route name (dx.yaml 'sinks:'
     cfg = config_from(config)
     server = worker_server(metrics_port, metrics_host)
     worker = SinkWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server)
-    signals = {"n": 0}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        signals["n"] += 1
-        if signals["n"] > 1:
-            print("dx: second signal, exiting now", file=sys.stderr)
-            os._exit(130)
-        print("dx: stopping (signal again to force)", file=sys.stderr)
-        worker.stop.set()
-        server.set_ready(False, "stopping")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        stats = worker.run()
+        with graceful_shutdown(worker.stop.set, lambda: server.set_ready(False, "stopping")):
+            stats = worker.run()
     finally:
         server.close()
     summary = ", ".join(f"{n} {s}" for s, n in sorted(stats.counts.items())) or "no events"
@@ -291,17 +277,12 @@ def alerts_run(config: Path = ConfigOption,
 
     cfg = config_from(config)
     engine = AlertEngine(cfg)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        engine.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     if once:
         for line in engine.evaluate_once():
             typer.echo(line)
         return
-    engine.run()
+    with graceful_shutdown(engine.stop.set):
+        engine.run()
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,7 @@ from pipeline.cli.common import (
     config_from,
     worker_server,
 )
+from pipeline.cli.shutdown import graceful_shutdown
 from pipeline.csvio.exporter import export_csv
 from pipeline.csvio.importer import import_csv, wait_applied
 from pipeline.db import connection
@@ -45,7 +46,7 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
                  "cluster), apply the partition from its start; without it the worker stops")
         ) -> None:
     """Consume ROUTE's topic and apply it to its table exactly once (Ctrl-C / SIGTERM stops
-    after the current batch; a second signal aborts it, rolled back)."""
+    after the current batch; a second signal exits now: the batch in hand is rolled back)."""
     from pipeline.source.worker import SourceWorker
 
     if verbose:
@@ -53,9 +54,11 @@ def run(route: str = typer.Argument(..., help="source route name (dx.yaml 'sourc
     cfg = config_from(config)
     server = worker_server(metrics_port, metrics_host)
     try:
-        stats = SourceWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server,
-                             accept_retention_gap=accept_retention_gap,
-                             accept_topic_reset=accept_topic_reset).run()
+        worker = SourceWorker(cfg, route, stop_when_idle_s=stop_when_idle, server=server,
+                              accept_retention_gap=accept_retention_gap,
+                              accept_topic_reset=accept_topic_reset)
+        with graceful_shutdown(worker.stop):
+            stats = worker.run()
     finally:
         server.close()
     typer.echo(f"route {route}: {stats.applied} applied, {stats.failed} dead, "

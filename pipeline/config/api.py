@@ -14,9 +14,11 @@ the API starts, by ``pipeline.api.catalog``, again with the dx.yaml line.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.config.names import TableRef
 
 _ALIAS = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _PUBLIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -88,8 +90,10 @@ class ApiRelation(_Base):
     )
 
 
-class ApiEntity(_Base):
+class ApiEntity(_Base, TableRef):
     """One resource of the API over one table."""
+
+    table_ref: ClassVar[str] = "table"
 
     alias: str = Field(description="resource name: the URL segment /{alias}")
     table: str = Field(description="table, optionally schema-qualified (default public)")
@@ -150,18 +154,6 @@ class ApiEntity(_Base):
             if name in self.fields:
                 raise ValueError(f"relation {name!r} has the name of a field")
         return self
-
-    @property
-    def schema_name(self) -> str:
-        return self.table.split(".", 1)[0] if "." in self.table else "public"
-
-    @property
-    def table_name(self) -> str:
-        return self.table.split(".", 1)[1] if "." in self.table else self.table
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema_name}.{self.table_name}"
 
 
 class RateLimit(_Base):

@@ -9,7 +9,6 @@ so secrets live in the environment and never in the file.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,9 @@ from pydantic import ValidationError
 from pipeline.config.kafka_client import refused_property
 from pipeline.config.model import DxConfig
 from pipeline.errors import ConfigError
+from pipeline.templates import MissingVariable, expand_env
 
 Path_ = tuple[str | int, ...]
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _interpolate(text: str, *, file: str, line: int, env: dict[str, str]) -> str:
-    def sub(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(
-            f"environment variable {name} is not set (use ${{{name}:-default}} for a default)",
-            file=file,
-            line=line,
-        )
-
-    return _VAR.sub(sub, text)
-
 
 #: YAML's core tags: plain data. Anything else (``!!python/object``, ``!custom``) is refused,
 #: also on mappings and sequences, where a safe loader would otherwise silently ignore it.
@@ -109,7 +88,10 @@ class _Builder:
             raise self._error(node, f"{node.value[:40]!r} is not a valid {kind} ({err}); "
                                     "quote it to keep it as text") from None
         if isinstance(value, str):
-            value = _interpolate(value, file=self.file, line=line, env=self.env)
+            try:
+                value = expand_env(value, self.env)
+            except MissingVariable as err:
+                raise ConfigError(str(err), file=self.file, line=line) from None
         return value
 
     def line_for(self, loc: Path_) -> int | None:

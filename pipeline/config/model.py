@@ -7,9 +7,8 @@ come from ``${VAR}`` interpolation.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -23,13 +22,13 @@ from pydantic import (
 
 from pipeline.config.alerts import AlertsConfig
 from pipeline.config.api import ApiConfig
+from pipeline.config.names import TOPIC, TableRef, check_topic
 from pipeline.config.sinks import SinkRoute
 from pipeline.config.sources import SourceRoute
 from pipeline.errors import ConfigError
 
 Route = TypeVar("Route", SinkRoute, SourceRoute)
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 class Base(BaseModel):
@@ -72,7 +71,7 @@ class KafkaConfig(Base):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not _TOPIC.match(v):
+        if not TOPIC.match(v):
             raise ValueError("only letters, digits, '.', '_' and '-' are allowed")
         return v
 
@@ -111,8 +110,10 @@ class RelayConfig(Base):
                     "this long (frozen, cut off); the active one stops itself at 60% of it")
 
 
-class TableConfig(Base):
+class TableConfig(Base, TableRef):
     """One exchanged table. Only ``columns`` ever leave the database."""
+
+    table_ref: ClassVar[str] = "name"
 
     name: str = Field(description="table, optionally schema-qualified (default schema public)")
     columns: list[str] = Field(min_length=1, description="exposed columns (allow-list)")
@@ -122,18 +123,6 @@ class TableConfig(Base):
         None, description="trigger kind in trigger mode; default capture.trigger"
     )
 
-    @property
-    def schema_name(self) -> str:
-        return self.name.split(".", 1)[0] if "." in self.name else "public"
-
-    @property
-    def table_name(self) -> str:
-        return self.name.split(".", 1)[1] if "." in self.name else self.name
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema_name}.{self.table_name}"
-
     @field_validator("columns", "key")
     @classmethod
     def _unique(cls, v: list[str] | None) -> list[str] | None:
@@ -141,12 +130,7 @@ class TableConfig(Base):
             raise ValueError("column names must be unique")
         return v
 
-    @field_validator("topic")
-    @classmethod
-    def _topic(cls, v: str | None) -> str | None:
-        if v is not None and not _TOPIC.match(v):
-            raise ValueError("not a valid Kafka topic name")
-        return v
+    _topic = field_validator("topic")(classmethod(lambda cls, v: check_topic(v)))
 
 
 class CaptureConfig(Base):

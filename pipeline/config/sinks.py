@@ -12,9 +12,7 @@ loaded, so a worker never discovers a typo in a template or a mapping at the fir
 * ``connector`` is validated by the connector's own pydantic model (looked up by ``type`` in the
   connector registry), so its errors carry file and line like every other key.
 
-Source paths: ``name`` reads the current row (``after``; ``before`` for deletes); ``$after.x``,
-``$before.x`` and ``$key.x`` read a specific image; ``$op``, ``$event_id``, ``$origin``,
-``$table``, ``$schema``, ``$topic``, ``$ts_ms`` and ``$source_ts_ms`` read event metadata.
+Source paths and ``{path}`` templates are the language of :mod:`pipeline.templates`.
 """
 
 from __future__ import annotations
@@ -34,17 +32,11 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.config.connectors import ConnectorSettings, settings_model
+from pipeline.config.names import TOPIC, check_topic
+from pipeline.templates import IDENT, check_path, template_paths
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_PATH = re.compile(
-    rf"^(?:\$(?:op|event_id|origin|table|schema|topic|ts_ms|source_ts_ms)"
-    rf"|\$(?:after|before|key)\.{_IDENT}(?:\.{_IDENT})*"
-    rf"|{_IDENT}(?:\.{_IDENT})*)$"
-)
-_TARGET = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*$")
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_TARGET = re.compile(rf"^{IDENT}(?:\.{IDENT})*$")
 
 Op = Literal["c", "u", "d", "r"]
 ValueType = Literal["string", "int", "float", "decimal", "bool", "date", "datetime",
@@ -53,35 +45,6 @@ ValueType = Literal["string", "int", "float", "decimal", "bool", "date", "dateti
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def check_path(v: str) -> str:
-    """A source path must be one of the documented shapes (see module docstring)."""
-    if not _PATH.match(v):
-        raise ValueError(
-            f"{v!r} is not a source path; use a column name, $after.col, $before.col, "
-            "$key.col or one of $op, $event_id, $origin, $table, $schema, $topic, $ts_ms, "
-            "$source_ts_ms"
-        )
-    return v
-
-
-def template_paths(template: str) -> list[str]:
-    """The source paths a template reads; raises ValueError on unbalanced braces or bad paths.
-
-    ``{path}`` is replaced by the value at ``path`` (empty text when null); ``{{`` and ``}}`` are
-    literal braces. There is no expression language on purpose: computation belongs in the target.
-    """
-    paths: list[str] = []
-    for m in _PLACEHOLDER.finditer(template):
-        tok = m.group(0)
-        if tok in ("{{", "}}"):
-            continue
-        if m.group(1) is None:
-            raise ValueError(f"unbalanced {tok!r} in template {template!r} (write {tok * 2} "
-                             "for a literal brace)")
-        paths.append(check_path(m.group(1).strip()))
-    return paths
 
 
 class Condition(_Base):
@@ -266,12 +229,7 @@ class DeadLetterConfig(_Base):
 
     topic: str | None = Field(None, description="default: <source topic>.dlq")
 
-    @field_validator("topic")
-    @classmethod
-    def _topic(cls, v: str | None) -> str | None:
-        if v is not None and not _TOPIC.match(v):
-            raise ValueError("not a valid Kafka topic name")
-        return v
+    _topic = field_validator("topic")(classmethod(lambda cls, v: check_topic(v)))
 
 
 class TaskLogConfig(_Base):
@@ -325,7 +283,7 @@ class SinkRoute(_Base):
     @classmethod
     def _topics(cls, v: list[str]) -> list[str]:
         for t in v:
-            if not _TOPIC.match(t):
+            if not TOPIC.match(t):
                 raise ValueError(f"{t!r} is not a valid Kafka topic name")
         if len(set(v)) != len(v):
             raise ValueError("topics must be unique")

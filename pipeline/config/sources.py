@@ -10,13 +10,13 @@ name fails the worker with the dx.yaml line instead of failing every event.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config.inbound import InboundConfig
+from pipeline.config.names import TableRef, check_topic
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
 
@@ -53,8 +53,10 @@ class ConflictPolicy(_Base):
     )
 
 
-class SourceRoute(_Base):
+class SourceRoute(_Base, TableRef):
     """One inbound route: ``topic`` -> validate -> apply to ``table``."""
+
+    table_ref: ClassVar[str] = "table"
 
     name: str = Field(description="route name: `dx source run NAME`, offsets and tasks key")
     topic: str = Field(description="inbound Kafka topic")
@@ -115,12 +117,8 @@ class SourceRoute(_Base):
             raise ValueError("use letters, digits, '.', '_' and '-' (at most 100)")
         return v
 
-    @field_validator("topic", "dead_letter_topic")
-    @classmethod
-    def _topic(cls, v: str | None) -> str | None:
-        if v is not None and not _TOPIC.match(v):
-            raise ValueError("not a valid Kafka topic name")
-        return v
+    _topic = field_validator("topic", "dead_letter_topic")(
+        classmethod(lambda cls, v: check_topic(v)))
 
     @field_validator("key", "columns")
     @classmethod
@@ -158,18 +156,6 @@ class SourceRoute(_Base):
     @property
     def dlq_topic(self) -> str:
         return self.dead_letter_topic or f"{self.topic}.dlq"
-
-    @property
-    def schema_name(self) -> str:
-        return self.table.split(".", 1)[0] if "." in self.table else "public"
-
-    @property
-    def table_name(self) -> str:
-        return self.table.split(".", 1)[1] if "." in self.table else self.table
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema_name}.{self.table_name}"
 
     def column_for(self, field: str) -> str:
         """The target column a producer field writes (identity unless renamed)."""

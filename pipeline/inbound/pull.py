@@ -41,7 +41,6 @@ from connectors.http.connector import (
     auth_headers,
     retry_after_seconds,
 )
-from connectors.templating import dig
 from pipeline import db
 from pipeline.config.auth import OAuth2ClientCredentials
 from pipeline.config.inbound import PullConfig
@@ -61,6 +60,7 @@ from pipeline.observability.logging import redact
 from pipeline.observability.server import WorkerServer
 from pipeline.source.events import Failure
 from pipeline.source.tasks import recorder
+from pipeline.templates import dig
 
 log = logging.getLogger(__name__)
 

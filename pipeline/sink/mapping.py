@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from connectors.templating import Part, dig, parse, render
 from pipeline.config.sinks import Condition, FieldMap, SinkRoute
 from pipeline.errors import TerminalError
+from pipeline.templates import Part, dig, parse, render
 
 
 class MappingError(TerminalError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from confluent_kafka import Message
+
 from pipeline.tasks.store import TaskStatus
 
 Op = Literal["upsert", "delete"]
@@ -55,3 +57,31 @@ class Failure:
         where = f"{m.topic}[{m.partition}]@{m.offset}"
         field = f" field {self.field!r}:" if self.field else ""
         return f"{where}:{field} {self.reason}"
+
+
+def _bytes(v: str | bytes | None) -> bytes | None:
+    return v.encode() if isinstance(v, str) else v
+
+
+def to_raw(msg: Message) -> RawMessage:
+    """The consumed message as the worker keeps it (text keys and values as bytes)."""
+    ts_type, ts = msg.timestamp()
+    hdrs = msg.headers() or []
+    items = hdrs.items() if isinstance(hdrs, dict) else hdrs
+    return RawMessage(
+        topic=str(msg.topic()), partition=partition_of(msg), offset=offset_of(msg),
+        key=_bytes(msg.key()), value=_bytes(msg.value()),
+        headers=tuple((k, _bytes(v)) for k, v in items), timestamp_ms=ts if ts_type != 0 else None,
+    )
+
+
+def partition_of(msg: Message) -> int:
+    p = msg.partition()
+    assert p is not None
+    return p
+
+
+def offset_of(msg: Message) -> int:
+    o = msg.offset()
+    assert o is not None
+    return o

@@ -10,12 +10,16 @@ re-seeks, so a range is never applied twice even when two workers briefly overla
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psycopg
+from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.errors import TransientError
+from pipeline.errors import EventError, TransientError
+
+log = logging.getLogger(__name__)
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS dx;
@@ -109,3 +113,54 @@ def store(conn: psycopg.Connection[Any], route: str, topic: str,
                     "topic_id = COALESCE(%s, topic_id) "
                     "WHERE route = %s AND topic = %s AND partition = %s",
                     (nxt, topic_id, route, topic, partition))
+
+
+def check_stored(c: Consumer, name: str, topic: str, stored: dict[int, int],
+                 ids: dict[int, str], topic_id: str | None, *, accept_topic_reset: bool,
+                 accept_retention_gap: bool) -> dict[int, int]:
+    """Compare each stored offset with the partition's log before resuming there.
+
+    * Below the log start: Kafka deleted messages (retention) before they were applied.
+      Kafka would silently resume at the log start.
+    * Beyond the log end: the topic was re-created, or this is another cluster's copy (a
+      mirror keeps its own offsets). Kafka would silently skip every message below the
+      stored offset (they look like replays), so new messages are never applied.
+    * Stored for a topic with another id (``ids``): the same, caught even when the new
+      topic has already grown past the stored offset.
+
+    dx stops on either, naming the partition, unless the operator accepted it for this run
+    (``--accept-retention-gap`` / ``--accept-topic-reset``). Returns where to resume each
+    accepted partition instead of its stored offset."""
+    resume: dict[int, int] = {}
+    for partition, offset in sorted(stored.items()):
+        low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
+                                            cached=False)
+        was = ids.get(partition)
+        replaced = was is not None and topic_id is not None and was != topic_id
+        reset = None
+        if offset > high:
+            reset = (f"the stored offset {offset} (dx.source_offsets) is beyond the "
+                     f"partition's end {high}: the topic was re-created or is another "
+                     "cluster's copy, and messages below the stored offset would be skipped")
+        elif replaced:
+            reset = (f"the stored offset {offset} (dx.source_offsets) belongs to another "
+                     f"topic of this name (id {was}, now {topic_id}): the topic was "
+                     "re-created or is another cluster's copy")
+        if reset is not None:
+            if not accept_topic_reset:
+                raise EventError(f"route {name}: {reset}; apply the partition from its "
+                                 f"start with 'dx source run {name} --accept-topic-reset'",
+                                 topic=topic, partition=partition, offset=offset)
+            log.warning("route %s: %s[%d]: %s; applying from its start %d "
+                        "(--accept-topic-reset)", name, topic, partition, reset, low)
+            resume[partition] = low
+        elif offset < low:
+            lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
+            if not accept_retention_gap:
+                raise EventError(f"route {name}: {lost}; restore them from their "
+                                 "source, or accept the loss with 'dx source run "
+                                 f"{name} --accept-retention-gap'",
+                                 topic=topic, partition=partition, offset=offset)
+            log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
+                        name, topic, partition, lost, low)
+    return resume

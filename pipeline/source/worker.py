@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import psycopg
@@ -48,7 +45,7 @@ from pipeline import db
 from pipeline.capture.origin import mark_origin
 from pipeline.config.model import DxConfig
 from pipeline.config.sources import SourceRoute
-from pipeline.errors import EventError, ServiceUnavailable, TerminalError, TransientError
+from pipeline.errors import ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.deadletter import dead_letter_headers
 from pipeline.events.topics import ensure_topics, topic_id, topic_spec
 from pipeline.events.wire import registry_client
@@ -63,7 +60,7 @@ from pipeline.source import offsets, tasks
 from pipeline.source.apply import Applier
 from pipeline.source.catalog import Target, read_target
 from pipeline.source.decode import AvroDecoder
-from pipeline.source.events import Event, Failure, RawMessage
+from pipeline.source.events import Event, Failure, RawMessage, offset_of, partition_of, to_raw
 from pipeline.source.inbound import Converter
 from pipeline.tasks.headers import decode_headers
 from pipeline.tasks.store import TaskStore
@@ -111,33 +108,6 @@ def ensure_route_topics(config: DxConfig, route: SourceRoute,
                    f"dead-letter topic of source route {route.name}")])
 
 
-def _bytes(v: str | bytes | None) -> bytes | None:
-    return v.encode() if isinstance(v, str) else v
-
-
-def to_raw(msg: Message) -> RawMessage:
-    ts_type, ts = msg.timestamp()
-    hdrs = msg.headers() or []
-    items = hdrs.items() if isinstance(hdrs, dict) else hdrs
-    return RawMessage(
-        topic=str(msg.topic()), partition=_part(msg), offset=_off(msg), key=_bytes(msg.key()),
-        value=_bytes(msg.value()), headers=tuple((k, _bytes(v)) for k, v in items),
-        timestamp_ms=ts if ts_type != 0 else None,
-    )
-
-
-def _part(msg: Message) -> int:
-    p = msg.partition()
-    assert p is not None
-    return p
-
-
-def _off(msg: Message) -> int:
-    o = msg.offset()
-    assert o is not None
-    return o
-
-
 class SourceWorker:
     """Runs one inbound route until stopped (or, for tests and benchmarks, until idle)."""
 
@@ -170,42 +140,32 @@ class SourceWorker:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    def _signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            raise KeyboardInterrupt
-        log.warning("route %s: stopping after the current batch (signal %d again to abort)",
-                    self.route.name, signum)
+    def stop(self) -> None:
+        """Stop after the current batch (``dx source run`` calls this on SIGTERM/SIGINT)."""
+        log.warning("route %s: stopping after the current batch", self.route.name)
         self.stopping = True
         self.server.set_ready(False, "stopping")
 
     def run(self) -> Stats:
-        """Consume and apply until stopped; transient failures reconnect with backoff."""
-        # Signals reach the main thread only; elsewhere (tests, an embedding process) the owner
-        # stops the worker by setting ``stopping``.
-        main = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, self._signal)
-                    for s in ((signal.SIGTERM, signal.SIGINT) if main else ())}
+        """Consume and apply until stopped (:meth:`stop`, or ``stopping`` set by the owner);
+        transient failures reconnect with backoff."""
         backoff = 0.5
-        try:
-            while not self.stopping:
-                try:
-                    if self._run_connected():
-                        break
-                    backoff = 0.5
-                except TransientError as err:
-                    if self.stop_when_idle_s is not None and \
-                            not isinstance(err, offsets.Fenced | CatalogDrift | TopicReset):
-                        raise
-                    self.metrics.failed("transient")
-                    self.metrics.retried()
-                    self.server.set_ready(False, f"reconnecting: {err}")
-                    log.warning("route %s: %s; retrying in %.1fs", self.route.name, err, backoff)
-                    self.server.heartbeat()
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        while not self.stopping:
+            try:
+                if self._run_connected():
+                    break
+                backoff = 0.5
+            except TransientError as err:
+                if self.stop_when_idle_s is not None and \
+                        not isinstance(err, offsets.Fenced | CatalogDrift | TopicReset):
+                    raise
+                self.metrics.failed("transient")
+                self.metrics.retried()
+                self.server.set_ready(False, f"reconnecting: {err}")
+                log.warning("route %s: %s; retrying in %.1fs", self.route.name, err, backoff)
+                self.server.heartbeat()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
         return self.stats
 
     def _run_connected(self) -> bool:
@@ -256,56 +216,6 @@ class SourceWorker:
 
     # ---- Kafka ------------------------------------------------------------------------------
 
-    def _check_offsets(self, c: Consumer, stored: dict[int, int],
-                       ids: dict[int, str]) -> dict[int, int]:
-        """Compare each stored offset with the partition's log before resuming there.
-
-        * Below the log start: Kafka deleted messages (retention) before they were applied.
-          Kafka would silently resume at the log start.
-        * Beyond the log end: the topic was re-created, or this is another cluster's copy (a
-          mirror keeps its own offsets). Kafka would silently skip every message below the
-          stored offset (they look like replays), so new messages are never applied.
-        * Stored for a topic with another id (``ids``): the same, caught even when the new
-          topic has already grown past the stored offset.
-
-        dx stops on either, naming the partition, unless the operator accepted it for this run
-        (``--accept-retention-gap`` / ``--accept-topic-reset``). Returns where to resume each
-        accepted partition instead of its stored offset."""
-        topic, name = self.route.topic, self.route.name
-        resume: dict[int, int] = {}
-        for partition, offset in sorted(stored.items()):
-            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10,
-                                                cached=False)
-            was = ids.get(partition)
-            replaced = was is not None and self.topic_id is not None and was != self.topic_id
-            reset = None
-            if offset > high:
-                reset = (f"the stored offset {offset} (dx.source_offsets) is beyond the "
-                         f"partition's end {high}: the topic was re-created or is another "
-                         "cluster's copy, and messages below the stored offset would be skipped")
-            elif replaced:
-                reset = (f"the stored offset {offset} (dx.source_offsets) belongs to another "
-                         f"topic of this name (id {was}, now {self.topic_id}): the topic was "
-                         "re-created or is another cluster's copy")
-            if reset is not None:
-                if not self.accept_topic_reset:
-                    raise EventError(f"route {name}: {reset}; apply the partition from its "
-                                     f"start with 'dx source run {name} --accept-topic-reset'",
-                                     topic=topic, partition=partition, offset=offset)
-                log.warning("route %s: %s[%d]: %s; applying from its start %d "
-                            "(--accept-topic-reset)", name, topic, partition, reset, low)
-                resume[partition] = low
-            elif offset < low:
-                lost = f"messages {offset}..{low - 1} were deleted (retention) before being applied"
-                if not self.accept_retention_gap:
-                    raise EventError(f"route {name}: {lost}; restore them from their "
-                                     "source, or accept the loss with 'dx source run "
-                                     f"{name} --accept-retention-gap'",
-                                     topic=topic, partition=partition, offset=offset)
-                log.warning("route %s: %s[%d]: %s; continuing at %d (--accept-retention-gap)",
-                            name, topic, partition, lost, low)
-        return resume
-
     def _consumer(self, conn: psycopg.Connection[Any]) -> Consumer:
         route = self.route
         conf = self.config.kafka.librdkafka({
@@ -324,7 +234,10 @@ class SourceWorker:
             stored = offsets.load(conn, route.name, route.topic, numbers)
             ids = offsets.topic_ids(conn, route.name, route.topic, numbers)
             conn.rollback()
-            resume = self._check_offsets(c, stored, ids)
+            resume = offsets.check_stored(
+                c, self.route.name, self.route.topic, stored, ids, self.topic_id,
+                accept_topic_reset=self.accept_topic_reset,
+                accept_retention_gap=self.accept_retention_gap)
             start = OFFSET_BEGINNING if route.start == "earliest" else OFFSET_END
             for p in parts:
                 s = stored.get(p.partition)
@@ -372,7 +285,7 @@ class SourceWorker:
                                                  err.str())
                     log.warning("route %s: kafka: %s", self.route.name, err.str())
                     continue
-                p, o = _part(msg), _off(msg)
+                p, o = partition_of(msg), offset_of(msg)
                 pos = self.position.get(p)
                 if pos is None:
                     continue  # not ours any more
@@ -518,7 +431,7 @@ class SourceWorker:
         now_ms = time.time() * 1000
         for msg in batch:
             ts_type, ts = msg.timestamp()
-            if ts_type != 0 and (_part(msg), _off(msg)) not in not_applied:
+            if ts_type != 0 and (partition_of(msg), offset_of(msg)) not in not_applied:
                 m.latency(max(0.0, (now_ms - ts) / 1000))
 
     def _redrive(self, conn: psycopg.Connection[Any], producer: Producer, applier: Applier,
