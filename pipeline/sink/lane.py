@@ -31,7 +31,14 @@ from typing import Any
 
 import psycopg
 
-from connectors.base import NOT_ATTEMPTED, Backpressure, Connector, Outcome, Record
+from connectors.base import (
+    NOT_ATTEMPTED,
+    Backpressure,
+    Connector,
+    Outcome,
+    Record,
+    call_scope,
+)
 from pipeline.config.sinks import SinkRoute
 from pipeline.errors import DxError, EventError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.observability import tracing
@@ -355,7 +362,8 @@ class Lane(threading.Thread):
             if not w.attempts and not w.redrive:
                 self.overhead(now - w.consumed_at)
         try:
-            with self.metrics.timed_call():
+            with self.metrics.timed_call(), call_scope(
+                    lambda: all(self.ownership.live(w) for w in todo)):
                 outcomes = self.connector.deliver([w.record for w in todo if w.record])
         except DxError as err:
             outcomes = [Outcome.failed(err)] * len(todo)
