@@ -138,7 +138,7 @@ def test_a_moved_partition_is_not_delivered_by_its_old_owner(
     # the old owner sent nothing of the moved partition after handing it over
     late = [(r.path, r.json) for r in received if r.path.startswith("/a/")
             and r.headers["idempotency-key"] in moved_ids and r.at >= handed_over]
-    assert late == [], [(r.path, round(r.at - handed_over, 1)) for r in srv.received()]
+    assert late == []
     # per key of the moved partition: no request of the old owner after the new owner's first
     first_new: dict[str, float] = {}
     for r in received:
@@ -204,7 +204,7 @@ def test_a_slow_target_does_not_let_the_old_owner_overwrite_after_the_hand_over(
                          120, what="every event delivered")
     late = [r.path for r in srv.received() if r.path.startswith("/a/")
             and partition_of[r.headers["idempotency-key"]] in moved and r.at >= handed_over]
-    assert late == [], [(r.path, round(r.at - handed_over, 1)) for r in srv.received()]
+    assert late == []
 
 
 def test_outcomes_on_the_wire_at_a_revoke_are_recorded_by_the_old_owner(
