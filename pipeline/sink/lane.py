@@ -358,7 +358,9 @@ class Lane(threading.Thread):
 
     def _call(self, todo: list[Work]) -> list[Outcome]:
         now = time.monotonic()
+        mark = self.breaker.answers
         for w in todo:
+            w.answers_mark = mark
             if not w.attempts and not w.redrive:
                 self.overhead(now - w.consumed_at)
         try:
@@ -401,9 +403,14 @@ class Lane(threading.Thread):
         if counts and not throttled:
             w.attempts += 1
             if w.attempts >= policy.max_attempts:
-                self._dead(w, TerminalError(f"gave up after {w.attempts} attempts: {err}"),
-                           outcome=o)
-                return None
+                if self.breaker.silent_since(w.answers_mark, str(err)):
+                    # the target answered nothing on this route during the attempt: it looks
+                    # down, not refusing this event (the breaker is open now); not counted
+                    w.attempts -= 1
+                else:
+                    self._dead(w, TerminalError(f"gave up after {w.attempts} attempts: "
+                                                f"{err}"), outcome=o)
+                    return None
         self.recorder.record(w, "retrying", error=str(err), outcome=o)
         self.metrics.failed("transient")
         self.metrics.retried()
