@@ -113,7 +113,7 @@ class Breaker:
 
     def silent_since(self, mark: int, error: str) -> bool:
         """A task failed transiently for the last time its budget allows. True when nothing on
-        the route was answered since ``mark`` (``answers`` when its attempt started): the
+        the route was answered since ``mark`` (``answers`` at its first attempt here): the
         target looks down rather than refusing this event, so the breaker opens now and the
         task must not go dead. A redriven task comes with the attempts of earlier runs, and a
         task's failures can span several runs of failures: counting failures in a row alone

@@ -360,7 +360,8 @@ class Lane(threading.Thread):
         now = time.monotonic()
         mark = self.breaker.answers
         for w in todo:
-            w.answers_mark = mark
+            if w.answers_mark < 0:  # its first attempt in this run
+                w.answers_mark = mark
             if not w.attempts and not w.redrive:
                 self.overhead(now - w.consumed_at)
         try:
@@ -404,8 +405,9 @@ class Lane(threading.Thread):
             w.attempts += 1
             if w.attempts >= policy.max_attempts:
                 if self.breaker.silent_since(w.answers_mark, str(err)):
-                    # the target answered nothing on this route during the attempt: it looks
-                    # down, not refusing this event (the breaker is open now); not counted
+                    # the target answered nothing on this route since this task's first
+                    # attempt here: it looks down rather than refusing this event (the breaker
+                    # is open now); not counted
                     w.attempts -= 1
                 else:
                     self._dead(w, TerminalError(f"gave up after {w.attempts} attempts: "
