@@ -21,8 +21,10 @@ record carries ``event_id``, which connectors pass to the target as an idempoten
 from __future__ import annotations
 
 import abc
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
@@ -108,6 +110,29 @@ class Outcome:
 #: the worker re-offers it without counting an attempt.
 NOT_ATTEMPTED = TransientError("not attempted: an earlier record in the batch failed")
 
+_CALL = threading.local()
+
+
+@contextmanager
+def call_scope(live: Callable[[], bool]) -> Iterator[None]:
+    """The worker's side of :func:`still_live`: ``live`` says whether the records of the
+    ``deliver`` call running in this thread may still be sent."""
+    _CALL.live = live
+    try:
+        yield
+    finally:
+        _CALL.live = None
+
+
+def still_live() -> bool:
+    """For connectors that send one ``deliver`` call as several requests (bulk splits, record
+    by record): False once the worker lets go of the call's partitions (a rebalance) — send
+    nothing more and return ``NOT_ATTEMPTED`` for the rest, or the old owner's late requests
+    overwrite what the partition's new owner delivered meanwhile."""
+    live = getattr(_CALL, "live", None)
+    return live is None or bool(live())
+
+
 S = TypeVar("S", bound=ConnectorSettings)
 
 
@@ -180,7 +205,7 @@ class RecordConnector(Connector[S]):
         stop = False
         for record in batch:
             rkey = key_text(record.key)
-            if stop or rkey in failed_keys:
+            if stop or rkey in failed_keys or not still_live():
                 outcomes.append(Outcome.failed(NOT_ATTEMPTED))
                 continue
             started = time.perf_counter()
@@ -228,5 +253,7 @@ __all__ = [
     "TableSettings",
     "TerminalError",
     "TransientError",
+    "call_scope",
     "key_text",
+    "still_live",
 ]

@@ -27,7 +27,15 @@ from urllib.parse import quote
 
 import httpx
 
-from connectors.base import NOT_ATTEMPTED, Backpressure, Outcome, Record, RecordConnector, key_text
+from connectors.base import (
+    NOT_ATTEMPTED,
+    Backpressure,
+    Outcome,
+    Record,
+    RecordConnector,
+    key_text,
+    still_live,
+)
 from connectors.http.configuration import HttpSettings
 from pipeline.config.auth import (
     ApiKeyAuth,
@@ -340,6 +348,8 @@ class HttpConnector(RecordConnector[HttpSettings]):
         (a terminal error), halves sent one after the other until the refused records stand
         alone: one bad record does not fail its batch. Terminates: every split halves the
         batch; a record in an accepted half is never sent again."""
+        if not still_live():  # the worker let go of these records' partitions
+            return [Outcome.failed(NOT_ATTEMPTED)] * len(batch)
         outcome = self._one_request(batch)
         per = self._per_record(outcome, len(batch))
         if per is not None:

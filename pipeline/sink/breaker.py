@@ -44,6 +44,7 @@ class Breaker:
         self.next_probe = 0.0
         self.last_error: str | None = None
         self.version = 0  # bumped on every open/close, for whoever publishes the state
+        self.answers = 0  # attempts the target answered (success or refusal), ever
 
     def permit(self) -> tuple[bool, bool]:
         """(may attempt now, as the probe). A probe permit must be followed by :meth:`record`
@@ -76,10 +77,12 @@ class Breaker:
         refusal). Returns whether a failure counts as an attempt of its task: not when the
         breaker is (or just went) open."""
         if answered and not self.is_open and not self.failures:
+            self.answers += 1  # unlocked: a lost count only keeps a task alive longer
             return True
         now = time.monotonic()
         with self.lock:
             if answered:
+                self.answers += 1
                 self.failures = 0
                 self.first_failure = None
                 if probe:
@@ -101,16 +104,39 @@ class Breaker:
                     self.next_probe = now + self.interval
                 return False
             if self.policy.enabled and self.failures >= self.threshold:
-                self.is_open = True
-                self.probing = False
-                self.interval = self.policy.probe_initial_s
-                self.next_probe = now + self.interval
-                self.version += 1
+                self._trip(now)
                 log.warning("route %s: target down (%d transient failures in a row, last: %s); "
                             "pausing, probing every %.0f-%.0fs", self.route, self.failures,
                             error, self.policy.probe_initial_s, self.policy.probe_max_s)
                 return False
             return True
+
+    def silent_since(self, mark: int, error: str) -> bool:
+        """A task failed transiently for the last time its budget allows. True when nothing on
+        the route was answered since ``mark`` (``answers`` at its first attempt here): the
+        target looks down rather than refusing this event, so the breaker opens now and the
+        task must not go dead. A redriven task comes with the attempts of earlier runs, and a
+        task's failures can span several runs of failures: counting failures in a row alone
+        let such a task go dead while the target was down. False when the breaker is off."""
+        with self.lock:
+            if not self.policy.enabled or self.answers != mark:
+                return False
+            if not self.is_open:
+                self._trip(time.monotonic())
+                self.last_error = error
+                if self.first_failure is None:
+                    self.first_failure = time.time()
+                log.warning("route %s: target down (nothing answered while a task used its "
+                            "last attempt: %s); pausing", self.route, error)
+            return True
+
+    def _trip(self, now: float) -> None:
+        """Open (the lock is held): the first probe after ``probe_initial_s``."""
+        self.is_open = True
+        self.probing = False
+        self.interval = self.policy.probe_initial_s
+        self.next_probe = now + self.interval
+        self.version += 1
 
     def state(self) -> BreakerState:
         with self.lock:

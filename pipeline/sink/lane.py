@@ -31,7 +31,14 @@ from typing import Any
 
 import psycopg
 
-from connectors.base import NOT_ATTEMPTED, Backpressure, Connector, Outcome, Record
+from connectors.base import (
+    NOT_ATTEMPTED,
+    Backpressure,
+    Connector,
+    Outcome,
+    Record,
+    call_scope,
+)
 from pipeline.config.sinks import SinkRoute
 from pipeline.errors import DxError, EventError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.observability import tracing
@@ -351,11 +358,15 @@ class Lane(threading.Thread):
 
     def _call(self, todo: list[Work]) -> list[Outcome]:
         now = time.monotonic()
+        mark = self.breaker.answers
         for w in todo:
+            if w.answers_mark < 0:  # its first attempt in this run
+                w.answers_mark = mark
             if not w.attempts and not w.redrive:
                 self.overhead(now - w.consumed_at)
         try:
-            with self.metrics.timed_call():
+            with self.metrics.timed_call(), call_scope(
+                    lambda: all(self.ownership.live(w) for w in todo)):
                 outcomes = self.connector.deliver([w.record for w in todo if w.record])
         except DxError as err:
             outcomes = [Outcome.failed(err)] * len(todo)
@@ -393,9 +404,15 @@ class Lane(threading.Thread):
         if counts and not throttled:
             w.attempts += 1
             if w.attempts >= policy.max_attempts:
-                self._dead(w, TerminalError(f"gave up after {w.attempts} attempts: {err}"),
-                           outcome=o)
-                return None
+                if self.breaker.silent_since(w.answers_mark, str(err)):
+                    # the target answered nothing on this route since this task's first
+                    # attempt here: it looks down rather than refusing this event (the breaker
+                    # is open now); not counted
+                    w.attempts -= 1
+                else:
+                    self._dead(w, TerminalError(f"gave up after {w.attempts} attempts: "
+                                                f"{err}"), outcome=o)
+                    return None
         self.recorder.record(w, "retrying", error=str(err), outcome=o)
         self.metrics.failed("transient")
         self.metrics.retried()

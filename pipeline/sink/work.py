@@ -37,6 +37,7 @@ class Work:
     problem: EventError | None = None  # undecodable or unmappable: goes dead at its turn
     skip: str | None = None  # filtered out: recorded skipped at its turn
     last: Outcome | None = None
+    answers_mark: int = -1  # the route breaker's answer count at its first attempt here
     status: str | None = None
 
     @property

@@ -234,3 +234,48 @@ def test_outcomes_on_the_wire_at_a_revoke_are_recorded_by_the_old_owner(
                          == ["dead"] * len(keys), 30, what="every event dead")
     assert len(srv.received()) == len(keys)  # none sent twice
     assert len(read_topic(stack, f"{topic}.dlq", 2 * len(keys), timeout=3)) == len(keys)
+
+
+
+def test_a_bulk_call_split_into_many_requests_stops_at_the_hand_over(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Issue 15: a refused bulk request is split into halves sent one after the other, many
+    requests in one call (here dozens, 1 s each). The revoke waits only so long (the
+    whole-request timeout + 2 s); the old owner used to go on sending halves after the
+    hand-over, while the new owner was delivering the same keys."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic, partitions=2)
+    group = f"{topic_prefix}-reb"
+    partition_of = {k: k % 2 for k in range(32)}
+    slow = {"on": True}  # the old owner's requests take 1 s each until the hand-over
+
+    def script(r: Req, n: int) -> Resp:  # every record refused: a long split
+        return Resp(422, '{"error": "refused"}',
+                    delay_s=1.0 if r.path.startswith("/a/") and slow["on"] else 0.0)
+
+    with target(script) as srv:
+        def cfg(owner: str) -> Path:
+            return write_config(tmp_path / f"{owner}.yaml", stack, pg_db, topic_prefix, f"""
+  - name: reb
+    topics: [{topic}]
+    group_id: {group}
+    concurrency: 1
+    connector: {{type: http, url: "{srv.url}/x", timeout_s: 3,
+                 bulk: {{url: "{srv.url}/{owner}/bulk"}}}}
+""")
+        prod = EventProducer(stack, topic, topic_prefix)
+        for k, part in partition_of.items():
+            send(prod, k, part, 1)
+        prod.flush()
+        with sink_thread(cfg("a"), "reb") as wa:
+            wait_for(lambda: srv.received(), 30, what="the first bulk request")
+            with sink_thread(cfg("b"), "reb") as wb:
+                wait_for(lambda: len(wa.partitions) == 1 and len(wb.partitions) == 1, 60,
+                         what="one partition per worker")
+                handed_over = time.monotonic()
+                slow["on"] = False
+                moved = {p for _, p in wb.partitions}
+                time.sleep(4)  # the old owner's split would go on for seconds
+    late = [[i["id"] for i in r.json] for r in srv.received() if r.path.startswith("/a/")
+            and r.at > handed_over and any(partition_of[i["id"]] in moved for i in r.json)]
+    assert late == [], [(r.path, round(r.at - handed_over, 1)) for r in srv.received()]

@@ -285,3 +285,37 @@ def test_a_partition_taken_over_while_the_task_store_refuses_connections_waits_f
     assert sorted((r["offset"], r["status"]) for r in tasks(pg_db, "redrive")) == [
         (0, "dead"), (1, "pending"), (2, "succeeded")]
     assert accepted(srv.received()) == {2: [3]}
+
+
+def test_a_redriven_task_does_not_go_dead_while_the_target_is_down(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """A redriven task comes back with the attempts of its earlier run; its first transient
+    failure used to exhaust the budget before the breaker saw enough failures in a row, so it
+    went dead again because the target was down."""
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic)
+    phase = {"now": "refuse"}
+
+    def script(r: Req, n: int) -> Resp:
+        return {"refuse": Resp(400), "down": Resp(503)}.get(phase["now"], Resp(200))
+
+    with target(script) as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix, route_yaml(
+            srv.url, topic, extra="    breaker: {probe_initial_s: 0.1, probe_max_s: 0.2}\n"))
+        prod = EventProducer(stack, topic, topic_prefix)
+        prod.send(1, seq=1)
+        prod.flush()
+        with sink_thread(cfg, "redrive"):
+            wait_for(lambda: [r["status"] for r in tasks(pg_db, "redrive")] == ["dead"], 30,
+                     what="the event to go dead")
+            with psycopg.connect(pg_db, autocommit=True) as conn:  # as if it had tried twice
+                conn.execute("UPDATE dx.task SET attempts = 2")
+            phase["now"] = "down"
+            seen = len(srv.received())
+            out = dx(cfg, "tasks", "retry", "--all", "--route", "redrive", "--status", "dead")
+            assert out.returncode == 0, out.stderr
+            wait_for(lambda: len(srv.received()) >= seen + 4, 30, what="redrive attempts")
+            assert [r["status"] for r in tasks(pg_db, "redrive")] != ["dead"]
+            phase["now"] = "up"
+            wait_for(lambda: [r["status"] for r in tasks(pg_db, "redrive")] == ["succeeded"],
+                     30, what="the redrive once the target is back")
