@@ -29,9 +29,8 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote_plus
 
 from pipeline.api.errors import fail
-from pipeline.api.security import Principal, RateLimiter, hash_key
+from pipeline.api.security import Principal, RateLimiter, hash_key, secret_digest
 from pipeline.config.api import ApiConfig
-from pipeline.errors import ConfigError
 
 #: Every issued token starts with this, so a bearer value is told from an API key without lookup.
 TOKEN_PREFIX = "dxat_"  # noqa: S105 (a prefix, not a secret)
@@ -62,15 +61,8 @@ class ClientRing:
         source = os.environ if env is None else env
         self._by_id: dict[str, Client] = {}
         for c in api.clients:
-            if c.secret_env is not None:
-                secret = source.get(c.secret_env, "")
-                if not secret:
-                    raise ConfigError(f"api client {c.id!r}: environment variable "
-                                      f"{c.secret_env} is not set", file=file)
-                digest = hash_key(secret)
-            else:
-                assert c.secret_sha256 is not None
-                digest = c.secret_sha256
+            digest = secret_digest(f"api client {c.id!r}", c.secret_env, c.secret_sha256,
+                                   source, file)
             self._by_id[c.id] = Client(
                 principal=Principal(
                     id=c.id, system=c.system, admin=False, kind="client",

@@ -77,6 +77,19 @@ class RateLimiter:
             return (1.0 - b.tokens) / per_s
 
 
+def secret_digest(what: str, secret_env: str | None, secret_sha256: str | None,
+                  env: Mapping[str, str], file: str) -> str:
+    """The SHA-256 a credential is checked against: of the secret in ``secret_env`` (read from
+    the environment, never from the file), or the digest configured as ``secret_sha256``."""
+    if secret_env is not None:
+        secret = env.get(secret_env, "")
+        if not secret:
+            raise ConfigError(f"{what}: environment variable {secret_env} is not set", file=file)
+        return hash_key(secret)
+    assert secret_sha256 is not None
+    return secret_sha256
+
+
 class KeyRing:
     """The configured keys by hash."""
 
@@ -85,15 +98,8 @@ class KeyRing:
         source = os.environ if env is None else env
         self._by_hash: dict[str, Principal] = {}
         for k in api.keys:
-            if k.secret_env is not None:
-                secret = source.get(k.secret_env, "")
-                if not secret:
-                    raise ConfigError(f"api key {k.id!r}: environment variable {k.secret_env} "
-                                      "is not set", file=file)
-                digest = hash_key(secret)
-            else:
-                assert k.secret_sha256 is not None
-                digest = k.secret_sha256
+            digest = secret_digest(f"api key {k.id!r}", k.secret_env, k.secret_sha256, source,
+                                   file)
             self._by_hash[digest] = Principal(
                 id=k.id, system=k.system, admin=k.admin, rate=k.rate_limit or api.rate_limit,
                 scopes={alias: frozenset(s) for alias, s in k.scopes.items()})
