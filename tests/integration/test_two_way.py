@@ -382,7 +382,8 @@ def test_demo_script_runs_end_to_end(stack: Any, pg_db: str, topic_prefix: str,
         assert done.stderr.strip() == "", done.stderr
         pids = {n: p["pid"] for n, p in json.loads((state / "run.json").read_text())["pids"]
                 .items()}
-        assert set(pids) == {"pim", "relay", "sink", "source", "inbound", "pull"}
+        assert set(pids) == {"pim", "relay", "sink", "source", "inbound", "pull", "console"}
+        assert re.search(r"console\s+http://127\.0\.0\.1:\d+/ +\(user \S+, password \S+\)", out)
         assert "came as webhooks (dx inbound serve) and again from the changes feed" in out
         # both directions, shown
         assert len(re.findall(r"shop -> PIM\s+product \d+ version \d+ arrived", out)) == 3
@@ -400,7 +401,8 @@ def test_demo_script_runs_end_to_end(stack: Any, pg_db: str, topic_prefix: str,
         stopped = subprocess.run([sys.executable, str(run_py), "stop", "--state-dir", str(state)],
                                  capture_output=True, text=True, timeout=60, cwd=REPO)
     assert stopped.returncode == 0, stopped.stderr
-    assert "stopped inbound, pim, relay, sink, source, pull" in stopped.stdout
+    said = re.search(r"stopped (.*) of run", stopped.stdout)
+    assert said and set(said.group(1).split(", ")) == set(pids), stopped.stdout
     for pid in pids.values():
         wait_for(f"pid {pid} to exit", lambda pid=pid: not _running(pid), 30)
 
