@@ -80,10 +80,6 @@ class Ownership:
         with self.cond:
             return sorted(self.partitions)
 
-    def is_owned(self, tp: TP) -> bool:
-        with self.cond:
-            return tp in self.partitions
-
     def current(self, w: Owned) -> bool:
         """Still owned under the generation the work entered with."""
         return self.generation.get(w.tp) == w.generation

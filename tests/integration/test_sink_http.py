@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import subprocess
-import sys
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +19,7 @@ from tests.integration.test_sink_support import (
     Req,
     Resp,
     create_topic,
+    dx,
     read_topic,
     sink_thread,
     target,
@@ -64,11 +63,6 @@ class Script:
         if b == "500" and not self.healthy.is_set():
             return Resp(500, '{"error": "down"}')
         return Resp(200, '{"ok": true}')
-
-
-def dx(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_scripted_target_outcomes_order_dead_letters_and_export(

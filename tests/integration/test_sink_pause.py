@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import pytest
 from tests.integration.test_sink_support import (
     EventProducer,
     create_topic,
+    dx,
     sink_thread,
     target,
     tasks,
@@ -22,11 +21,6 @@ from tests.integration.test_sink_support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def dx(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_paused_sink_route_holds_events_and_resumes_in_order(

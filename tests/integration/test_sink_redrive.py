@@ -4,8 +4,6 @@ owns its partition."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -21,6 +19,7 @@ from tests.integration.test_sink_support import (
     Req,
     Resp,
     create_topic,
+    dx,
     sink_thread,
     target,
     tasks,
@@ -29,11 +28,6 @@ from tests.integration.test_sink_support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def dx(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
 
 
 def route_yaml(url: str, topic: str, name: str = "redrive", extra: str = "") -> str:

@@ -5,6 +5,8 @@ No tests here; the name makes pytest import it like the test modules that use it
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -274,3 +277,9 @@ def tasks(db_url: str, route: str) -> list[dict[str, Any]]:
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         return list(conn.execute(
             "SELECT * FROM dx.task WHERE route = %s ORDER BY id", (route,)).fetchall())
+
+
+def dx(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``dx ARGS -c CFG`` as a subprocess (the CLI users run)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
