@@ -262,6 +262,8 @@ class HttpConnector(RecordConnector[HttpSettings]):
         results are read from it)."""
         if self.limiter is not None:
             self.limiter.acquire()
+            if not still_live():  # let go of while waiting for the rate limit: not sent
+                return Outcome.failed(NOT_ATTEMPTED)
         s = self.settings
         started = time.perf_counter()
         deadline = started + s.timeout_s

@@ -487,12 +487,15 @@ class Lane(threading.Thread):
         works = []
         for r in rows:
             tp = (r["topic"], r["partition"])
+            generation = self.ownership.admit(tp)
+            if generation is None:  # revoked since the read: its new owner redrives it (and
+                return  # none of the key's later tasks may pass this one)
             raw_key = bytes(r["raw_key"]) if r["raw_key"] is not None else None
             works.append(Work(topic=tp[0], partition=tp[1], offset=r["offset"],
                               raw_key=raw_key, raw_value=bytes(r["raw_value"] or b""),
                               headers=decode_headers(r["raw_headers"]),
                               key=self.decode_key(raw_key), key_text=key,
-                              generation=self.ownership.generation_of(tp),
+                              generation=generation,
                               consumed_at=time.monotonic(), attempts=int(r["attempts"]),
                               redrive=True))
         for w in reversed(works):

@@ -4,7 +4,14 @@ Each assigned partition has a generation, bumped on assign and on revoke; work c
 it entered under and is abandoned once that is not current any more (not delivered, not
 recorded, offset not committed: the new owner redelivers it). A revoke first stops new attempts
 on the partition, then waits (bounded) for calls already on the wire so their outcomes are
-recorded and committed before the hand-over; only then is the generation bumped.
+recorded and committed before the hand-over; only then is the generation bumped and the
+partition stops being owned.
+
+Work is admitted only under the generation of a partition owned right now (:meth:`admit`): a
+message the client fetched before a revoke and handed over after it (one ``consume`` call
+serves the rebalance callback between messages it already holds), or a pending task read for
+a partition that was revoked meanwhile, used to take the *new* generation, looked current, and
+was delivered by the partition's old owner after the hand-over.
 """
 
 from __future__ import annotations
@@ -64,15 +71,17 @@ class Ownership:
                 self.cond.wait(left)
             for tp in tps:
                 self.generation[tp] = self.generation.get(tp, 0) + 1
+            self.partitions -= tps
             self.revoking -= tps
             self.epoch += 1
 
-    def release(self, tps: Iterable[TP]) -> None:
+    def admit(self, tp: TP) -> int | None:
+        """The generation new work of ``tp`` enters under, or None when ``tp`` is not owned
+        now (not assigned, or a revoke under way): such work is not taken at all (not
+        tracked, not delivered, not recorded; the partition's owner reads it)."""
         with self.cond:
-            self.partitions.difference_update(tps)
-
-    def generation_of(self, tp: TP) -> int:
-        with self.cond:
+            if tp not in self.partitions or tp in self.revoking:
+                return None
             return self.generation.get(tp, 0)
 
     def owned(self) -> list[TP]:
@@ -82,7 +91,7 @@ class Ownership:
 
     def current(self, w: Owned) -> bool:
         """Still owned under the generation the work entered with."""
-        return self.generation.get(w.tp) == w.generation
+        return w.tp in self.partitions and self.generation.get(w.tp) == w.generation
 
     def live(self, w: Owned) -> bool:
         """Current, and no revoke of its partition under way: a new attempt may start."""

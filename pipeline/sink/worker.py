@@ -315,7 +315,6 @@ class SinkWorker:
             self.metrics.forget_partition(t, p)
         self.paused -= tps
         self.parked_unknown -= tps
-        self.ownership.release(tps)
         self._readiness()
 
     def _consume(self, consumer: Consumer) -> list[Message]:
@@ -417,6 +416,13 @@ class SinkWorker:
             return
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         assert topic is not None and partition is not None and offset is not None
+        generation = self.ownership.admit((topic, partition))
+        if generation is None:
+            # fetched before a revoke, handed over after it: the partition's owner reads it
+            # (tracking it would commit an offset of a partition this worker does not own)
+            log.debug("route %s: %s[%d]@%d not owned any more; left to its owner",
+                      self.route.name, topic, partition, offset)
+            return
         value = msg.value()
         self.tracker.add(topic, partition, offset)
         self.metrics.received(topic)
@@ -428,7 +434,7 @@ class SinkWorker:
         ktext = key_text(key)
         work = Work(topic=topic, partition=partition, offset=offset, raw_key=raw_key,
                     raw_value=value, headers=message_headers(msg), key=key, key_text=ktext,
-                    generation=self.ownership.generation_of((topic, partition)),
+                    generation=generation,
                     consumed_at=time.monotonic())
         self.lane_for(ktext).inbox.put(work)
 

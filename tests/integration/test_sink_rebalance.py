@@ -279,3 +279,60 @@ def test_a_bulk_call_split_into_many_requests_stops_at_the_hand_over(
     late = [[i["id"] for i in r.json] for r in srv.received() if r.path.startswith("/a/")
             and r.at > handed_over and any(partition_of[i["id"]] in moved for i in r.json)]
     assert late == [], [(r.path, round(r.at - handed_over, 1)) for r in srv.received()]
+
+
+def test_a_message_fetched_before_a_revoke_is_not_dispatched_after_it(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Review: one ``consume`` call serves the rebalance callback between messages it already
+    holds, so the worker can be handed a message of a partition it just gave up. ``_dispatch``
+    used to stamp it with the partition's *new* generation (bumped by the hand-over): it looked
+    current, a lane delivered it after the hand-over, and its offset was tracked (and could be
+    committed) for a partition the worker no longer owned. Real messages from Kafka; the
+    worker's own rebalance callbacks, called in the order the client calls them."""
+    from confluent_kafka import TopicPartition
+
+    from pipeline.config.loader import load_config
+    from pipeline.sink.worker import SinkWorker
+
+    topic = f"{topic_prefix}.public.products"
+    create_topic(stack, topic, partitions=2)
+    prod = EventProducer(stack, topic, topic_prefix)
+    for part in (0, 1):
+        send(prod, part, part, 1)
+    prod.flush()
+    messages = {m.partition(): m for m in read_topic(stack, topic, 2)}
+    assert set(messages) == {0, 1}
+    with target() as srv:
+        cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                           route_yaml(f"{srv.url}/items/{{$key.id}}", topic,
+                                      f"{topic_prefix}-fetched", 0.05))
+        worker = SinkWorker(load_config(cfg), "reb")
+        consumer = worker._open()  # lanes not started: what is dispatched stays in the inboxes
+        worker.writer.start()
+        try:
+            worker._on_assign(consumer, [TopicPartition(topic, 0), TopicPartition(topic, 1)])
+            worker._on_revoke(consumer, [TopicPartition(topic, 1)])
+            worker._dispatch(messages[1])  # fetched before the revoke
+            worker._dispatch(messages[0])  # still owned: taken
+            queued = [lane.inbox.get_nowait() for lane in worker.lanes
+                      for _ in range(lane.inbox.qsize())]
+            assert [(w.topic, w.partition) for w in queued] == [(topic, 0)]
+            assert worker.ownership.current(queued[0])
+            assert worker.tracker.unfinished() == {(topic, 0): 1}
+            assert [tp.partition for tp in worker.tracker.committable()] == [0]
+            # the same partition assigned again later: the stale copy stays stale
+            worker._on_assign(consumer, [TopicPartition(topic, 1)])
+            worker._dispatch(messages[1])
+            fresh = [lane.inbox.get_nowait() for lane in worker.lanes
+                     for _ in range(lane.inbox.qsize())]
+            assert [(w.partition, worker.ownership.current(w)) for w in fresh] == [(1, True)]
+            worker._on_revoke(consumer, [TopicPartition(topic, 1)])
+            assert not worker.ownership.current(fresh[0])  # a lane abandons it
+        finally:
+            consumer.close()
+            for lane in worker.lanes:
+                lane.close()
+            worker.writer.close()
+            worker.dead_letters.close()
+            worker.connector.close()
+    assert srv.received() == []
