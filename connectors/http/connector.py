@@ -246,8 +246,10 @@ class HttpConnector(RecordConnector[HttpSettings]):
         body = json.dumps(obj, separators=(",", ":"), default=str).encode()
         headers = {"Content-Type": "application/json"}
         if self.settings.idempotency_header:
-            # one key for the request; stable for the same batch of events
-            digest = hashlib.sha256("|".join(r.event_id for r in batch).encode()).hexdigest()
+            # one key for the request: the same for the same events (in any order), so a
+            # target that de-duplicates by it sees a retry of the batch as a retry
+            ids = sorted(r.event_id for r in batch)
+            digest = hashlib.sha256("|".join(ids).encode()).hexdigest()
             headers[self.settings.idempotency_header] = digest[:32]
         headers.update(self._auth_headers(body))
         return self.client.build_request(bulk.method, bulk.url, content=body, headers=headers)

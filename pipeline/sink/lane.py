@@ -143,7 +143,9 @@ class Lane(threading.Thread):
                     break
                 continue
             self._receive(0)
-            batch = self._next_batch(1 if probe else self.batch_size)
+            # a probe is one request: one record, or one bulk request's batch
+            batch = self._next_batch(1 if probe and self.connector.sends_one_at_a_time
+                                     else self.batch_size)
             if not batch:
                 if probe:
                     self.breaker.release()
@@ -333,8 +335,10 @@ class Lane(threading.Thread):
             live, tps = self.ownership.begin(todo)
             try:  # on the wire until settled: a revoke waits for the outcomes to be recorded
                 outcomes = self._call(live) if live else []
+                counted = (None if self.connector.sends_one_at_a_time
+                           else self._note_request(outcomes, probe))
                 for w, o in zip(live, outcomes, strict=True):
-                    later = self._settle(w, o, probe)
+                    later = self._settle(w, o, probe, counted)
                     if later is not None:
                         held.setdefault(w.key_text, []).append(w)
                         if later > 0:
@@ -347,12 +351,19 @@ class Lane(threading.Thread):
                 self.ownership.end(tps)
         if probe:
             self.breaker.release()  # the probe's outcome, if any, was recorded above
+        if not self.connector.sends_one_at_a_time:
+            # a bulk request's records back off together and are retried as the same batch
+            # (the request's Idempotency-Key derives from its event ids): with a jittered due
+            # per key they came back one by one, and a target de-duplicating by the key saw
+            # new requests instead of a retry
+            together = max((d for d in due.values() if d), default=None)
+            due = {key: together if d else d for key, d in due.items()}
         for key, works in held.items():
             q = self.keys.setdefault(key, deque())
             q.extendleft(reversed(works))
         for key, w in redriven.items():
             self._redrive_settled(key, w)
-        for key in {w.key_text for w in batch}:
+        for key in dict.fromkeys(w.key_text for w in batch):  # in batch order
             self._schedule(key, due.get(key))
         self.metrics.batch(len(batch), time.perf_counter() - started)
 
@@ -379,8 +390,24 @@ class Lane(threading.Thread):
             ] * len(todo)
         return outcomes
 
-    def _settle(self, w: Work, o: Outcome, probe: bool) -> float | None:
-        """Record one outcome. None: decided; else the time (monotonic, 0 = now) to try again."""
+    def _note_request(self, outcomes: list[Outcome], probe: bool) -> bool:
+        """A bulk call is one attempt for the breaker, whatever the records in it (20
+        records in one refused request used to count as 20 failures in a row: the breaker
+        opened after one request and probed record by record). Whether a failure counts as
+        an attempt of its tasks (see :meth:`Breaker.record`)."""
+        tried = [o.error for o in outcomes if o.error is not NOT_ATTEMPTED]
+        if not tried:
+            return True
+        failures = [str(e) for e in tried if e is not None and e.transient]
+        answered = len(failures) < len(tried)
+        return self.breaker.record(answered=answered, error=None if answered else failures[0],
+                                   probe=probe)
+
+    def _settle(self, w: Work, o: Outcome, probe: bool,
+                counted: bool | None = None) -> float | None:
+        """Record one outcome. None: decided; else the time (monotonic, 0 = now) to try again.
+        ``counted``: the breaker already noted the request (a bulk call), and whether its
+        failure counts as an attempt."""
         w.last = o
         if o.error is NOT_ATTEMPTED:
             return 0.0
@@ -391,7 +418,8 @@ class Lane(threading.Thread):
         policy = self.route.retry
         err = o.error
         if err is None or not err.transient:
-            self.breaker.record(answered=True, probe=probe)
+            if counted is None:
+                self.breaker.record(answered=True, probe=probe)
             w.attempts += 1
             if err is None:
                 self.recorder.record(w, "succeeded", outcome=o)
@@ -399,7 +427,8 @@ class Lane(threading.Thread):
             else:
                 self._dead(w, err, outcome=o)
             return None
-        counts = self.breaker.record(answered=False, error=str(err), probe=probe)
+        counts = (self.breaker.record(answered=False, error=str(err), probe=probe)
+                  if counted is None else counted)
         throttled = isinstance(err, Backpressure)
         if counts and not throttled:
             w.attempts += 1
