@@ -17,6 +17,7 @@ import psycopg
 from pipeline.config.sinks import SinkRoute
 from pipeline.errors import DxError
 from pipeline.sink.breaker import Breaker
+from pipeline.sink.work import KeyId
 from pipeline.tasks import health
 from pipeline.tasks.store import TaskStore
 
@@ -27,8 +28,8 @@ TP = tuple[str, int]
 
 class Housekeeper(threading.Thread):
     def __init__(self, route: SinkRoute, db_url: str, breaker: Breaker, stop: threading.Event,
-                 *, owned: Callable[[], list[TP]], parked: Callable[[], list[str]],
-                 redrive: Callable[[str], None], redrive_poll_s: float,
+                 *, owned: Callable[[], list[TP]], parked: Callable[[], list[KeyId]],
+                 redrive: Callable[[KeyId], None], redrive_poll_s: float,
                  purge_interval_s: float) -> None:
         super().__init__(name=f"housekeeping-{route.name}", daemon=True)
         self.route = route

@@ -49,7 +49,7 @@ from pipeline.sink.decode import Decoder
 from pipeline.sink.mapping import MappingError, RouteLogic, jsonable
 from pipeline.sink.ownership import Ownership
 from pipeline.sink.recorder import Recorder
-from pipeline.sink.work import Work, position
+from pipeline.sink.work import KeyId, Work, position
 from pipeline.tasks.headers import decode_headers
 from pipeline.tasks.store import TaskStore
 from pipeline.tasks.writer import TaskWriter
@@ -63,8 +63,8 @@ PARKED = "waiting behind a dead task of the same key"
 class Redrive:
     """Ask a lane to redeliver a key's pending tasks (the operator resolved its dead task)."""
 
-    def __init__(self, key_text: str) -> None:
-        self.key_text = key_text
+    def __init__(self, key: KeyId) -> None:
+        self.key = key
 
 
 class Lane(threading.Thread):
@@ -92,25 +92,25 @@ class Lane(threading.Thread):
         self.decode_key = decode_key
         self.overhead = overhead
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.keys: dict[str, deque[Work]] = {}  # unfinished events per key, in order
-        self.ready: deque[str] = deque()  # keys whose head may be tried now
-        self.waiting: list[tuple[float, int, str]] = []  # (due, seq, key): backing off
+        self.keys: dict[KeyId, deque[Work]] = {}  # unfinished events per key, in order
+        self.ready: deque[KeyId] = deque()  # keys whose head may be tried now
+        self.waiting: list[tuple[float, int, KeyId]] = []  # (due, seq, key): backing off
         self._seq = 0
         self._epoch = -1
-        self.blocked: set[str] = set()  # parked keys (a dead task holds them)
-        self.redrive_queued: set[str] = set()
+        self.blocked: set[KeyId] = set()  # parked keys (a dead task holds them)
+        self.redrive_queued: set[KeyId] = set()
         self._store: TaskStore | None = None
         self.rnd = random.Random()  # noqa: S311 - jitter, not cryptography
         self.error: BaseException | None = None
 
     # -- the worker's side -------------------------------------------------------------------------
 
-    def park(self, keys: set[str]) -> None:
+    def park(self, keys: set[KeyId]) -> None:
         """Keys the task store says are parked (their dead or pending tasks were written by an
         earlier run or the partition's previous owner)."""
         self.blocked |= keys
 
-    def request_redrive(self, key: str) -> None:
+    def request_redrive(self, key: KeyId) -> None:
         if key not in self.redrive_queued:
             self.redrive_queued.add(key)
             self.inbox.put(Redrive(key))
@@ -175,7 +175,7 @@ class Lane(threading.Thread):
                 self.stop.set()
                 return False
             if isinstance(item, Redrive):
-                self._redrive(item.key_text)
+                self._redrive(item.key)
             else:
                 self._enqueue(item, front=False)
             try:
@@ -186,10 +186,10 @@ class Lane(threading.Thread):
         return True
 
     def _enqueue(self, w: Work, *, front: bool) -> None:
-        q = self.keys.get(w.key_text)
+        q = self.keys.get(w.ident)
         if q is None:
-            q = self.keys[w.key_text] = deque()
-            self.ready.append(w.key_text)
+            q = self.keys[w.ident] = deque()
+            self.ready.append(w.ident)
         if front:
             q.appendleft(w)
         else:
@@ -211,7 +211,7 @@ class Lane(threading.Thread):
         while self.waiting and self.waiting[0][0] <= now:
             self.ready.append(heapq.heappop(self.waiting)[2])
 
-    def _schedule(self, key: str, due: float | None) -> None:
+    def _schedule(self, key: KeyId, due: float | None) -> None:
         """Put a key back after a round: ready, waiting until ``due``, or gone when empty."""
         if not self.keys.get(key):
             self.keys.pop(key, None)
@@ -316,18 +316,18 @@ class Lane(threading.Thread):
         outcome, put the undecided back at the front of their keys."""
         started = time.perf_counter()
         calls = ([[w] for w in batch] if self.connector.sends_one_at_a_time else [batch])
-        held: dict[str, list[Work]] = {}  # undecided, per key, in order
-        due: dict[str, float | None] = {}
-        redriven: dict[str, Work] = {}  # the last redriven task decided, per key
+        held: dict[KeyId, list[Work]] = {}  # undecided, per key, in order
+        due: dict[KeyId, float | None] = {}
+        redriven: dict[KeyId, Work] = {}  # the last redriven task decided, per key
         for n, call in enumerate(calls):
             todo: list[Work] = []
             for w in call:
-                if w.key_text in self.blocked and not w.redrive:
+                if w.ident in self.blocked and not w.redrive:
                     # an earlier event of its key went dead in this round
                     self.recorder.record(w, "pending", error=PARKED)
-                elif w.key_text in held or (n and not self.breaker.closed()) or self.stop.is_set():
-                    held.setdefault(w.key_text, []).append(w)  # not attempted
-                    due.setdefault(w.key_text, None)
+                elif w.ident in held or (n and not self.breaker.closed()) or self.stop.is_set():
+                    held.setdefault(w.ident, []).append(w)  # not attempted
+                    due.setdefault(w.ident, None)
                 else:
                     todo.append(w)
             if not todo:
@@ -340,13 +340,13 @@ class Lane(threading.Thread):
                 for w, o in zip(live, outcomes, strict=True):
                     later = self._settle(w, o, probe, counted)
                     if later is not None:
-                        held.setdefault(w.key_text, []).append(w)
+                        held.setdefault(w.ident, []).append(w)
                         if later > 0:
-                            due[w.key_text] = max(due.get(w.key_text) or 0.0, later)
+                            due[w.ident] = max(due.get(w.ident) or 0.0, later)
                         else:
-                            due.setdefault(w.key_text, None)
+                            due.setdefault(w.ident, None)
                     elif w.redrive:
-                        redriven[w.key_text] = w
+                        redriven[w.ident] = w
             finally:
                 self.ownership.end(tps)
         if probe:
@@ -363,7 +363,7 @@ class Lane(threading.Thread):
             q.extendleft(reversed(works))
         for key, w in redriven.items():
             self._redrive_settled(key, w)
-        for key in dict.fromkeys(w.key_text for w in batch):  # in batch order
+        for key in dict.fromkeys(w.ident for w in batch):  # in batch order
             self._schedule(key, due.get(key))
         self.metrics.batch(len(batch), time.perf_counter() - started)
 
@@ -411,7 +411,7 @@ class Lane(threading.Thread):
         w.last = o
         if o.error is NOT_ATTEMPTED:
             return 0.0
-        if w.key_text in self.blocked and not w.redrive:
+        if w.ident in self.blocked and not w.redrive:
             # an earlier event of this key went dead in this very batch (a bulk connector)
             self.recorder.record(w, "pending", error=PARKED)
             return None
@@ -474,7 +474,7 @@ class Lane(threading.Thread):
             return
         if not self.ownership.current(w):
             return  # revoked while dead-lettering: not recorded (the new owner redelivers it)
-        self.blocked.add(w.key_text)
+        self.blocked.add(w.ident)
         self.recorder.record(w, "dead", error=reason, outcome=outcome, dlq=dlq)
 
     def _interrupted(self) -> None:
@@ -495,7 +495,7 @@ class Lane(threading.Thread):
 
     # -- redrive -----------------------------------------------------------------------------------
 
-    def _redrive(self, key: str) -> None:
+    def _redrive(self, key: KeyId) -> None:
         """Queue a key's pending tasks (in arrival order) at the front of its queue; when the
         last of them is decided the key is read again, and unparked once nothing is left."""
         self.redrive_queued.discard(key)
@@ -523,21 +523,21 @@ class Lane(threading.Thread):
             works.append(Work(topic=tp[0], partition=tp[1], offset=r["offset"],
                               raw_key=raw_key, raw_value=bytes(r["raw_value"] or b""),
                               headers=decode_headers(r["raw_headers"]),
-                              key=self.decode_key(raw_key), key_text=key,
+                              key=self.decode_key(raw_key), key_text=key[1],
                               generation=generation,
                               consumed_at=time.monotonic(), attempts=int(r["attempts"]),
                               redrive=True))
         for w in reversed(works):
             self._enqueue(w, front=True)
 
-    def _redrive_settled(self, key: str, w: Work) -> None:
+    def _redrive_settled(self, key: KeyId, w: Work) -> None:
         """A redriven task was decided: read the key again once none of its batch is left."""
         if self._redriving(key):
             return
         if w.status in ("succeeded", "skipped") and not self.stop.is_set():
             self._redrive(key)
 
-    def _redriving(self, key: str) -> bool:
+    def _redriving(self, key: KeyId) -> bool:
         """Whether redriven tasks of ``key`` are still queued here (in its queue, maybe backing
         off). Work of a revoked partition does not count: it is abandoned, and once its
         partition is back the key must be redriven again (a flag set when the redrive started

@@ -11,6 +11,11 @@ from connectors.base import Outcome, Record
 from pipeline.errors import EventError
 from pipeline.sink.mapping import Event
 
+#: a key's identity in a sink worker: (topic, key text). Keys are qualified by topic: a route
+#: reading two topics whose keys collide (product 1, order 1) keeps two keys, each with its own
+#: order, parking and redrive (they used to wait behind each other's dead tasks)
+KeyId = tuple[str, str]
+
 
 @dataclass
 class Work:
@@ -43,6 +48,10 @@ class Work:
     @property
     def tp(self) -> tuple[str, int]:
         return self.topic, self.partition
+
+    @property
+    def ident(self) -> KeyId:
+        return self.topic, self.key_text
 
     @property
     def prepared(self) -> bool:

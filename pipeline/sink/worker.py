@@ -66,7 +66,7 @@ from pipeline.sink.mapping import RouteLogic
 from pipeline.sink.offsets import OffsetTracker
 from pipeline.sink.ownership import Ownership
 from pipeline.sink.recorder import Recorder, SinkStats
-from pipeline.sink.work import Work, message_headers
+from pipeline.sink.work import KeyId, Work, message_headers
 from pipeline.tasks import health
 from pipeline.tasks.store import TaskStore, ensure_schema
 from pipeline.tasks.writer import TaskWriter
@@ -204,7 +204,7 @@ class SinkWorker:
         self.housekeeper = Housekeeper(
             self.route, self.db_url, self.breaker, self.stop, owned=self.ownership.owned,
             parked=lambda: [k for lane in self.lanes for k in list(lane.blocked)],
-            redrive=lambda k: self.lane_for(k).request_redrive(k),
+            redrive=lambda k: self.lane_for(k[1]).request_redrive(k),
             redrive_poll_s=self.redrive_poll_s, purge_interval_s=self.purge_interval_s)
         return consumer
 
@@ -213,9 +213,9 @@ class SinkWorker:
         tasks before letting go)."""
         with contextlib.closing(connect(self.db_url)) as conn:
             blocked = TaskStore(conn).blocked_keys(self.route.name)
-        by_lane: dict[int, set[str]] = {}
+        by_lane: dict[int, set[KeyId]] = {}
         for k in blocked:
-            by_lane.setdefault(self._lane_index(k), set()).add(k)
+            by_lane.setdefault(self._lane_index(k[1]), set()).add(k)
         for i, keys in by_lane.items():
             self.lanes[i].park(keys)
 

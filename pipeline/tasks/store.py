@@ -352,16 +352,19 @@ class TaskStore:
 
     # -- the worker's side --------------------------------------------------------------------
 
-    def blocked_keys(self, route: str) -> set[str]:
-        """Keys of ``route`` that have unresolved tasks: new events of these keys must park."""
+    def blocked_keys(self, route: str) -> set[tuple[str, str]]:
+        """(topic, key) of ``route`` that have unresolved tasks: new events of these keys must
+        park. Keys are per topic (see ``pipeline.sink.work.KeyId``): rows written before that
+        rule need no migration, they always carried their topic."""
         rows = self.conn.execute(
-            "SELECT DISTINCT key FROM dx.task WHERE route = %s "
+            "SELECT DISTINCT topic, key FROM dx.task WHERE route = %s "
             "AND (status IN ('dead', 'pending') OR (redrive AND status IN ('retrying', 'failed'))) "
             "AND key IS NOT NULL", (route,)).fetchall()
         self.conn.commit()
-        return {str(r[0]) for r in rows}
+        return {(str(r[0]), str(r[1])) for r in rows}
 
-    def redrive_candidates(self, route: str, owned: Iterable[tuple[str, int]]) -> list[str]:
+    def redrive_candidates(self, route: str,
+                           owned: Iterable[tuple[str, int]]) -> list[tuple[str, str]]:
         """Keys whose pending tasks can go now: no dead task holds them back. Only tasks of the
         ``owned`` (topic, partition) pairs count: with several workers on a route, each one
         redrives the keys of the partitions it owns, so a task is redelivered once, in order."""
@@ -369,15 +372,16 @@ class TaskStore:
         if not topics:
             return []
         rows = self.conn.execute(
-            "SELECT key FROM dx.task t WHERE route = %s "
+            "SELECT topic, key FROM dx.task t WHERE route = %s "
             "AND (status = 'pending' OR (redrive AND status IN ('retrying', 'failed'))) "
             "AND key IS NOT NULL AND (topic, partition) IN "
             "(SELECT * FROM unnest(%s::text[], %s::int[])) "
             "AND NOT EXISTS (SELECT 1 FROM dx.task d WHERE d.route = t.route "
-            "AND d.key = t.key AND d.status = 'dead') GROUP BY key ORDER BY min(id)",
+            "AND d.topic = t.topic AND d.key = t.key AND d.status = 'dead') "
+            "GROUP BY topic, key ORDER BY min(id)",
             (route, topics, partitions)).fetchall()
         self.conn.commit()
-        return [str(r[0]) for r in rows]
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     def lock_redrivable(self, route: str, limit: int) -> list[tuple[Any, ...]]:
         """Source routes: up to ``limit`` tasks queued by ``dx tasks retry``, oldest first,
@@ -395,47 +399,45 @@ class TaskStore:
             "attempts = attempts + 1, raw_key = NULL, raw_value = NULL, raw_headers = NULL, "
             "updated_at = now() WHERE id = ANY(%s)", (list(ids),))
 
-    def has_dead(self, route: str, key: str) -> bool:
+    def has_dead(self, route: str, key: tuple[str, str]) -> bool:
+        """Whether ``key`` (topic, key text) has a dead task."""
         row = self.conn.execute(
-            "SELECT 1 FROM dx.task WHERE route = %s AND key = %s AND status = 'dead' LIMIT 1",
-            (route, key)).fetchone()
+            "SELECT 1 FROM dx.task WHERE route = %s AND topic = %s AND key = %s "
+            "AND status = 'dead' LIMIT 1", (route, *key)).fetchone()
         self.conn.commit()
         return row is not None
 
-    def unblocked(self, route: str, keys: Sequence[str]) -> list[str]:
-        """Those of ``keys`` (parked in a worker) with no unresolved task left: an operator
-        skipped or purged what held them."""
+    def unblocked(self, route: str, keys: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Those of ``keys`` ((topic, key text), parked in a worker) with no unresolved task
+        left: an operator skipped or purged what held them."""
         if not keys:
             return []
         rows = self.conn.execute(
-            "SELECT k FROM unnest(%s::text[]) k EXCEPT SELECT key FROM dx.task "
+            "SELECT * FROM unnest(%s::text[], %s::text[]) EXCEPT SELECT topic, key FROM dx.task "
             "WHERE route = %s AND (status IN ('dead', 'pending') "
             "OR (redrive AND status IN ('retrying', 'failed')))",
-            (list(keys), route)).fetchall()
+            ([t for t, _ in keys], [k for _, k in keys], route)).fetchall()
         self.conn.commit()
-        return [str(r[0]) for r in rows]
+        return [(str(r[0]), str(r[1])) for r in rows]
 
-    def pending_of_key(self, route: str, key: str,
+    def pending_of_key(self, route: str, key: tuple[str, str],
                        owned: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:
-        """The pending tasks of one key in arrival order, with their original messages (only
-        those of the ``owned`` (topic, partition) pairs)."""
+        """The pending tasks of one key ((topic, key text)) in arrival order, with their
+        original messages (only those of the ``owned`` (topic, partition) pairs)."""
         topics, partitions = _owned(owned)
         if not topics:
             return []
         with self.conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 'SELECT id, topic, partition, "offset", attempts, raw_key, raw_value, '
-                "raw_headers, redrive FROM dx.task WHERE route = %s AND key = %s "
+                "raw_headers, redrive FROM dx.task WHERE route = %s AND topic = %s "
+                "AND key = %s "
                 "AND (status = 'pending' OR (redrive AND status IN ('retrying', 'failed'))) "
                 "AND (topic, partition) IN "
                 "(SELECT * FROM unnest(%s::text[], %s::int[])) ORDER BY id",
-                (route, key, topics, partitions))
+                (route, *key, topics, partitions))
             rows = list(cur.fetchall())
-        blocked = self.conn.execute(
-            "SELECT 1 FROM dx.task WHERE route = %s AND key = %s AND status = 'dead' LIMIT 1",
-            (route, key)).fetchone()
-        self.conn.commit()
-        return [] if blocked else rows
+        return [] if self.has_dead(route, key) else rows
 
 
 def _owned(owned: Iterable[tuple[str, int]]) -> tuple[list[str], list[int]]:
