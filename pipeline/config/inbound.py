@@ -124,6 +124,9 @@ class PullConfig(_Base):
     rate_limit_per_s: float | None = Field(None, gt=0, description="max requests per second")
     timeout_s: float = Field(30, gt=0, le=600, description="whole-request timeout")
     max_pages: int = Field(100_000, ge=1, description="a run stops after this many pages")
+    max_page_mb: float = Field(
+        16, gt=0, le=1024, description="largest page body (read in chunks, never more: a "
+        "larger page fails the run; lower pagination.size)")
     ack_timeout_s: float = Field(30, gt=0, le=600, description="wait this long for Kafka")
 
     @field_validator("url")

@@ -134,6 +134,7 @@ class Puller:
         self.pull: PullConfig = inbound.pull
         self.mapper = Mapper(self.route.name, inbound)
         self.stop = stop or threading.Event()
+        self.once = False
         self.on_page = on_page
         self.url = config.database.url.get_secret_value()
         self.origins = {_origin(self.pull.url)}
@@ -179,7 +180,11 @@ class Puller:
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self, *, once: bool = False) -> RunStats:
-        """Runs every ``interval_s`` until stopped; ``once``: one run, raising its failure."""
+        """Runs every ``interval_s`` until stopped; ``once``: one run, raising its failure
+        (throttling then has a budget too, ``retry.max_attempts`` throttled answers to one
+        request, and waits no longer than ``retry.backoff_max_s``: a target that answers 429
+        for ever ends the run with one error line instead of holding it for ever)."""
+        self.once = once
         total = RunStats()
         self.server.set_ready(True, "pulling")
         while not self.stop.is_set():
@@ -252,10 +257,10 @@ class Puller:
             keyset = inc is not None and inc.keyset
             # after a resume too (keyset: always the first page, from a moving watermark)
             number = int(cursor.next) if p.kind == "page" and not keyset else page_no
-            resp = self._get(cursor, stats)
+            resp, content = self._get(cursor, stats)
             where = f"{self.route.name} page {number} ({redact(str(resp.url))})"
             try:
-                body = loads_exact(resp.content)
+                body = loads_exact(content)
             except ValueError:
                 raise TerminalError(f"pull {where}: the response is not JSON") from None
             items = dig(body, self.pull.items) if self.pull.items else body
@@ -344,10 +349,39 @@ class Puller:
 
     # ---- HTTP -------------------------------------------------------------------------------
 
-    def _get(self, cursor: Cursor, stats: RunStats) -> httpx.Response:
+    def _fetch(self, url: str, params: dict[str, Any]) -> tuple[httpx.Response, bytes]:
+        """GET with its body read in chunks against ``timeout_s`` for the whole request and
+        ``max_page_mb`` (a page is never held larger than that; an answer that is not a page,
+        a refusal, keeps only its first 64 KiB for the error line)."""
+        request = self.client.build_request(
+            "GET", url, params=params, headers=auth_headers(self.pull.auth, self.tokens, b""))
+        limit = int(self.pull.max_page_mb * 1024 * 1024)
+        deadline = time.monotonic() + self.pull.timeout_s
+        resp = self.client.send(request, stream=True)
+        try:
+            ok = 200 <= resp.status_code < 300
+            keep = limit + 1 if ok else 64 * 1024
+            body = bytearray()
+            for chunk in resp.iter_bytes():
+                body += chunk[:keep - len(body)]
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("whole-request timeout", request=request)
+                if len(body) >= keep:
+                    if ok:
+                        raise TerminalError(
+                            f"pull {self.route.name}: GET {redact(str(resp.url))}: the page is "
+                            f"larger than pull.max_page_mb ({self.pull.max_page_mb:g} MB); ask "
+                            "for smaller pages (pagination.size) or raise the limit")
+                    break
+        finally:
+            resp.close()
+        return resp, bytes(body)
+
+    def _get(self, cursor: Cursor, stats: RunStats) -> tuple[httpx.Response, bytes]:
+        """One page: its response and body (read in chunks, at most ``max_page_mb``)."""
         url, params = self._request(cursor)
         policy = self.pull.retry
-        attempt = 0
+        attempt = throttled = 0
         while True:
             if self.stop.is_set():
                 raise TransientError(f"pull {self.route.name}: stopped")
@@ -357,26 +391,37 @@ class Puller:
             self.server.heartbeat()
             wait: float | None = None
             try:
-                resp = self.client.get(url, params=params,
-                                       headers=auth_headers(self.pull.auth, self.tokens, b""))
+                resp, content = self._fetch(url, params)
             except httpx.HTTPError as err:
                 problem = f"{type(err).__name__}: {err}"
             else:
                 status = resp.status_code
                 if 200 <= status < 300:
-                    return resp
-                snippet = " ".join(resp.text.split())[:200]
+                    return resp, content
+                text = content.decode(resp.encoding or "utf-8", "replace")
+                snippet = " ".join(text.split())[:200]
                 problem = f"HTTP {status}: {snippet}"
                 retry_after = retry_after_seconds(resp.headers.get("retry-after"))
                 if status == 429 or (status == 503 and retry_after is not None):
                     wait = retry_after if retry_after is not None else \
                         policy.delay(max(1, attempt), random.random())  # noqa: S311
+                    if self.once and wait > policy.backoff_max_s:
+                        raise TransientError(
+                            f"pull {self.route.name}: GET {redact(url)}: {problem} (throttled: "
+                            f"retry after {wait:g}s, longer than retry.backoff_max_s; --once "
+                            "gives up)")
                 elif status == 401 and self.tokens is not None:
                     self.tokens.invalidate()
                 elif status != 408 and status < 500:
                     raise TerminalError(f"pull {self.route.name}: GET {redact(str(resp.url))}: "
                                         f"{problem}")
-            if wait is None:  # a failed attempt (throttling does not use one up)
+            if wait is not None:  # throttled: no attempt used up, but --once has a budget
+                throttled += 1
+                if self.once and throttled >= policy.max_attempts:
+                    raise TransientError(f"pull {self.route.name}: GET {redact(url)}: {problem} "
+                                         f"(still throttled after {throttled} requests; --once "
+                                         "gives up)")
+            else:  # a failed attempt
                 attempt += 1
                 if attempt >= policy.max_attempts:
                     raise TransientError(f"pull {self.route.name}: GET {redact(url)}: {problem} "

@@ -297,7 +297,9 @@ def test_with_kafka_unreachable_the_cursor_does_not_move(
         done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
                               env=ENV)
         assert done.returncode == 1
-        (line,) = done.stderr.strip().splitlines()
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        line = lines[0]
         assert line.startswith("dx: error: kafka unreachable at 127.0.0.1:")
         assert "pim.products" in line
         with psycopg.connect(pg_db) as conn:
@@ -382,3 +384,68 @@ def test_an_entity_changed_mid_run_shifts_no_other_past_a_keyset_pull(
         catalog.server.close()
     run_worker(cfg, "products")
     assert sorted(rows(pg_db)) == list(range(1, 31)) and rows(pg_db)[3][1] == "edited"
+
+
+@pytest.mark.parametrize("retry_after", ["0", "3600"], ids=["short", "longer-than-backoff"])
+def test_once_gives_up_on_a_target_that_throttles_for_ever(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str, retry_after: str) -> None:
+    """Review: ``--once`` waited as told by every 429 without using up an attempt, so a
+    target answering 429 for ever (or with a Retry-After of an hour) hung the command. Now
+    ``--once`` allows ``retry.max_attempts`` throttled answers in a row and waits no longer
+    than ``retry.backoff_max_s``: one error line, exit 1, the cursor where it was."""
+    products_table(pg_db)
+    catalog = Catalog(3)
+    try:
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                             PULL.format(url=catalog.server.url))
+        catalog.server.handler = lambda *a: (429, {"Retry-After": retry_after},
+                                             {"error": "slow down"})
+        done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
+                              env=ENV)
+        assert done.returncode == 1
+        (line,) = [x for x in done.stderr.splitlines() if x.startswith("dx: error")]
+        assert line == done.stderr.strip().splitlines()[-1]  # retries are warnings before it
+        assert line.startswith("dx: error: pull products: GET ") and "HTTP 429" in line
+        if retry_after == "0":
+            assert line.endswith("(still throttled after 6 requests; --once gives up)")
+            assert len(catalog.server.requests) == 6
+        else:
+            assert "retry after 3600s, longer than retry.backoff_max_s" in line
+            assert len(catalog.server.requests) == 1
+        assert pull_state(pg_db)[1] is None
+    finally:
+        catalog.server.close()
+
+
+def test_a_page_larger_than_the_limit_fails_the_run_without_being_held(
+        tmp_path: Path, stack: Any, pg_db: str, topic_prefix: str) -> None:
+    """Review: a page was read whole into memory, however large. The body is read in chunks
+    and a page over ``max_page_mb`` ends the run with one line (pages before it are kept)."""
+    products_table(pg_db)
+    catalog = Catalog(25)
+    big = {"data": [{"id": i, "code": "x" * 1000, "title": "t", "attributes": {"price": "1"},
+                     "seq": 1} for i in range(200)]}  # ~220 KB
+    try:
+        cfg = inbound_config(tmp_path, stack, pg_db, f"{topic_prefix}.pim.products",
+                             PULL.format(url=catalog.server.url) + "        max_page_mb: 0.1\n")
+        normal = catalog.handle
+
+        def handler(method: str, path: str, query: dict[str, str], headers: dict[str, str],
+                    body: bytes) -> tuple[int, dict[str, str], Any]:
+            if query.get("page") == "2":
+                return 200, {}, big
+            return normal(method, path, query, headers, body)
+
+        catalog.server.handler = handler
+        done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
+                              env=ENV)
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        line = lines[0]
+        assert line.startswith("dx: error: pull products: GET ")
+        assert "page=2" in line and "larger than pull.max_page_mb (0.1 MB)" in line
+        pages, cursor = pull_state(pg_db)
+        assert pages == 1 and cursor is not None and '"next": 2' in cursor
+    finally:
+        catalog.server.close()
