@@ -71,6 +71,13 @@ def dx_pull(cfg: Path) -> list[str]:
             "-c", str(cfg)]
 
 
+def failed_pull(cfg: Path) -> list[str]:
+    """``dx inbound pull --once`` that must fail: its stderr lines."""
+    done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 1
+    return done.stderr.strip().splitlines()
+
+
 OAUTH = """        auth: {{kind: oauth2, token_url: "{url}/token", client_id: dx,
                client_secret: "${{DX_TEST_PULL_SECRET}}"}}
 """
@@ -294,12 +301,7 @@ def test_with_kafka_unreachable_the_cursor_does_not_move(
                              PULL.format(url=catalog.server.url) + "        ack_timeout_s: 2\n")
         cfg.write_text(cfg.read_text().replace(stack.kafka_bootstrap,
                                                f"127.0.0.1:{free_port()}"))
-        done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
-                              env=ENV)
-        assert done.returncode == 1
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1, lines
-        line = lines[0]
+        (line,) = failed_pull(cfg)
         assert line.startswith("dx: error: kafka unreachable at 127.0.0.1:")
         assert "pim.products" in line
         with psycopg.connect(pg_db) as conn:
@@ -400,11 +402,9 @@ def test_once_gives_up_on_a_target_that_throttles_for_ever(
                              PULL.format(url=catalog.server.url))
         catalog.server.handler = lambda *a: (429, {"Retry-After": retry_after},
                                              {"error": "slow down"})
-        done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
-                              env=ENV)
-        assert done.returncode == 1
-        (line,) = [x for x in done.stderr.splitlines() if x.startswith("dx: error")]
-        assert line == done.stderr.strip().splitlines()[-1]  # retries are warnings before it
+        lines = failed_pull(cfg)
+        (line,) = [x for x in lines if x.startswith("dx: error")]
+        assert line == lines[-1]  # retries are warnings before it
         assert line.startswith("dx: error: pull products: GET ") and "HTTP 429" in line
         if retry_after == "0":
             assert line.endswith("(still throttled after 6 requests; --once gives up)")
@@ -437,12 +437,7 @@ def test_a_page_larger_than_the_limit_fails_the_run_without_being_held(
             return normal(method, path, query, headers, body)
 
         catalog.server.handler = handler
-        done = subprocess.run(dx_pull(cfg), capture_output=True, text=True, timeout=120,
-                              env=ENV)
-        assert done.returncode == 1
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1, lines
-        line = lines[0]
+        (line,) = failed_pull(cfg)
         assert line.startswith("dx: error: pull products: GET ")
         assert "page=2" in line and "larger than pull.max_page_mb (0.1 MB)" in line
         pages, cursor = pull_state(pg_db)
