@@ -269,8 +269,10 @@ class HttpConnector(RecordConnector[HttpSettings]):
         s = self.settings
         started = time.perf_counter()
         deadline = started + s.timeout_s
-        request.extensions["timeout"] = httpx.Timeout(
-            s.timeout_s, connect=min(s.connect_timeout_s, s.timeout_s)).as_dict()
+        timeouts = httpx.Timeout(s.timeout_s, connect=min(s.connect_timeout_s, s.timeout_s)
+                                 ).as_dict()
+        request.extensions["timeout"] = timeouts
+        request.extensions["trace"] = _WholeRequest(deadline, timeouts)
         chunks: list[bytes] = []
         try:
             resp = self.client.send(request, stream=True)
@@ -281,6 +283,12 @@ class HttpConnector(RecordConnector[HttpSettings]):
                         raise httpx.ReadTimeout("whole-request timeout", request=request)
             finally:
                 resp.close()
+        except _LetGo:
+            return Outcome.failed(NOT_ATTEMPTED)
+        except _Expired:
+            return Outcome.failed(TransientError(
+                "timeout: no connection within timeout_s (the request was not sent)"),
+                request=_describe(request))
         except httpx.TimeoutException as err:
             return Outcome.failed(TransientError(f"timeout: {type(err).__name__}"),
                                   request=_describe(request))
@@ -402,6 +410,41 @@ class HttpConnector(RecordConnector[HttpSettings]):
 
     def send(self, record: Record) -> Outcome:
         return self._send(self.request_for(record))
+
+
+class _LetGo(Exception):
+    """The worker let go of the records' partitions before the request went out."""
+
+
+class _Expired(Exception):
+    """``timeout_s`` passed before the request went out (waiting for a pooled connection)."""
+
+
+class _WholeRequest:
+    """httpcore's trace hook, called in the sending thread at the start of every phase
+    (connect, send the request, receive the answer, ...): each phase may take only what is
+    left of ``timeout_s`` (httpx bounds each phase alone: a wait for a pooled connection, a
+    connect and a slow answer added up to several times ``timeout_s``, longer than a revoke
+    waits), and the request goes on the wire only while the worker still owns its records'
+    partitions (checked right before its first byte, after any wait for a connection)."""
+
+    def __init__(self, deadline: float, timeouts: dict[str, float | None]) -> None:
+        self.deadline = deadline
+        self.timeouts = timeouts
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if not event.endswith(".started"):
+            return
+        left = self.deadline - time.perf_counter()
+        sending = event.endswith(".send_request_headers.started")
+        if sending and not still_live():
+            raise _LetGo
+        if left <= 0:
+            if sending:
+                raise _Expired
+            left = 0.001  # already on the wire: the next read times out at once
+        for phase in ("connect", "read", "write", "pool"):
+            self.timeouts[phase] = min(left, self.timeouts.get(phase) or left)
 
 
 def _describe(request: httpx.Request) -> str:

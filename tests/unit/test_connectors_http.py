@@ -249,3 +249,61 @@ def test_a_bulk_request_never_carries_two_records_of_one_key() -> None:
     assert bodies == [["n1", "n2"], ["n4"]]  # n3 (key 7) waits for n1
     assert outs[0].error is not None and outs[0].error.transient
     assert outs[1].ok and outs[3].ok and outs[2].error is NOT_ATTEMPTED
+
+
+def test_a_request_waiting_for_a_connection_is_not_sent_once_the_worker_let_go() -> None:
+    """Review: ownership was checked before a request waited for a pooled connection (all
+    busy), not after: a request of a revoked partition went out after the hand-over. Now it
+    is checked right before the request's first byte."""
+    import threading
+    import time
+
+    from connectors.base import call_scope
+
+    with target(lambda r, n: Resp(200, delay_s=1.0 if r.path == "/busy" else 0.0)) as srv:
+        c = conn(srv.url + "/{$key.id}", max_connections=1, timeout_s=30)
+        busy = threading.Thread(target=lambda: c._send(c.client.build_request(
+            "POST", srv.url + "/busy")))
+        busy.start()
+        wait_for_request(srv, 1)
+        owned = {"yes": True}
+        outcome: list[object] = []
+
+        def late() -> None:
+            with call_scope(lambda: owned["yes"]):
+                outcome.extend(c.deliver([rec(7)]))
+
+        waiting = threading.Thread(target=late)
+        waiting.start()
+        time.sleep(0.2)  # waiting for the one connection, held by /busy
+        owned["yes"] = False  # the revoke
+        busy.join(10)
+        waiting.join(10)
+        c.close()
+    assert [r.path for r in srv.received()] == ["/busy"]
+    assert [o.error for o in outcome] == [NOT_ATTEMPTED]  # type: ignore[attr-defined]
+
+
+def test_timeout_s_bounds_the_wait_for_a_connection_and_the_answer_together() -> None:
+    """``timeout_s`` is the whole request: a request that waited for a pooled connection
+    has only what is left of it for its answer (each phase used to get all of it)."""
+    import threading
+
+    with target(lambda r, n: Resp(200, body="", delay_s=1.5)) as srv:  # no body to time
+        c = conn(srv.url + "/{$key.id}", max_connections=1, timeout_s=2)
+        first: list[object] = []
+        t = threading.Thread(target=lambda: first.extend(c.deliver([rec(1)])))
+        t.start()
+        wait_for_request(srv, 1)
+        second = c.deliver([rec(2)])  # waits ~1.5 s for the connection, then 0.5 s is left
+        t.join(10)
+        c.close()
+    assert [o.ok for o in first] == [True]  # type: ignore[attr-defined]
+    assert second[0].error is not None and "timeout" in str(second[0].error)
+
+
+def wait_for_request(srv: object, n: int) -> None:
+    from tests.integration.test_sink_support import wait_for
+
+    wait_for(lambda: len(srv.received()) >= n, 10, interval=0.01,  # type: ignore[attr-defined]
+             what=f"{n} request(s) at the target")
