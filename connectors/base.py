@@ -133,6 +133,17 @@ def still_live() -> bool:
     return live is None or bool(live())
 
 
+class LetGo(Exception):
+    """Raised by :func:`ensure_live`: the worker let go of the call's partitions."""
+
+
+def ensure_live() -> None:
+    """:func:`still_live` for a point of no return (a request's first byte, a transaction's
+    commit): raise :class:`LetGo` (undo, answer ``NOT_ATTEMPTED``) once the worker let go."""
+    if not still_live():
+        raise LetGo
+
+
 S = TypeVar("S", bound=ConnectorSettings)
 
 
@@ -227,15 +238,19 @@ class RecordConnector(Connector[S]):
 
 def one_by_one(batch: Sequence[Record], attempt: Callable[[Record], Outcome]) -> list[Outcome]:
     """Replay a batch record by record (after the whole batch failed on a data error, to find
-    the culprit): a record after a failed record of its key is not attempted."""
+    the culprit): a record after a failed record of its key is not attempted, nor any once
+    the worker let go of the call's partitions (``attempt`` raises :class:`LetGo` for it)."""
     outcomes: list[Outcome] = []
     failed: set[str] = set()
     for r in batch:
         k = key_text(r.key)
-        if k in failed:
+        if k in failed or not still_live():
             outcomes.append(Outcome.failed(NOT_ATTEMPTED))
             continue
-        outcome = attempt(r)
+        try:
+            outcome = attempt(r)
+        except LetGo:
+            outcome = Outcome.failed(NOT_ATTEMPTED)
         outcomes.append(outcome)
         if outcome.error is not None:
             failed.add(k)
@@ -247,6 +262,7 @@ __all__ = [
     "Backpressure",
     "Connector",
     "ConnectorSettings",
+    "LetGo",
     "Outcome",
     "Record",
     "RecordConnector",
@@ -254,6 +270,7 @@ __all__ = [
     "TerminalError",
     "TransientError",
     "call_scope",
+    "ensure_live",
     "key_text",
     "still_live",
 ]

@@ -30,9 +30,11 @@ import httpx
 from connectors.base import (
     NOT_ATTEMPTED,
     Backpressure,
+    LetGo,
     Outcome,
     Record,
     RecordConnector,
+    ensure_live,
     key_text,
     still_live,
 )
@@ -283,7 +285,7 @@ class HttpConnector(RecordConnector[HttpSettings]):
                         raise httpx.ReadTimeout("whole-request timeout", request=request)
             finally:
                 resp.close()
-        except _LetGo:
+        except LetGo:
             return Outcome.failed(NOT_ATTEMPTED)
         except _Expired:
             return Outcome.failed(TransientError(
@@ -412,10 +414,6 @@ class HttpConnector(RecordConnector[HttpSettings]):
         return self._send(self.request_for(record))
 
 
-class _LetGo(Exception):
-    """The worker let go of the records' partitions before the request went out."""
-
-
 class _Expired(Exception):
     """``timeout_s`` passed before the request went out (waiting for a pooled connection)."""
 
@@ -437,8 +435,8 @@ class _WholeRequest:
             return
         left = self.deadline - time.perf_counter()
         sending = event.endswith(".send_request_headers.started")
-        if sending and not still_live():
-            raise _LetGo
+        if sending:
+            ensure_live()
         if left <= 0:
             if sending:
                 raise _Expired

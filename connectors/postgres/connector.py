@@ -17,7 +17,15 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from connectors.base import Connector, Outcome, Record, one_by_one
+from connectors.base import (
+    NOT_ATTEMPTED,
+    Connector,
+    LetGo,
+    Outcome,
+    Record,
+    ensure_live,
+    one_by_one,
+)
 from connectors.postgres.configuration import PostgresSettings
 from pipeline.db import connect
 from pipeline.errors import CatalogError, DxError, TerminalError, TransientError
@@ -156,11 +164,16 @@ class PostgresConnector(Connector[PostgresSettings]):
             except DxError as err:
                 return [Outcome.failed(err)] * len(batch)
             try:
+                ensure_live()  # (lanes wait for the one connection: a revoke may have come)
                 stmts = [s for s in (self._statement(r) for r in batch) if s is not None]
                 self._apply(conn, stmts)
+                ensure_live()  # a row lock can hold a statement past the revoke's wait
                 conn.commit()
                 return [Outcome(status=200, request=f"{len(batch)} row(s) in one transaction")
                         for _ in batch]
+            except LetGo:
+                self._reset(conn)
+                return [Outcome.failed(NOT_ATTEMPTED)] * len(batch)
             except (psycopg.Error, TerminalError) as err:
                 self._reset(conn)
                 error = _classify(err) if isinstance(err, psycopg.Error) else err
@@ -183,8 +196,12 @@ class PostgresConnector(Connector[PostgresSettings]):
                 stmt = self._statement(r)
                 if stmt is not None:
                     self._apply(conn, [stmt])
+                ensure_live()
                 conn.commit()
                 return Outcome(status=200, request="1 row")
+            except LetGo:
+                self._reset(conn)
+                raise
             except (psycopg.Error, TerminalError) as err:
                 self._reset(conn)
                 if self.conn is None:

@@ -21,7 +21,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc
 
-from connectors.base import Connector, Outcome, Record, one_by_one
+from connectors.base import (
+    NOT_ATTEMPTED,
+    Connector,
+    LetGo,
+    Outcome,
+    Record,
+    ensure_live,
+    one_by_one,
+)
 from connectors.sql.configuration import SqlSettings
 from pipeline.errors import CatalogError, DxError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.observability.logging import redact
@@ -152,10 +160,14 @@ class SqlConnector(Connector[SqlSettings]):
         with self.lock:
             try:
                 with self.engine.begin() as conn:
+                    ensure_live()  # (lanes wait for the lock: a revoke may have come)
                     for r in batch:
                         self._apply(conn, r)
+                    ensure_live()  # before the commit: a lock wait can outlast the revoke's
                 return [Outcome(status=200, request=f"{len(batch)} row(s) in one transaction")
                         for _ in batch]
+            except LetGo:  # rolled back
+                return [Outcome.failed(NOT_ATTEMPTED)] * len(batch)
             except (exc.SQLAlchemyError, TerminalError) as err:
                 error = _classify(err) if isinstance(err, exc.SQLAlchemyError) else err
                 if error.transient:
@@ -170,6 +182,7 @@ class SqlConnector(Connector[SqlSettings]):
             try:
                 with engine.begin() as conn:
                     self._apply(conn, r)
+                    ensure_live()
                 return Outcome(status=200, request="1 row")
             except (exc.SQLAlchemyError, TerminalError) as err:
                 error = _classify(err) if isinstance(err, exc.SQLAlchemyError) else err

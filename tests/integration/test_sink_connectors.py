@@ -101,3 +101,46 @@ def test_worker_delivers_to_postgres_with_mapping(stack: Any, pg_db: str, topic_
     with psycopg.connect(pg_db) as c:
         got = c.execute('SELECT id, name, price::text, seq FROM "Items" ORDER BY id').fetchall()
     assert got == [(i, "n-19", "19.50", 19) for i in range(4)]
+
+
+def test_a_batch_held_by_a_row_lock_past_a_revoke_is_rolled_back(pg_db: str) -> None:
+    """Review: a batch is one transaction; one waiting on a row lock (or on the connector's
+    one connection) past the revoke's wait used to commit after the hand-over, over what the
+    partition's new owner wrote meanwhile. The commit now happens only while the worker still
+    owns the records' partitions: otherwise the transaction is rolled back and the records
+    are not attempted."""
+    import threading
+
+    from connectors.base import call_scope
+
+    with psycopg.connect(pg_db, autocommit=True) as c:
+        c.execute(DDL)
+        c.execute("""INSERT INTO "Items" (id, name) VALUES (1, 'new owner''s')""")
+    conn = PostgresConnector(PostgresSettings.model_validate(
+        {"type": "postgres", "url": pg_db, "table": "Items"}), route="r")
+    conn.open()
+    owned = {"yes": True}
+    outcome: list[Any] = []
+
+    def deliver() -> None:
+        with call_scope(lambda: owned["yes"]):
+            outcome.extend(conn.deliver([rec(2, name="old owner's"), rec(1, name="old owner's")]))
+
+    with psycopg.connect(pg_db) as locker:
+        locker.execute('SELECT 1 FROM "Items" WHERE id = 1 FOR UPDATE')
+        t = threading.Thread(target=deliver)
+        t.start()
+
+        def waiting() -> bool:
+            with psycopg.connect(pg_db, autocommit=True) as c:
+                return bool(c.execute("SELECT count(*) FROM pg_stat_activity WHERE "
+                                      "wait_event_type = 'Lock' AND datname = current_database()"
+                                      ).fetchone()[0])  # type: ignore[index]
+
+        wait_for(waiting, 30, interval=0.05, what="the batch waiting on the row lock")
+        owned["yes"] = False  # the revoke gave up waiting: the partition moved
+        locker.rollback()
+    t.join(30)
+    conn.close()
+    assert [o.error for o in outcome] == [NOT_ATTEMPTED, NOT_ATTEMPTED]
+    assert rows(pg_db) == [(1, "new owner's", None, None)]
