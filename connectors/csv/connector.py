@@ -1,9 +1,11 @@
 """Rotating CSV files. Appends are synchronous and fsynced before a batch is reported delivered,
 so a crash loses nothing that was acknowledged (a redelivered event may appear twice: use
-``_event_id`` to de-duplicate)."""
+``_event_id`` to de-duplicate). A batch that fails to write (disk full, quota) is cut off the
+file again, so a retry never appends after half a row."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -41,6 +43,7 @@ class CsvConnector(Connector[CsvSettings]):
         self.path: Path | None = None
         self.header: list[str] | None = None
         self.opened_at = 0.0
+        self.good = 0  # bytes of the current file known to end with a whole row
         self.seq = 0
         self.finished: list[Path] = []
 
@@ -70,6 +73,27 @@ class CsvConnector(Connector[CsvSettings]):
         self.finished.append(final)
         self.file = self.path = self.header = None
 
+    def _cut_back(self) -> None:
+        """After a failed write: the current file back to its last whole row (what the failed
+        batch buffered or half wrote is dropped: closing first, so nothing buffered is written
+        after the cut), then open to append again. A file that cannot be cut stays ``.part``
+        (finished on the next open) and the next batch starts a new one."""
+        if self.file is None or self.path is None:
+            return
+        file, path, header, good = self.file, self.path, self.header, self.good
+        self.file = self.path = self.header = None
+        with contextlib.suppress(OSError, ValueError):
+            file.close()
+        try:
+            if good == 0:  # not even the header is whole: start this file again
+                path.unlink()
+                return
+            os.truncate(path, good)
+            self.file = path.open("a", newline="", encoding="utf-8")
+        except OSError:
+            return
+        self.path, self.header = path, header
+
     def _start(self, header: list[str]) -> None:
         self.seq += 1
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -77,6 +101,7 @@ class CsvConnector(Connector[CsvSettings]):
         self.file = self.path.open("w", newline="", encoding="utf-8")
         self.header = header
         self.opened_at = time.monotonic()
+        self.good = 0
         cols = [*META, *header] if self.settings.include_metadata else header
         csv.writer(self.file, delimiter=self.settings.delimiter).writerow(cols)
 
@@ -107,12 +132,14 @@ class CsvConnector(Connector[CsvSettings]):
                     self.file.flush()
                     if self.settings.fsync:
                         os.fsync(self.file.fileno())
+                    self.good = self.file.tell()
                     written = str(self.path)
                     if self._rotate_due():
                         self._finish()
                 else:
                     written = ""
             except OSError as err:
+                self._cut_back()
                 return [Outcome.failed(TransientError(f"csv write failed: {err.strerror}"))
                         ] * len(batch)
             return [Outcome(status=200, request=f"appended to {written}") for _ in batch]

@@ -62,3 +62,33 @@ def test_a_part_file_left_by_a_crash_is_finished_on_open(tmp_path: Path) -> None
     (tmp_path / "export-20240101T000000-1-00001.csv.part").write_text("id\n1\n")
     make(tmp_path).close()
     assert [p.name for p in tmp_path.iterdir()] == ["export-20240101T000000-1-00001.csv"]
+
+
+def test_a_batch_that_fails_to_write_leaves_no_half_row_behind(tmp_path: Path) -> None:
+    """Review: a write failing mid-batch (disk full, a quota) left half a row in the file; the
+    retry appended after it, merging two rows into one broken line. The file is cut back to
+    its last whole row. The failure is real: a file size limit (RLIMIT_FSIZE) makes the
+    kernel refuse the write (EFBIG)."""
+    import resource
+    import signal
+
+    c = make(tmp_path)
+    assert all(o.ok for o in c.deliver([rec(i, name="a" * 50) for i in range(3)]))
+    assert c.path is not None
+    size = c.path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+    try:
+        failed = c.deliver([rec(i, name="b" * 5000) for i in range(3, 6)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert [o.ok for o in failed] == [False] * 3
+    assert "csv write failed" in str(failed[0].error)
+    assert all(o.ok for o in c.deliver([rec(i, name="b" * 5000) for i in range(3, 6)]))
+    c.close()
+    (done,) = tmp_path.glob("export-*.csv")
+    rows = read(done)
+    assert [r[3] for r in rows[1:]] == [str(i) for i in range(6)]
+    assert all(len(r) == len(rows[0]) for r in rows)
