@@ -31,6 +31,27 @@ def _cell(v: Any) -> Any:
     return v
 
 
+def _writer_alive(part: Path) -> bool:
+    """Whether the process that writes ``part`` (its pid is in the name) still runs on this
+    host: a second worker of the route starting on the same directory used to "finish" the
+    first one's open file, so readers took a file that was still growing, and the first
+    worker's rotation failed on the renamed file for ever. (Workers on different hosts
+    sharing a directory need a ``prefix`` each.)"""
+    try:
+        pid = int(part.name.removesuffix(".csv.part").rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists (another user's)
+    return True
+
+
 class CsvConnector(Connector[CsvSettings]):
     settings_model = CsvSettings
 
@@ -53,7 +74,8 @@ class CsvConnector(Connector[CsvSettings]):
         except OSError as err:
             raise TransientError(f"cannot create {self.dir}: {err.strerror}") from None
         for stale in self.dir.glob(f"{self.prefix}-*.csv.part"):  # left by a crash: finish it
-            stale.rename(stale.with_suffix(""))
+            if not _writer_alive(stale):
+                stale.rename(stale.with_suffix(""))
 
     def close(self) -> None:
         with self.lock:

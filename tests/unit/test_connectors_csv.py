@@ -59,9 +59,20 @@ def test_other_fields_start_a_new_file_and_fixed_columns_do_not(tmp_path: Path) 
 
 
 def test_a_part_file_left_by_a_crash_is_finished_on_open(tmp_path: Path) -> None:
-    (tmp_path / "export-20240101T000000-1-00001.csv.part").write_text("id\n1\n")
+    pid = finished_pid()  # the writer that crashed
+    (tmp_path / f"export-20240101T000000-{pid}-00001.csv.part").write_text("id\n1\n")
     make(tmp_path).close()
-    assert [p.name for p in tmp_path.iterdir()] == ["export-20240101T000000-1-00001.csv"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"export-20240101T000000-{pid}-00001.csv"]
+
+
+def finished_pid() -> int:
+    """The pid of a process that ran and is gone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
 
 
 def test_a_batch_that_fails_to_write_leaves_no_half_row_behind(tmp_path: Path) -> None:
@@ -92,3 +103,25 @@ def test_a_batch_that_fails_to_write_leaves_no_half_row_behind(tmp_path: Path) -
     rows = read(done)
     assert [r[3] for r in rows[1:]] == [str(i) for i in range(6)]
     assert all(len(r) == len(rows[0]) for r in rows)
+
+
+def test_a_second_worker_leaves_the_open_file_of_a_running_one_alone(tmp_path: Path) -> None:
+    """Review: a second worker of the route starting on the same directory renamed the first
+    one's ``.part`` file as if a crash had left it: readers took a file still being written,
+    and the first worker's next rotation failed for ever. A ``.part`` whose writer (the pid
+    in its name) still runs is left alone; one of a process that is gone is finished."""
+    import subprocess
+    import sys
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = tmp_path / f"export-20240101T000000-{running.pid}-00001.csv.part"
+        dead = tmp_path / f"export-20240101T000000-{finished_pid()}-00001.csv.part"
+        for p in (alive, dead):
+            p.write_text("id\n1\n")
+        make(tmp_path).close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [alive.name, dead.name.removesuffix(".part")])
+    finally:
+        running.kill()
+        running.wait()
