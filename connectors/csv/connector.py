@@ -89,11 +89,14 @@ class CsvConnector(Connector[CsvSettings]):
     def _finish(self) -> None:
         if self.file is None or self.path is None:
             return
-        self.file.close()
-        final = self.path.with_suffix("")  # drop .part
-        self.path.rename(final)
-        self.finished.append(final)
+        file, path = self.file, self.path
+        # forgotten first: a failed close or rename must not leave a closed file to write to
+        # (every later batch failed on it, for ever); the .part is finished on the next open
         self.file = self.path = self.header = None
+        file.close()
+        final = path.with_suffix("")  # drop .part
+        path.rename(final)
+        self.finished.append(final)
 
     def _cut_back(self) -> None:
         """After a failed write: the current file back to its last whole row (what the failed

@@ -125,3 +125,17 @@ def test_a_second_worker_leaves_the_open_file_of_a_running_one_alone(tmp_path: P
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_file_that_cannot_be_finished_does_not_stall_the_route(tmp_path: Path) -> None:
+    """Review: when finishing a file failed (its ``.part`` renamed away by someone else), the
+    connector kept the closed file and failed every later batch for ever."""
+    c = make(tmp_path)
+    assert all(o.ok for o in c.deliver([rec(1, name="a")]))
+    assert c.path is not None
+    c.path.rename(tmp_path / "taken-away.csv")
+    failed = c.deliver([rec(2, colour="red")])  # other fields: the file is finished first
+    assert not failed[0].ok and failed[0].error is not None and failed[0].error.transient
+    assert all(o.ok for o in c.deliver([rec(2, colour="red")]))
+    c.close()
+    assert [r[3:] for r in read(next(tmp_path.glob("export-*.csv")))] == [["id", "colour"], ["2", "red"]]
