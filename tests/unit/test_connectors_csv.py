@@ -138,4 +138,5 @@ def test_a_file_that_cannot_be_finished_does_not_stall_the_route(tmp_path: Path)
     assert not failed[0].ok and failed[0].error is not None and failed[0].error.transient
     assert all(o.ok for o in c.deliver([rec(2, colour="red")]))
     c.close()
-    assert [r[3:] for r in read(next(tmp_path.glob("export-*.csv")))] == [["id", "colour"], ["2", "red"]]
+    (done,) = tmp_path.glob("export-*.csv")
+    assert [r[3:] for r in read(done)] == [["id", "colour"], ["2", "red"]]
