@@ -163,7 +163,7 @@ def log_in(http: httpx.Client) -> None:
 
 
 def measure(http: httpx.Client, paths: list[str], n: int) -> tuple[float, float]:
-    for p in paths[:5]:  # warm-up
+    for p in paths[:min(5, max(1, n // 10))]:  # warm-up
         http.get(p)
     times = []
     for i in range(n):
@@ -212,7 +212,7 @@ def run(url: str, cfg: Path, n: int) -> dict[str, tuple[float, float]]:
         time.sleep(0.05)
     out: dict[str, tuple[float, float]] = {}
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
             log_in(http)
             for name, paths in scenarios(url).items():
                 out[name] = measure(http, paths, n)

@@ -31,8 +31,16 @@ EXACT_UP_TO = 10_000
 CSV_COLUMNS = ("id", "route", "status", "attempts", "key", "op", "event_id", "topic",
                "partition", "offset", "error", "http_status", "created_at", "updated_at")
 #: What an operator action applies to (the task store's own rules for retry and skip).
-ACTIONABLE = {"retry": "status IN ('dead', 'failed')",
-              "skip": "status IN ('dead', 'failed', 'pending')"}
+ACTIONABLE = {"retry": ("dead", "failed"), "skip": ("dead", "failed", "pending")}
+
+
+def _for_action(f: TaskFilter, action: str | None) -> TaskFilter | None:
+    """``f`` narrowed to the statuses ``action`` applies to; None when none is left (asking the
+    database would read every task of the other statuses to find nothing)."""
+    if action is None:
+        return f
+    statuses = [s for s in (f.status or ACTIONABLE[action]) if s in ACTIONABLE[action]]
+    return replace(f, status=statuses) if statuses else None
 
 
 @dataclass
@@ -73,7 +81,10 @@ def count(conn: psycopg.Connection[Any], f: TaskFilter, action: str | None = Non
           cap: int | None = None) -> int:
     """Tasks matching ``f`` (only those ``action`` applies to, when given); with ``cap``, stops
     at ``cap + 1`` ("more than cap") instead of counting every match."""
-    where, params = f.where(*([ACTIONABLE[action]] if action else []))
+    narrowed = _for_action(f, action)
+    if narrowed is None:
+        return 0
+    where, params = narrowed.where()
     inner = sql.SQL("SELECT 1 FROM dx.task{}").format(where)
     if cap is not None:
         inner = inner + sql.SQL(" LIMIT {}").format(cap + 1)
@@ -87,9 +98,10 @@ def lock_actionable(conn: psycopg.Connection[Any], f: TaskFilter, action: str,
                     ids: list[int] | None = None) -> list[int]:
     """Ids the action applies to, locked until the caller's transaction ends, so the audit rows
     written before the action name exactly the tasks it changes. Does not commit."""
-    if ids is not None:
-        f = replace(f, ids=ids or [-1])
-    where, params = f.where(ACTIONABLE[action])
+    narrowed = _for_action(replace(f, ids=ids or [-1]) if ids is not None else f, action)
+    if narrowed is None:
+        return []
+    where, params = narrowed.where()
     rows = conn.execute(sql.SQL("SELECT id FROM dx.task{} ORDER BY id FOR UPDATE").format(where),
                         params).fetchall()
     return [int(r[0]) for r in rows]

@@ -112,6 +112,10 @@ def test_counts_are_exact_where_operators_act_and_estimated_past_the_cap(pg_db: 
         assert exact.estimated == set() and exact.by_route["r0"]["succeeded"] == 8000
         assert count(conn, TaskFilter(status=["succeeded"]), cap=100) == 101
         assert count(conn, TaskFilter(status=["dead"], text="TIMEOUT")) == 2000
+        # what an action applies to: only its statuses (succeeded: none, without a query)
+        assert count(conn, TaskFilter(route="r0"), "retry") == 2000
+        assert count(conn, TaskFilter(status=["succeeded", "dead"]), "skip") == 2000
+        assert count(conn, TaskFilter(status=["succeeded"]), "retry") == 0
         # several statuses: newest first across them, pages continue where they stopped
         f = TaskFilter(status=["dead", "succeeded"], route="r0")
         first = page(conn, f, size=7)
