@@ -26,6 +26,7 @@ from pipeline.cli.shutdown import graceful_shutdown
 from pipeline.config import DxConfig
 from pipeline.db import connection
 from pipeline.errors import CatalogError, ConfigError
+from pipeline.tasks.query import EXACT_UP_TO
 
 console = Console(stderr=False)
 capture_app = typer.Typer(help="Install, remove and inspect capture triggers.",
@@ -289,14 +290,16 @@ def _print_status(st: Any) -> None:
         short = {"pending": "pend", "retrying": "retry", "failed": "fail",
                  "succeeded": "ok", "skipped": "skip", "dead": "dead"}
         rt = Table("route", "kind", "lag", "workers", *(short[s] for s in STATUS_ORDER),
-                   title="routes (lag in messages, tasks by status)")
+                   title="routes (lag in messages, tasks by status; ≈ estimated "
+                         f"past {EXACT_UP_TO:,})")
         for route in st.routes:
             lag = ("-" if route.note else "?") if route.lag is None else str(route.lag)
             dead = route.tasks.get("dead", 0)
             rt.add_row(route.name, route.kind,
                        f"[red]{lag}[/red]" if route.lag else lag,
                        "?" if route.members is None else str(route.members),
-                       *[str(route.tasks.get(s, 0)) for s in STATUS_ORDER[:-1]],
+                       *[("≈" if s in route.estimated else "") + str(route.tasks.get(s, 0))
+                         for s in STATUS_ORDER[:-1]],
                        f"[red]{dead}[/red]" if dead else "0")
         console.print(rt)
         _print_incoming(st.routes)
