@@ -262,12 +262,12 @@ def main() -> None:
     ap.add_argument("--baseline-requests", type=int, default=20,
                     help="per scenario without the indexes (each may scan every task)")
     ap.add_argument("--quick", action="store_true",
-                    help="100 requests per scenario, 5 without the indexes")
+                    help="100 requests per scenario, 2 without the indexes")
     ap.add_argument("--refill", action="store_true", help="rebuild the kept database")
     ap.add_argument("--drop", action="store_true", help="drop the database at the end")
     args = ap.parse_args()
     if args.quick:
-        args.requests, args.baseline_requests = 100, 5
+        args.requests, args.baseline_requests = 100, 2
     env = services()
     import tempfile
 

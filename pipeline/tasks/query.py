@@ -20,13 +20,14 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from pipeline.observability.logging import redact
-from pipeline.tasks.store import TaskFilter, TaskStore
+from pipeline.tasks.store import STATUSES, UNRESOLVED, TaskFilter, TaskStore
 
 PAGE_SIZE = 50
 #: where a count of matching tasks stops ("1,000+"): counting further reads that many rows
 COUNT_CAP = 1000
 #: per route and resolved status, the dashboard counts exactly up to this, then estimates
-EXACT_UP_TO = 10_000
+EXACT_UP_TO = 1000
+RESOLVED = tuple(s for s in STATUSES if s not in UNRESOLVED)
 #: Task columns of the CSV, before the entity's mapped fields (``data.<field>``).
 CSV_COLUMNS = ("id", "route", "status", "attempts", "key", "op", "event_id", "topic",
                "partition", "offset", "error", "http_status", "created_at", "updated_at")
@@ -146,17 +147,6 @@ def _cell(value: Any) -> str:
 # -- the dashboard and dx status -------------------------------------------------------------
 
 
-def routes(conn: psycopg.Connection[Any]) -> list[str]:
-    """Every route with tasks: a skip scan of the (route, status, id) index, one probe per
-    route, not a read of every task."""
-    rows = conn.execute(
-        "WITH RECURSIVE r AS ((SELECT route FROM dx.task ORDER BY route LIMIT 1) UNION ALL "
-        "SELECT (SELECT t.route FROM dx.task t WHERE t.route > r.route ORDER BY t.route "
-        "LIMIT 1) FROM r WHERE r.route IS NOT NULL) "
-        "SELECT route FROM r WHERE route IS NOT NULL").fetchall()
-    return [str(r[0]) for r in rows]
-
-
 @dataclass
 class Counts:
     """Tasks by route and status. Unresolved statuses (the ones an operator acts on) are
@@ -169,17 +159,13 @@ class Counts:
 
 def counts(conn: psycopg.Connection[Any], exact_up_to: int = EXACT_UP_TO) -> Counts:
     store = TaskStore(conn)
-    if not store.exists():
-        return Counts()
-    out = Counts(store.unresolved_by_route())
-    for route in routes(conn):
-        for status in ("succeeded", "skipped"):
-            n = count(conn, TaskFilter(route=route, status=[status]), cap=exact_up_to)
+    out = Counts(store.counts_by_route())
+    for route, found in store.counts_by_route(RESOLVED, cap=exact_up_to).items():
+        for status, n in found.items():
             if n > exact_up_to:
                 n = max(n, _estimate(conn, route, status))
                 out.estimated.add((route, status))
-            if n:
-                out.by_route.setdefault(route, {})[status] = n
+            out.by_route.setdefault(route, {})[status] = n
     conn.commit()
     return out
 
