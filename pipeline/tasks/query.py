@@ -31,19 +31,6 @@ RESOLVED = tuple(s for s in STATUSES if s not in UNRESOLVED)
 #: Task columns of the CSV, before the entity's mapped fields (``data.<field>``).
 CSV_COLUMNS = ("id", "route", "status", "attempts", "key", "op", "event_id", "topic",
                "partition", "offset", "error", "http_status", "created_at", "updated_at")
-#: What an operator action applies to (the task store's own rules for retry and skip).
-ACTIONABLE = {"retry": ("dead", "failed"), "skip": ("dead", "failed", "pending")}
-
-
-def _for_action(f: TaskFilter, action: str | None) -> TaskFilter | None:
-    """``f`` narrowed to the statuses ``action`` applies to; None when none is left (asking the
-    database would read every task of the other statuses to find nothing)."""
-    if action is None:
-        return f
-    statuses = [s for s in (f.status or ACTIONABLE[action]) if s in ACTIONABLE[action]]
-    return replace(f, status=statuses) if statuses else None
-
-
 @dataclass
 class Page:
     rows: list[dict[str, Any]]
@@ -82,7 +69,7 @@ def count(conn: psycopg.Connection[Any], f: TaskFilter, action: str | None = Non
           cap: int | None = None) -> int:
     """Tasks matching ``f`` (only those ``action`` applies to, when given); with ``cap``, stops
     at ``cap + 1`` ("more than cap") instead of counting every match."""
-    narrowed = _for_action(f, action)
+    narrowed = f.for_action(action) if action else f
     if narrowed is None:
         return 0
     where, params = narrowed.where()
@@ -99,7 +86,7 @@ def lock_actionable(conn: psycopg.Connection[Any], f: TaskFilter, action: str,
                     ids: list[int] | None = None) -> list[int]:
     """Ids the action applies to, locked until the caller's transaction ends, so the audit rows
     written before the action name exactly the tasks it changes. Does not commit."""
-    narrowed = _for_action(replace(f, ids=ids or [-1]) if ids is not None else f, action)
+    narrowed = (replace(f, ids=ids or [-1]) if ids is not None else f).for_action(action)
     if narrowed is None:
         return []
     where, params = narrowed.where()

@@ -29,7 +29,7 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, LiteralString, get_args
 
 import psycopg
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 TaskStatus = Literal["pending", "retrying", "failed", "succeeded", "dead", "skipped"]
 STATUSES: tuple[TaskStatus, ...] = get_args(TaskStatus)
 UNRESOLVED = ("pending", "retrying", "failed", "dead")
+#: what an operator's retry and skip apply to (the CLI's and the console's)
+ACTIONABLE: dict[str, tuple[TaskStatus, ...]] = {"retry": ("dead", "failed"),
+                                                 "skip": ("dead", "failed", "pending")}
 #: tasks that keep their original Kafka message (for a redrive)
 KEEPS_RAW = UNRESOLVED
 
@@ -332,6 +335,14 @@ class TaskFilter:
     def to_json(self) -> dict[str, Any]:
         return {"status": list(self.status), **{n: getattr(self, n) for n in self.PARAMS}}
 
+    def for_action(self, action: str) -> TaskFilter | None:
+        """This filter narrowed to the statuses ``action`` applies to (ACTIONABLE); None when
+        none is left (asking the database would read every task of the other statuses to find
+        nothing)."""
+        allowed = ACTIONABLE[action]
+        statuses = [s for s in (self.status or allowed) if s in allowed]
+        return replace(self, status=statuses) if statuses else None
+
     def where(self, *extra: str, before: int | None = None
               ) -> tuple[sql.Composable, list[Any]]:
         """The WHERE clause (empty when nothing is filtered) and its parameters; ``before``
@@ -494,7 +505,10 @@ class TaskStore:
     def retry(self, f: TaskFilter) -> list[int]:
         """Queue dead/failed tasks for redelivery by the route's worker (in key order: the
         worker redrives each key's tasks by id). Returns the ids queued."""
-        where, params = f.where("status IN ('dead', 'failed')")
+        narrowed = f.for_action("retry")
+        if narrowed is None:
+            return []
+        where, params = narrowed.where()
         rows = self.conn.execute(
             sql.SQL("UPDATE dx.task SET status = 'pending', redrive = true, updated_at = now()"
                     "{} RETURNING id").format(where), params).fetchall()
@@ -504,7 +518,10 @@ class TaskStore:
     def skip(self, f: TaskFilter, reason: str = "skipped by operator") -> list[int]:
         """Mark dead/failed/pending tasks skipped; a worker then releases the tasks parked
         behind them. Returns the ids skipped."""
-        where, params = f.where("status IN ('dead', 'failed', 'pending')")
+        narrowed = f.for_action("skip")
+        if narrowed is None:
+            return []
+        where, params = narrowed.where()
         rows = self.conn.execute(
             sql.SQL("UPDATE dx.task SET status = 'skipped', redrive = false, raw_key = NULL, "
                     "raw_value = NULL, raw_headers = NULL, updated_at = now(), "
