@@ -145,7 +145,7 @@ def fill(url: str, n: int) -> None:
             conn.execute(f"DROP INDEX dx.{name}")
         for statement in FILL:
             conn.execute(statement, {"n": n, "routes": ROUTES})
-        tasks_schema(conn)  # builds the indexes (concurrently: the table exists)
+        tasks_schema(conn, build_indexes=True)  # concurrently: the table exists
         conn.execute("VACUUM ANALYZE dx.task")
         accounts.add_user(conn, "bench", "operator", "bench-password")
         conn.execute(f"COMMENT ON TABLE dx.task IS 'bench filled {n}'")
@@ -227,7 +227,7 @@ def set_indexes(url: str, present: bool) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         if present:
             t = time.perf_counter()
-            tasks_schema(conn)
+            tasks_schema(conn, build_indexes=True)  # what 'dx init' does after an upgrade
             print(f"  {len(INDEXES)} indexes built concurrently in "
                   f"{time.perf_counter() - t:.0f}s", flush=True)
         else:

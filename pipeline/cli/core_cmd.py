@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,9 @@ def _extra_schemas() -> list[Any]:
     from pipeline.source.offsets import ensure_schema as offsets_schema
     from pipeline.tasks.store import ensure_schema as tasks_schema
 
-    return [tasks_schema, offsets_schema, alerts_schema, inbound_schema, pause_schema,
-            console_schema, api_entity_schema]
+    # dx init is the upgrade path: it builds an index a new version adds (CONCURRENTLY)
+    return [partial(tasks_schema, build_indexes=True), offsets_schema, alerts_schema,
+            inbound_schema, pause_schema, console_schema, api_entity_schema]
 
 
 def validate(config: Path = ConfigOption,

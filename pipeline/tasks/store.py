@@ -129,15 +129,16 @@ INDEXES: dict[str, str] = {
 _LOCK = "hashtext('dx.task ensure_schema')"
 
 
-def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+def ensure_schema(conn: psycopg.Connection[Any], *, build_indexes: bool = False) -> None:
     """Create the task table and its indexes if missing (idempotent, safe to run concurrently
     with workers).
 
     An index missing from an existing table (an upgrade that adds one, or a build that failed
     halfway and left it INVALID) is built with ``CREATE INDEX CONCURRENTLY``: a plain CREATE
     INDEX would block every worker's writes for as long as it takes to index millions of rows.
-    That needs a connection outside a transaction; a caller inside one (or while another
-    process is building the indexes) leaves them to ``dx init``, with a warning."""
+    Only ``build_indexes`` callers (``dx init``) build them — on a big table that takes minutes,
+    which a worker's or a command's start should not wait for; the others log that ``dx init``
+    is due. The build needs a connection outside a transaction."""
     with conn.transaction():
         conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})")
         created = conn.execute("SELECT to_regclass('dx.task')").fetchone() == (None,)
@@ -153,8 +154,11 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
                 conn.execute(f"CREATE INDEX {name} {definition}")
             return
         missing = _missing_indexes(conn)
-    if missing:
+    if missing and build_indexes:
         build_indexes_concurrently(conn, missing)
+    elif missing:
+        log.warning("dx.task is missing indexes %s; run 'dx init' to build them (without "
+                    "blocking writers)", ", ".join(missing))
 
 
 def _key_function_missing(conn: psycopg.Connection[Any]) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -50,8 +51,9 @@ def test_an_upgrade_builds_missing_indexes_concurrently_while_writers_write(
         writer = psycopg.connect(pg_db)
         writer.execute("INSERT INTO dx.task (route, topic, partition, \"offset\", status) "
                        "VALUES ('r0', 't', 1, 1, 'pending')")
-        built = threading.Thread(target=ensure_schema, args=(psycopg.connect(pg_db,
-                                                                             autocommit=True),))
+        builder = psycopg.connect(pg_db, autocommit=True)
+        built = threading.Thread(target=ensure_schema, args=(builder,),
+                                 kwargs={"build_indexes": True})
         built.start()
         built.join(2)
         assert built.is_alive()  # waiting for the writer's transaction, not failing
@@ -70,10 +72,13 @@ def test_an_upgrade_builds_missing_indexes_concurrently_while_writers_write(
         conn.execute("DROP INDEX dx.task_status_id_idx")
         with psycopg.connect(pg_db) as intx, caplog.at_level(logging.WARNING):
             intx.execute("SELECT 1")
-            ensure_schema(intx)
+            ensure_schema(intx, build_indexes=True)
         assert "run 'dx init'" in caplog.text
-        assert "task_status_id_idx" not in _valid(conn)
-        ensure_schema(conn)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):  # a worker's start: no build, a warning
+            ensure_schema(conn)
+        assert "run 'dx init'" in caplog.text and "task_status_id_idx" not in _valid(conn)
+        ensure_schema(conn, build_indexes=True)
         assert _valid(conn)["task_status_id_idx"] is True
 
 
@@ -136,3 +141,19 @@ def test_a_task_row_still_writes_with_the_key_function_in_an_index(pg_db: str) -
             conn.execute(UPSERT, TaskRow("r", "t", 0, i, "succeeded", key=key).params())
         conn.commit()
         assert conn.execute("SELECT count(*) FROM dx.task").fetchone() == (6,)
+
+
+def test_dx_init_builds_an_index_a_new_version_adds(pg_db: str, stack: Any,
+                                                    tmp_path: Path) -> None:
+    """The upgrade path an operator runs: a worker's start only warns, ``dx init`` builds."""
+    from tests.integration.test_sink_support import dx, write_config
+
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        ensure_schema(conn)
+        _fill(conn, 1000)
+        conn.execute("DROP INDEX dx.task_key_values_idx")
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, "idx", "  []")
+    done = dx(cfg, "init")
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        assert _valid(conn)["task_key_values_idx"] is True
