@@ -127,6 +127,8 @@ INDEXES: dict[str, str] = {
     "task_key_values_idx": "ON dx.task (dx.task_key_values(key))",
 }
 _LOCK = "hashtext('dx.task ensure_schema')"
+#: held for a whole index build (minutes): not _LOCK, which every worker's start takes briefly
+_BUILD_LOCK = "hashtext('dx.task index build')"
 
 
 def ensure_schema(conn: psycopg.Connection[Any], *, build_indexes: bool = False) -> None:
@@ -157,8 +159,12 @@ def ensure_schema(conn: psycopg.Connection[Any], *, build_indexes: bool = False)
     if missing and build_indexes:
         build_indexes_concurrently(conn, missing)
     elif missing:
-        log.warning("dx.task is missing indexes %s; run 'dx init' to build them (without "
-                    "blocking writers)", ", ".join(missing))
+        _warn_missing(missing)
+
+
+def _warn_missing(missing: Iterable[str]) -> None:
+    log.warning("dx.task is missing indexes %s; run 'dx init' to build them (without blocking "
+                "writers)", ", ".join(missing))
 
 
 def _key_function_missing(conn: psycopg.Connection[Any]) -> bool:
@@ -185,13 +191,12 @@ def build_indexes_concurrently(conn: psycopg.Connection[Any], missing: dict[str,
     Only one process builds at a time (a session advisory lock, tried, never waited for: a
     waiting session would hold a snapshot the build itself waits for)."""
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        log.warning("dx.task is missing indexes %s; run 'dx init' to build them (without "
-                    "blocking writers)", ", ".join(missing))
+        _warn_missing(missing)
         return
     autocommit = conn.autocommit
     conn.autocommit = True
     try:
-        got = conn.execute(f"SELECT pg_try_advisory_lock({_LOCK})").fetchone()
+        got = conn.execute(f"SELECT pg_try_advisory_lock({_BUILD_LOCK})").fetchone()
         if not got or not got[0]:
             log.warning("dx.task indexes %s are being built by another process",
                         ", ".join(missing))
@@ -202,7 +207,7 @@ def build_indexes_concurrently(conn: psycopg.Connection[Any], missing: dict[str,
                 conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS dx.{name}")
                 conn.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} {INDEXES[name]}")
         finally:
-            conn.execute(f"SELECT pg_advisory_unlock({_LOCK})")
+            conn.execute(f"SELECT pg_advisory_unlock({_BUILD_LOCK})")
     finally:
         conn.autocommit = autocommit
 

@@ -62,6 +62,12 @@ def test_an_upgrade_builds_missing_indexes_concurrently_while_writers_write(
             other.execute("SET lock_timeout = '5s'")
             other.execute("INSERT INTO dx.task (route, topic, partition, \"offset\", status) "
                           "VALUES ('r0', 't', 2, 1, 'pending')")
+        # ... nor a worker starting meanwhile (it does not wait for the build, only warns)
+        starting = threading.Thread(target=ensure_schema,
+                                    args=(psycopg.connect(pg_db, autocommit=True),))
+        starting.start()
+        starting.join(30)
+        assert not starting.is_alive() and built.is_alive()
         writer.commit()
         writer.close()
         built.join(120)
