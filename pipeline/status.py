@@ -33,7 +33,7 @@ from pipeline.config import DxConfig
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.routes.pause import paused_routes
 from pipeline.tasks import health
-from pipeline.tasks.store import TaskStore
+from pipeline.tasks.query import Counts, counts
 
 RouteKind = Literal["sink", "source", "unconfigured"]
 #: Task statuses in the order ``dx status`` shows them (dead last, it is what needs a person).
@@ -214,6 +214,7 @@ class RouteStatus:
     note: str | None = None
     incoming: list[IncomingStatus] = field(default_factory=list)  # source routes' inbound kinds
     paused: bool = False  # an operator paused it ('dx sink|source pause')
+    estimated: list[str] = field(default_factory=list)  # statuses whose count is an estimate
 
     @property
     def dead(self) -> int:
@@ -265,9 +266,10 @@ def incoming(conn: psycopg.Connection[Any]) -> dict[str, list[IncomingStatus]]:
     return out
 
 
-def task_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
-    """Tasks by route and status ({} when the task table does not exist yet)."""
-    return TaskStore(conn).counts_by_route()
+def task_counts(conn: psycopg.Connection[Any]) -> Counts:
+    """Tasks by route and status (none when the task table does not exist yet); big resolved
+    counts are estimates (``Counts.estimated``)."""
+    return counts(conn)
 
 
 def source_offsets(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, int], int]:
@@ -435,7 +437,8 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
     relay = relay_status(conn, cfg.relay.name, long_txn_s=limits.long_txn_s,
                          backlog_age_s=limits.backlog_age_s)
     routes = configured_routes(cfg)
-    counts = task_counts(conn)
+    found = task_counts(conn)
+    counts = found.by_route
     kinds = incoming(conn)
     for route in routes:
         route.tasks = counts.pop(route.name, {})
@@ -447,6 +450,7 @@ def collect(conn: psycopg.Connection[Any], cfg: DxConfig,
     conn.commit()
     for route in routes:
         route.paused = (route.kind, route.name) in paused
+        route.estimated = sorted(s for r, s in found.estimated if r == route.name)
     st = Status(relay, routes, problems=list(relay.problems))
     if any(r.kind != "unconfigured" for r in routes):
         try:

@@ -92,7 +92,7 @@ class AlertEngine:
         store = TaskStore(conn)
         has_tasks = store.exists()
         if rules.dead_tasks is not None and has_tasks:
-            dead = {r: c.get("dead", 0) for r, c in store.counts_by_route().items()}
+            dead = {r: c.get("dead", 0) for r, c in store.counts_by_route(["dead"]).items()}
             for route in sorted(set(routes) | {r for r, n in dead.items() if n}):
                 n = int(dead.get(route, 0))
                 firing = n >= rules.dead_tasks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from pipeline.cli.shutdown import graceful_shutdown
 from pipeline.config import DxConfig
 from pipeline.db import connection
 from pipeline.errors import CatalogError, ConfigError
+from pipeline.tasks.query import EXACT_UP_TO
 
 console = Console(stderr=False)
 capture_app = typer.Typer(help="Install, remove and inspect capture triggers.",
@@ -68,8 +70,9 @@ def _extra_schemas() -> list[Any]:
     from pipeline.source.offsets import ensure_schema as offsets_schema
     from pipeline.tasks.store import ensure_schema as tasks_schema
 
-    return [tasks_schema, offsets_schema, alerts_schema, inbound_schema, pause_schema,
-            console_schema, api_entity_schema]
+    # dx init is the upgrade path: it builds an index a new version adds (CONCURRENTLY)
+    return [partial(tasks_schema, build_indexes=True), offsets_schema, alerts_schema,
+            inbound_schema, pause_schema, console_schema, api_entity_schema]
 
 
 def validate(config: Path = ConfigOption,
@@ -289,14 +292,16 @@ def _print_status(st: Any) -> None:
         short = {"pending": "pend", "retrying": "retry", "failed": "fail",
                  "succeeded": "ok", "skipped": "skip", "dead": "dead"}
         rt = Table("route", "kind", "lag", "workers", *(short[s] for s in STATUS_ORDER),
-                   title="routes (lag in messages, tasks by status)")
+                   title="routes (lag in messages, tasks by status; ≈ estimated "
+                         f"past {EXACT_UP_TO:,})")
         for route in st.routes:
             lag = ("-" if route.note else "?") if route.lag is None else str(route.lag)
             dead = route.tasks.get("dead", 0)
             rt.add_row(route.name, route.kind,
                        f"[red]{lag}[/red]" if route.lag else lag,
                        "?" if route.members is None else str(route.members),
-                       *[str(route.tasks.get(s, 0)) for s in STATUS_ORDER[:-1]],
+                       *[("≈" if s in route.estimated else "") + str(route.tasks.get(s, 0))
+                         for s in STATUS_ORDER[:-1]],
                        f"[red]{dead}[/red]" if dead else "0")
         console.print(rt)
         _print_incoming(st.routes)

@@ -25,7 +25,7 @@ from pipeline.cli.shutdown import graceful_shutdown
 from pipeline.db import connection
 from pipeline.errors import TerminalError
 from pipeline.observability.logging import redact
-from pipeline.tasks.store import STATUSES, TaskFilter, TaskStore, ensure_schema
+from pipeline.tasks.store import STATUSES, FilterError, TaskFilter, TaskStore, ensure_schema
 
 sink_app = typer.Typer(help="Outbound routes: deliver changes to third-party systems.",
                        no_args_is_help=True)
@@ -71,20 +71,19 @@ KeyOpt = typer.Option(None, "--key", "-k",
                       help='entity key: {"id":42}, [42] or 42 (finds sink and source tasks)')
 SinceOpt = typer.Option(None, "--since", help="age (30m, 2h, 1d) or ISO time")
 UntilOpt = typer.Option(None, "--until", help="age (30m, 2h, 1d) or ISO time")
+TextOpt = typer.Option(None, "--text", help="part of the error message (case-insensitive)")
 
 
 def _filter(ids: list[int] | None, status: list[str], route: str | None, key: str | None,
-            since: str | None, until: str | None, limit: int | None = None) -> TaskFilter:
-    for s in status:
-        if s not in STATUSES:
-            raise TerminalError(f"unknown status {s!r}; use one of {', '.join(STATUSES)}")
+            since: str | None, until: str | None, text: str | None,
+            limit: int | None = None) -> TaskFilter:
+    """The console's filter too (pipeline.tasks.store.TaskFilter): the same words select the
+    same tasks on the page and here."""
     try:
-        f = TaskFilter(ids=ids or (), status=status, route=route, key=key, since=since,
-                       until=until, limit=limit)
-        f.where()
-    except ValueError as err:
-        raise TerminalError(f"bad time bound: {err} (use 30m, 2h, 1d or an ISO time)") from None
-    return f
+        return TaskFilter(ids=ids or (), status=status, route=route, key=key, since=since,
+                          until=until, text=text, limit=limit).check()
+    except FilterError as err:
+        raise TerminalError(str(err)) from None
 
 
 def _store(config: Path) -> tuple[str, Any]:
@@ -104,13 +103,13 @@ def _ts(v: datetime | None) -> str:
 @tasks_app.command("list")
 def tasks_list(status: list[str] = StatusOpt, route: str | None = RouteOpt,
                key: str | None = KeyOpt, since: str | None = SinceOpt,
-               until: str | None = UntilOpt,
+               until: str | None = UntilOpt, text: str | None = TextOpt,
                limit: int = typer.Option(100, "--limit", "-n", help="at most this many"),
                as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
                config: Path = ConfigOption) -> None:
     """List tasks (oldest first) with their status and reason."""
     url, _ = _store(config)
-    f = _filter(None, status, route, key, since, until, limit)
+    f = _filter(None, status, route, key, since, until, text, limit)
     with connection(url) as conn:
         ensure_schema(conn)
         rows = TaskStore(conn).find(f)
@@ -162,13 +161,13 @@ def tasks_show(task_id: int = typer.Argument(..., help="task id"),
 
 def _ids_or_filter(ids: list[int] | None, all_matching: bool, status: list[str],
                    route: str | None, key: str | None, since: str | None,
-                   until: str | None) -> TaskFilter:
+                   until: str | None, text: str | None) -> TaskFilter:
     if not ids and not all_matching:
         raise TerminalError("give task ids, or --all with filters (--route, --status, --key, "
-                            "--since, --until)")
+                            "--since, --until, --text)")
     if ids and all_matching:
         raise TerminalError("give task ids or --all, not both")
-    return _filter(ids, status, route, key, since, until)
+    return _filter(ids, status, route, key, since, until, text)
 
 
 @tasks_app.command("retry")
@@ -176,11 +175,12 @@ def tasks_retry(ids: list[int] | None = typer.Argument(None, help="task ids"),
                 all_matching: bool = typer.Option(False, "--all", help="every matching task"),
                 status: list[str] = StatusOpt, route: str | None = RouteOpt,
                 key: str | None = KeyOpt, since: str | None = SinceOpt,
-                until: str | None = UntilOpt, config: Path = ConfigOption) -> None:
+                until: str | None = UntilOpt, text: str | None = TextOpt,
+                config: Path = ConfigOption) -> None:
     """Queue dead/failed tasks for redelivery; the route's running worker redrives each key's
     tasks in order, then releases the events parked behind them."""
     url, _ = _store(config)
-    f = _ids_or_filter(ids, all_matching, status, route, key, since, until)
+    f = _ids_or_filter(ids, all_matching, status, route, key, since, until, text)
     with connection(url) as conn:
         ensure_schema(conn)
         done = TaskStore(conn).retry(f)
@@ -194,10 +194,11 @@ def tasks_skip(ids: list[int] | None = typer.Argument(None, help="task ids"),
                all_matching: bool = typer.Option(False, "--all", help="every matching task"),
                status: list[str] = StatusOpt, route: str | None = RouteOpt,
                key: str | None = KeyOpt, since: str | None = SinceOpt,
-               until: str | None = UntilOpt, config: Path = ConfigOption) -> None:
+               until: str | None = UntilOpt, text: str | None = TextOpt,
+               config: Path = ConfigOption) -> None:
     """Give up on dead/failed/pending tasks; events parked behind them are then delivered."""
     url, _ = _store(config)
-    f = _ids_or_filter(ids, all_matching, status, route, key, since, until)
+    f = _ids_or_filter(ids, all_matching, status, route, key, since, until, text)
     with connection(url) as conn:
         ensure_schema(conn)
         done = TaskStore(conn).skip(f)
@@ -218,12 +219,13 @@ def tasks_export(fmt: str = typer.Option("csv", "--format", help="csv or jsonl")
                      help="statuses to export (default the failures: dead, failed)"),
                  route: str | None = RouteOpt, key: str | None = KeyOpt,
                  since: str | None = SinceOpt, until: str | None = UntilOpt,
+                 text: str | None = TextOpt,
                  config: Path = ConfigOption) -> None:
     """Export tasks (by default the failures, with their reasons) for people without access."""
     if fmt not in ("csv", "jsonl"):
         raise TerminalError("--format must be csv or jsonl")
     url, _ = _store(config)
-    f = _filter(None, status, route, key, since, until)
+    f = _filter(None, status, route, key, since, until, text)
     out = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
     n = 0
     try:
@@ -259,7 +261,7 @@ def tasks_purge(older_than: float = typer.Option(7, "--older-than-days",
     """Delete old tasks (by default succeeded and skipped ones; workers also do this hourly
     with each route's log.retention_days)."""
     url, _ = _store(config)
-    _filter(None, status, route, None, None, None)
+    _filter(None, status, route, None, None, None, None)
     with connection(url) as conn:
         ensure_schema(conn)
         n = TaskStore(conn).purge(older_than_days=older_than, route=route, statuses=status)

@@ -11,8 +11,8 @@ import psycopg
 from pipeline.config import DxConfig
 from pipeline.console import audit
 from pipeline.console.accounts import Principal
-from pipeline.console.taskquery import ConsoleFilter, lock_actionable
 from pipeline.routes.pause import RouteKindName, set_paused
+from pipeline.tasks.query import lock_actionable
 from pipeline.tasks.store import TaskFilter, TaskStore
 
 #: The least role each action needs (checked on the server for every request).
@@ -31,7 +31,7 @@ def require(who: Principal, action: str) -> None:
 
 
 def task_action(conn: psycopg.Connection[Any], who: Principal, action: str,
-                f: ConsoleFilter, ids: list[int] | None = None) -> list[int]:
+                f: TaskFilter, ids: list[int] | None = None) -> list[int]:
     """Retry or skip the tasks of ``f`` (narrowed to ``ids`` when given) that the action applies
     to; returns their ids. Audit rows and the change commit together."""
     require(who, action)

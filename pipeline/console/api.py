@@ -13,11 +13,11 @@ from pydantic import BaseModel, Field
 
 from pipeline.console import audit, views
 from pipeline.console.actions import pause_route, task_action
-from pipeline.console.taskquery import ConsoleFilter, FilterError, page
 from pipeline.console.web import Caller, caller, check_csrf, db, need
 from pipeline.observability.logging import redact
 from pipeline.routes.pause import states
-from pipeline.tasks.store import TaskStore
+from pipeline.tasks.query import page
+from pipeline.tasks.store import FilterError, TaskFilter, TaskStore
 
 router = APIRouter(prefix="/api/v1", tags=["console"])
 
@@ -36,9 +36,9 @@ class Filter(BaseModel):
     until: str | None = None
     text: str | None = Field(None, description="part of the error message")
 
-    def console(self) -> ConsoleFilter:
+    def tasks(self) -> TaskFilter:
         try:
-            return ConsoleFilter.from_params(self.model_dump())
+            return TaskFilter.from_params(self.model_dump())
         except FilterError as err:
             raise HTTPException(422, str(err)) from None
 
@@ -59,7 +59,7 @@ def list_tasks(request: Request, before: int | None = None, limit: int = 50,
                c: Caller = Depends(who),
                conn: psycopg.Connection[Any] = Depends(db)) -> dict[str, Any]:
     try:
-        f = ConsoleFilter.from_params(request.query_params, request.query_params.getlist)
+        f = TaskFilter.from_params(request.query_params, request.query_params.getlist)
     except FilterError as err:
         raise HTTPException(422, str(err)) from None
     p = page(conn, f, before, size=max(1, min(limit, 500)))
@@ -89,7 +89,7 @@ def act_one(request: Request, task_id: int, action: Literal["retry", "skip"],
             conn: psycopg.Connection[Any] = Depends(db)) -> ActionResult:
     check_csrf(request, c, {})
     need(c, action)
-    done = task_action(conn, c.principal, action, ConsoleFilter(), [task_id])
+    done = task_action(conn, c.principal, action, TaskFilter(), [task_id])
     return ActionResult(count=len(done), ids=done)
 
 
@@ -100,7 +100,7 @@ def act_filter(request: Request, action: Literal["retry", "skip"], body: Filter,
                conn: psycopg.Connection[Any] = Depends(db)) -> ActionResult:
     check_csrf(request, c, {})
     need(c, action)
-    done = task_action(conn, c.principal, action, body.console())
+    done = task_action(conn, c.principal, action, body.tasks())
     return ActionResult(count=len(done), ids=done)
 
 

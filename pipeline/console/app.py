@@ -27,6 +27,7 @@ from pipeline.console.dashboard import Dashboard
 from pipeline.console.web import LoginRequired
 from pipeline.errors import ServiceUnavailable
 from pipeline.swagger import mount_swagger
+from pipeline.tasks.query import EXACT_UP_TO
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -52,6 +53,7 @@ def build_app(cfg: DxConfig, *, pool_size: int = 8) -> FastAPI:
     app.state.dashboard = Dashboard(cfg)
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
     app.state.templates.env.filters["ts"] = _ts
+    app.state.templates.env.globals["exact_up_to"] = EXACT_UP_TO  # "≈" counts past it
     app.state.templates.env.filters["epoch"] = lambda v: _ts(dt.datetime.fromtimestamp(v, dt.UTC))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     mount_swagger(app, "/api/openapi.json", path="/api/docs", title="dx console API")

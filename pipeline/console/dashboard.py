@@ -17,8 +17,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pipeline.config import DxConfig
-from pipeline.console.taskquery import route_health
 from pipeline.status import STATUS_ORDER, Status, Thresholds, collect, table_exists
+from pipeline.tasks.query import last_errors
+from pipeline.tasks.store import TaskStore
 
 
 @dataclass
@@ -54,6 +55,21 @@ def incidents(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def route_health(conn: psycopg.Connection[Any], routes: list[str], window_s: float = 3600
+                 ) -> dict[str, dict[str, Any]]:
+    """Per route: failure rate over the last ``window_s`` (failed, retrying and dead among the
+    tasks updated in it) and the newest error with its time."""
+    store = TaskStore(conn)
+    if not store.exists():
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for route, (bad, total) in store.failing_in_window(window_s).items():
+        out.setdefault(route, {})["failure_rate"] = bad / total if total else 0.0
+    for route, (error, at) in last_errors(conn, routes).items():
+        out.setdefault(route, {}).update(last_error=error, last_error_at=at)
+    return out
+
+
 class Dashboard:
     """The dashboard's data, cached for ``ttl_s`` (thread-safe)."""
 
@@ -69,7 +85,8 @@ class Dashboard:
         with self._lock:
             if fresh or self._view is None or time.monotonic() - self._at > self.ttl_s:
                 status = collect(conn, self.cfg, self.limits)
-                self._view = View(status, route_health(conn), incidents(conn))
+                self._view = View(status, route_health(conn, [r.name for r in status.routes]),
+                                  incidents(conn))
                 self._at = time.monotonic()
             return self._view
 

@@ -17,7 +17,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 
 from pipeline.console import accounts, audit, sessions
 from pipeline.console.actions import pause_route, task_action
-from pipeline.console.taskquery import ConsoleFilter, FilterError, count, csv_rows, page
 from pipeline.console.web import (
     Caller,
     caller,
@@ -30,7 +29,8 @@ from pipeline.console.web import (
 from pipeline.db import connection
 from pipeline.observability.logging import redact
 from pipeline.routes.pause import KINDS, RouteKindName, states
-from pipeline.tasks.store import STATUSES, TaskStore
+from pipeline.tasks.query import COUNT_CAP, count, csv_rows, page
+from pipeline.tasks.store import STATUSES, FilterError, TaskFilter, TaskStore
 
 router = APIRouter(include_in_schema=False)
 
@@ -43,17 +43,17 @@ def render(request: Request, template: str, c: Caller | None, status_code: int =
                         "statuses": STATUSES, **ctx}, status_code=status_code)
 
 
-def _filter(request: Request) -> ConsoleFilter:
+def _filter(request: Request) -> TaskFilter:
     try:
-        return ConsoleFilter.from_params(request.query_params,
+        return TaskFilter.from_params(request.query_params,
                                          request.query_params.getlist)
     except FilterError as err:
         raise HTTPException(400, str(err)) from None
 
 
-def _form_filter(request: Request, fields: dict[str, str]) -> ConsoleFilter:
+def _form_filter(request: Request, fields: dict[str, str]) -> TaskFilter:
     try:
-        return ConsoleFilter.from_params(fields, lambda n: form_list(request, n))
+        return TaskFilter.from_params(fields, lambda n: form_list(request, n))
     except FilterError as err:
         raise HTTPException(400, str(err)) from None
 
@@ -163,10 +163,12 @@ def tasks_page(request: Request, before: int | None = None,
     c = caller(request, conn)
     f = _filter(request)
     p = page(conn, f, before)
+    matching = count(conn, f, cap=COUNT_CAP)
     routes = sorted({r.name for r in request.app.state.dashboard.cfg.sinks}
                     | {r.name for r in request.app.state.dashboard.cfg.sources})
     return render(request, "tasks.html", c, page=p, f=f, routes=routes,
-                  query=f.urlencoded(), msg=request.query_params.get("msg"))
+                  matching=matching, cap=COUNT_CAP,
+                  query=urlencode(f.query()), msg=request.query_params.get("msg"))
 
 
 @router.get("/tasks.csv")
@@ -228,7 +230,7 @@ def task_one(request: Request, task_id: int, action: str,
     if action not in ("retry", "skip"):
         raise HTTPException(404, "no such task action")
     need(c, action)
-    done = task_action(conn, c.principal, action, ConsoleFilter(), [task_id])
+    done = task_action(conn, c.principal, action, TaskFilter(), [task_id])
     verb = "queued for retry" if action == "retry" else "skipped"
     return redirect_with(f"/tasks/{task_id}", f"task {task_id} {verb}" if done else
                  f"task {task_id} cannot be {'retried' if action == 'retry' else 'skipped'} "
@@ -250,10 +252,10 @@ def tasks_bulk(request: Request, fields: dict[str, str] = Depends(form_fields),
     if fields.get("confirm") != "yes":
         n = count(conn, f, action)
         return render(request, "confirm.html", c, f=f, action=action, n=n,
-                      query=f.urlencoded())
+                      query=urlencode(f.query()))
     done = task_action(conn, c.principal, action, f)
     verb = "queued for retry" if action == "retry" else "skipped"
-    return redirect_with(f"/tasks?{f.urlencoded()}", f"{len(done)} task(s) {verb}")
+    return redirect_with(f"/tasks?{urlencode(f.query())}", f"{len(done)} task(s) {verb}")
 
 
 # -- audit ----------------------------------------------------------------------------------

@@ -42,12 +42,6 @@ def key_match(text: str) -> tuple[sql.Composable, list[Any]]:
     else:
         values = given if isinstance(given, list) else [given]
         exact = {key_text(values), text}
-    cond = sql.SQL(
-        "(key = ANY(%s) OR (left(key, 1) IN ('{', '[') AND "
-        "(SELECT array_agg(v ORDER BY v) FROM (SELECT value::text AS v FROM jsonb_each("
-        "CASE WHEN left(key, 1) = '{' THEN key::jsonb ELSE '{}'::jsonb END) UNION ALL "
-        "SELECT value::text FROM jsonb_array_elements(CASE WHEN left(key, 1) = '[' "
-        "THEN key::jsonb ELSE '[]'::jsonb END)) kv) = "
-        "(SELECT array_agg(value::text ORDER BY value::text) "
-        "FROM jsonb_array_elements(%s::jsonb))))")
+    # dx.task_key_values (pipeline.tasks.store) is indexed: both sides of the OR read an index
+    cond = sql.SQL("(key = ANY(%s) OR dx.task_key_values(key) = dx.task_key_values(%s))")
     return cond, [sorted(e for e in exact if e is not None), json.dumps(values, default=str)]

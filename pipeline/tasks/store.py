@@ -28,9 +28,9 @@ import contextlib
 import datetime as dt
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, LiteralString, get_args
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal, LiteralString, get_args
 
 import psycopg
 from psycopg import sql
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 TaskStatus = Literal["pending", "retrying", "failed", "succeeded", "dead", "skipped"]
 STATUSES: tuple[TaskStatus, ...] = get_args(TaskStatus)
 UNRESOLVED = ("pending", "retrying", "failed", "dead")
+#: what an operator's retry and skip apply to (the CLI's and the console's)
+ACTIONABLE: dict[str, tuple[TaskStatus, ...]] = {"retry": ("dead", "failed"),
+                                                 "skip": ("dead", "failed", "pending")}
 #: tasks that keep their original Kafka message (for a redrive)
 KEEPS_RAW = UNRESOLVED
 
@@ -53,7 +56,7 @@ KEEPS_RAW = UNRESOLVED
 # redriven task left ``retrying``/``failed`` by a worker that stopped or died mid-retry: its
 # offset was committed long ago, Kafka will not redeliver it, so it is redriven again.
 
-DDL = """
+TABLE_DDL = """
 CREATE SCHEMA IF NOT EXISTS dx;
 CREATE TABLE IF NOT EXISTS dx.task (
     id          bigserial PRIMARY KEY,
@@ -79,23 +82,134 @@ CREATE TABLE IF NOT EXISTS dx.task (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     UNIQUE (route, topic, partition, "offset")
 );
-CREATE INDEX IF NOT EXISTS task_route_status_idx ON dx.task (route, status, updated_at);
-CREATE INDEX IF NOT EXISTS task_unresolved_key_idx ON dx.task (route, key, id)
-    WHERE status IN ('pending', 'retrying', 'failed', 'dead');
-CREATE INDEX IF NOT EXISTS task_updated_idx ON dx.task (updated_at);
--- newest-first pages of the console and 'dx tasks list --key': ordered index scans
-CREATE INDEX IF NOT EXISTS task_route_status_id_idx ON dx.task (route, status, id);
-CREATE INDEX IF NOT EXISTS task_status_id_idx ON dx.task (status, id);
-CREATE INDEX IF NOT EXISTS task_key_id_idx ON dx.task (key, id);
 """
 
+#: ``--key`` (keys.key_match) compares a key's values whatever its form (``{"id":42}``,
+#: ``[42]``): this function is that comparison's one side, indexed (task_key_values_idx) so a
+#: key lookup among a million tasks reads the index, not every row. NULL for a key that is not
+#: a JSON object or array (a bare ``sku-1``, or text that only looks like JSON). Not PARALLEL
+#: SAFE: its exception block is a subtransaction, which a parallel index build cannot start.
+KEY_VALUES_FUNCTION = """
+CREATE OR REPLACE FUNCTION dx.task_key_values(key text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    doc jsonb;
+BEGIN
+    IF key IS NULL OR left(key, 1) NOT IN ('{', '[') THEN
+        RETURN NULL;
+    END IF;
+    BEGIN
+        doc := key::jsonb;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END;
+    IF jsonb_typeof(doc) = 'object' THEN
+        RETURN (SELECT array_agg(value::text ORDER BY value::text) FROM jsonb_each(doc));
+    END IF;
+    RETURN (SELECT array_agg(value::text ORDER BY value::text)
+            FROM jsonb_array_elements(doc));
+END
+$$;
+"""
 
-def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+#: The task table's indexes by name. On an existing table they are built CONCURRENTLY (writers
+#: keep writing while a big table is indexed); an empty new table gets them in its own
+#: transaction. ``ensure_schema`` creates only the missing (or invalid) ones.
+INDEXES: dict[str, str] = {
+    "task_route_status_idx": "ON dx.task (route, status, updated_at)",
+    "task_unresolved_key_idx": "ON dx.task (route, key, id) "
+                               "WHERE status IN ('pending', 'retrying', 'failed', 'dead')",
+    "task_updated_idx": "ON dx.task (updated_at)",
+    # newest-first pages of the console and 'dx tasks list': ordered index scans
+    "task_route_status_id_idx": "ON dx.task (route, status, id)",
+    "task_status_id_idx": "ON dx.task (status, id)",
+    "task_key_id_idx": "ON dx.task (key, id)",
+    "task_key_values_idx": "ON dx.task (dx.task_key_values(key))",
+}
+_LOCK = "hashtext('dx.task ensure_schema')"
+#: held for a whole index build (minutes): not _LOCK, which every worker's start takes briefly
+_BUILD_LOCK = "hashtext('dx.task index build')"
+
+
+def ensure_schema(conn: psycopg.Connection[Any], *, build_indexes: bool = False) -> None:
     """Create the task table and its indexes if missing (idempotent, safe to run concurrently
-    with workers: only ``IF NOT EXISTS`` statements)."""
+    with workers).
+
+    An index missing from an existing table (an upgrade that adds one, or a build that failed
+    halfway and left it INVALID) is built with ``CREATE INDEX CONCURRENTLY``: a plain CREATE
+    INDEX would block every worker's writes for as long as it takes to index millions of rows.
+    Only ``build_indexes`` callers (``dx init``) build them — on a big table that takes minutes,
+    which a worker's or a command's start should not wait for; the others log that ``dx init``
+    is due. The build needs a connection outside a transaction."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dx.task ensure_schema'))")
-        conn.execute(DDL)
+        conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})")
+        created = conn.execute("SELECT to_regclass('dx.task')").fetchone() == (None,)
+        conn.execute(TABLE_DDL)
+        if created or _key_function_missing(conn):
+            conn.execute(KEY_VALUES_FUNCTION)
+        if created or _statistics_missing(conn):
+            # how routes and statuses go together: estimated counts per route and status
+            conn.execute("CREATE STATISTICS IF NOT EXISTS dx.task_route_status_stats (mcv) "
+                         "ON route, status FROM dx.task")
+        if created:  # an empty table: no writer to block
+            for name, definition in INDEXES.items():
+                conn.execute(f"CREATE INDEX {name} {definition}")
+            return
+        missing = _missing_indexes(conn)
+    if missing and build_indexes:
+        build_indexes_concurrently(conn, missing)
+    elif missing:
+        _warn_missing(missing)
+
+
+def _warn_missing(missing: Iterable[str]) -> None:
+    log.warning("dx.task is missing indexes %s; run 'dx init' to build them (without blocking "
+                "writers)", ", ".join(missing))
+
+
+def _key_function_missing(conn: psycopg.Connection[Any]) -> bool:
+    return conn.execute(
+        "SELECT to_regprocedure('dx.task_key_values(text)')").fetchone() == (None,)
+
+
+def _statistics_missing(conn: psycopg.Connection[Any]) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM pg_statistic_ext WHERE stxname = 'task_route_status_stats' "
+        "AND stxnamespace = 'dx'::regnamespace").fetchone() is None
+
+
+def _missing_indexes(conn: psycopg.Connection[Any]) -> dict[str, bool]:
+    """Indexes of INDEXES not there or not valid (name: whether an invalid one exists)."""
+    valid = dict(conn.execute(
+        "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE i.indrelid = 'dx.task'::regclass").fetchall())
+    return {name: name in valid for name in INDEXES if not valid.get(name)}
+
+
+def build_indexes_concurrently(conn: psycopg.Connection[Any], missing: dict[str, bool]) -> None:
+    """``CREATE INDEX CONCURRENTLY`` each of ``missing`` (dropping an invalid leftover first).
+    Only one process builds at a time (a session advisory lock, tried, never waited for: a
+    waiting session would hold a snapshot the build itself waits for)."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        _warn_missing(missing)
+        return
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        got = conn.execute(f"SELECT pg_try_advisory_lock({_BUILD_LOCK})").fetchone()
+        if not got or not got[0]:
+            log.warning("dx.task indexes %s are being built by another process",
+                        ", ".join(missing))
+            return
+        try:
+            for name in _missing_indexes(conn):  # again, now that we hold the lock
+                log.info("building index dx.%s concurrently", name)
+                conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS dx.{name}")
+                conn.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} {INDEXES[name]}")
+        finally:
+            conn.execute(f"SELECT pg_advisory_unlock({_BUILD_LOCK})")
+    finally:
+        conn.autocommit = autocommit
 
 
 @dataclass
@@ -173,9 +287,14 @@ WHERE NOT (EXCLUDED.status = 'pending' AND dx.task.status IN ('dead', 'succeeded
   AND NOT (dx.task.status = 'skipped' AND EXCLUDED.status <> 'skipped')
 """
 
+class FilterError(ValueError):
+    """A filter value no query can use (unknown status, unreadable time): one clear line."""
+
+
 @dataclass
 class TaskFilter:
-    """Filters of ``dx tasks`` commands; all given ones must hold."""
+    """Which tasks: the one filter of ``dx tasks`` commands and of the console's pages and JSON
+    API (so a filter means the same in both); all given conditions hold."""
 
     ids: Sequence[int] = ()
     status: Sequence[str] = ()
@@ -183,17 +302,72 @@ class TaskFilter:
     key: str | None = None
     since: str | None = None  # '2h', '30 minutes', or an ISO 8601 time
     until: str | None = None
+    text: str | None = None  # part of the error message, case-insensitive
     limit: int | None = None
 
-    def where(self, *extra: str) -> tuple[sql.Composable, list[Any]]:
-        """The WHERE clause (empty when nothing is filtered) and its parameters. ``extra`` are
-        fixed SQL conditions from this module, never user input."""
+    #: the fields a URL or a form carries (``status`` may repeat)
+    PARAMS: ClassVar[tuple[str, ...]] = ("route", "key", "since", "until", "text")
+
+    def check(self) -> TaskFilter:
+        """Raise FilterError for an unknown status or an unreadable time; ``self`` otherwise."""
+        for s in self.status:
+            if s not in STATUSES:
+                raise FilterError(f"unknown status {s!r}; use one of {', '.join(STATUSES)}")
+        for bound in (self.since, self.until):
+            if bound:
+                try:
+                    parse_time(bound)
+                except ValueError:
+                    raise FilterError(f"bad time {bound!r}: use 30m, 2h, 1d or an ISO time"
+                                      ) from None
+        return self
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any],
+                    getlist: Callable[[str], Iterable[str]] | None = None) -> TaskFilter:
+        """From query or form fields (``getlist`` reads a repeated ``status``). Raises
+        FilterError."""
+        raw = getlist("status") if getlist else params.get("status")
+        statuses = [raw] if isinstance(raw, str) else list(raw or ())
+        def opt(name: str) -> str | None:
+            v = params.get(name)
+            return str(v).strip() or None if v is not None else None
+
+        return cls(status=[str(s) for s in statuses if s], route=opt("route"), key=opt("key"),
+                   since=opt("since"), until=opt("until"), text=opt("text")).check()
+
+    def query(self) -> list[tuple[str, str]]:
+        """The filter as query parameters (what links and forms carry)."""
+        return [("status", s) for s in self.status] + [
+            (n, v) for n in self.PARAMS if (v := getattr(self, n))]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": list(self.status), **{n: getattr(self, n) for n in self.PARAMS}}
+
+    def for_action(self, action: str) -> TaskFilter | None:
+        """This filter narrowed to the statuses ``action`` applies to (ACTIONABLE); None when
+        none is left (asking the database would read every task of the other statuses to find
+        nothing)."""
+        allowed = ACTIONABLE[action]
+        statuses = [s for s in (self.status or allowed) if s in allowed]
+        return replace(self, status=statuses) if statuses else None
+
+    def where(self, *extra: str, before: int | None = None
+              ) -> tuple[sql.Composable, list[Any]]:
+        """The WHERE clause (empty when nothing is filtered) and its parameters; ``before``
+        keeps ids below it (keyset paging). ``extra`` are fixed SQL conditions from the task
+        modules, never user input."""
         clauses: list[sql.Composable] = []
         params: list[Any] = []
         if self.ids:
             clauses.append(sql.SQL("id = ANY(%s)"))
             params.append(list(self.ids))
-        if self.status:
+        if len(self.status) == 1:
+            # '=' and not '= ANY': PostgreSQL (before 17) reads an index in order only for '=',
+            # and newest-first pages need that order
+            clauses.append(sql.SQL("status = %s"))
+            params.append(self.status[0])
+        elif self.status:
             clauses.append(sql.SQL("status = ANY(%s)"))
             params.append(list(self.status))
         if self.route:
@@ -209,10 +383,20 @@ class TaskFilter:
         if self.until:
             clauses.append(sql.SQL("updated_at < %s"))
             params.append(parse_time(self.until))
+        if self.text:
+            clauses.append(sql.SQL("error ILIKE %s"))
+            params.append("%" + _like_escape(self.text) + "%")
+        if before is not None:
+            clauses.append(sql.SQL("id < %s"))
+            params.append(before)
         clauses.extend(sql.SQL(e) for e in extra)
         if not clauses:
             return sql.SQL(""), params
         return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(clauses), params
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class TaskStore:
@@ -286,14 +470,25 @@ class TaskStore:
         self.conn.commit()
         return found
 
-    def counts_by_route(self) -> dict[str, dict[str, int]]:
-        """Tasks by route and status ({} when the task table does not exist yet)."""
+    def counts_by_route(self, statuses: Sequence[str] = UNRESOLVED, cap: int | None = None
+                        ) -> dict[str, dict[str, int]]:
+        """Tasks by route for each of ``statuses`` (the unresolved ones by default: what
+        operators and alerts act on), {} before the table exists. Counted on the (route, status,
+        id) index, one probe per route and status (the routes found by a skip scan), never a
+        read of the table; with ``cap`` a count stops at ``cap + 1``."""
         if not self.exists():
             return {}
         out: dict[str, dict[str, int]] = {}
         for route, status, n in self.conn.execute(
-                "SELECT route, status, count(*) FROM dx.task GROUP BY route, status"):
-            out.setdefault(str(route), {})[str(status)] = int(n)
+                "WITH RECURSIVE r AS ((SELECT route FROM dx.task ORDER BY route LIMIT 1) "
+                "UNION ALL SELECT (SELECT t.route FROM dx.task t WHERE t.route > r.route "
+                "ORDER BY t.route LIMIT 1) FROM r WHERE r.route IS NOT NULL) "
+                "SELECT r.route, s, (SELECT count(*) FROM (SELECT 1 FROM dx.task t "
+                "WHERE t.route = r.route AND t.status = s LIMIT %s) m) "
+                "FROM r CROSS JOIN unnest(%s::text[]) s WHERE r.route IS NOT NULL",
+                (None if cap is None else cap + 1, list(statuses))):
+            if n:
+                out.setdefault(str(route), {})[str(status)] = int(n)
         self.conn.commit()
         return out
 
@@ -319,7 +514,10 @@ class TaskStore:
     def retry(self, f: TaskFilter) -> list[int]:
         """Queue dead/failed tasks for redelivery by the route's worker (in key order: the
         worker redrives each key's tasks by id). Returns the ids queued."""
-        where, params = f.where("status IN ('dead', 'failed')")
+        narrowed = f.for_action("retry")
+        if narrowed is None:
+            return []
+        where, params = narrowed.where()
         rows = self.conn.execute(
             sql.SQL("UPDATE dx.task SET status = 'pending', redrive = true, updated_at = now()"
                     "{} RETURNING id").format(where), params).fetchall()
@@ -329,7 +527,10 @@ class TaskStore:
     def skip(self, f: TaskFilter, reason: str = "skipped by operator") -> list[int]:
         """Mark dead/failed/pending tasks skipped; a worker then releases the tasks parked
         behind them. Returns the ids skipped."""
-        where, params = f.where("status IN ('dead', 'failed', 'pending')")
+        narrowed = f.for_action("skip")
+        if narrowed is None:
+            return []
+        where, params = narrowed.where()
         rows = self.conn.execute(
             sql.SQL("UPDATE dx.task SET status = 'skipped', redrive = false, raw_key = NULL, "
                     "raw_value = NULL, raw_headers = NULL, updated_at = now(), "

@@ -113,6 +113,7 @@ def test_operator_finds_reads_retries_and_exports_a_dead_task(
             page.wait_for_url("**text=400*")
             listed = page.locator("table.tasks tbody tr")
             assert listed.count() == 1 and str(dead["id"]) in listed.inner_text()
+            assert page.locator(".matching").inner_text() == "1 task matches."
 
             # its page: the export log with the target's answer, credentials masked
             page.click(f"table.tasks a[href='/tasks/{dead['id']}']")

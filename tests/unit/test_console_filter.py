@@ -1,20 +1,20 @@
-"""The console's task filter: what the URL may say, and the SQL it becomes (parameters in the
-order of their placeholders, user text only ever a parameter)."""
+"""The task filter the console and ``dx tasks`` share: what the URL may say, and the SQL it
+becomes (parameters in the order of their placeholders, user text only ever a parameter)."""
 
 from __future__ import annotations
 
 import pytest
 
 from pipeline.console.accounts import Principal
-from pipeline.console.taskquery import ConsoleFilter, FilterError
+from pipeline.tasks.store import FilterError, TaskFilter
 
 
 def test_a_filter_round_trips_through_the_url() -> None:
-    f = ConsoleFilter.from_params({"route": " pim ", "key": '{"id": 1}', "since": "2h",
+    f = TaskFilter.from_params({"route": " pim ", "key": '{"id": 1}', "since": "2h",
                                    "text": "timeout"},
                                   lambda name: ["dead", "failed"] if name == "status" else [])
     assert f.status == ["dead", "failed"] and f.route == "pim"
-    again = ConsoleFilter.from_params(dict(f.query()),
+    again = TaskFilter.from_params(dict(f.query()),
                                       lambda name: [v for k, v in f.query() if k == name])
     assert again == f
 
@@ -25,23 +25,34 @@ def test_a_filter_round_trips_through_the_url() -> None:
 ])
 def test_a_bad_filter_is_one_clear_error(params: dict[str, str], message: str) -> None:
     with pytest.raises(FilterError, match=message):
-        ConsoleFilter.from_params(params)
+        TaskFilter.from_params(params)
 
 
 def test_parameters_follow_their_placeholders_and_like_wildcards_are_escaped() -> None:
-    f = ConsoleFilter.from_params({"status": "dead", "route": "pim", "text": "50%_off"})
-    where, params = f.where(before=10, extra="id = ANY(%s)", extra_params=([1, 2],))
+    f = TaskFilter.from_params({"status": "dead", "route": "pim", "text": "50%_off"})
+    where, params = f.where("status IN ('dead')", before=10)
     text = where.as_string(None)
-    assert text.index("route =") < text.index("id = ANY") < text.index("status =") \
-        < text.index("ILIKE") < text.index("id <")
-    assert params == ["pim", [1, 2], "dead", "%50\\%\\_off%", 10]
-    several = ConsoleFilter(status=["dead", "failed"]).where()
+    assert text.index("status =") < text.index("route =") < text.index("ILIKE") \
+        < text.index("id <") < text.index("status IN")
+    assert params == ["dead", "pim", "%50\\%\\_off%", 10]
+    several = TaskFilter(status=["dead", "failed"]).where()
     assert "status = ANY" in several[0].as_string(None) and several[1] == [["dead", "failed"]]
     assert "50" not in text  # user text is a parameter, never SQL
 
 
+def test_the_cli_and_the_console_read_one_filter() -> None:
+    """``dx tasks list --text`` and the page's "error contains" are the same condition."""
+    from pipeline.cli.sink_cmd import _filter
+
+    cli = _filter(None, ["dead"], "pim", None, "2h", None, "timeout")
+    page = TaskFilter.from_params({"status": "dead", "route": "pim", "since": "2h",
+                                   "text": "timeout"})
+    assert cli.where()[0].as_string(None) == page.where()[0].as_string(None)
+    assert cli.query() == page.query()
+
+
 def test_an_empty_filter_matches_everything() -> None:
-    where, params = ConsoleFilter().where()
+    where, params = TaskFilter().where()
     assert where.as_string(None).strip() in ("", "WHERE TRUE") and params == []
 
 

@@ -22,7 +22,7 @@ def test_ages_and_iso_times() -> None:
 
 def test_filter_builds_parameters_in_clause_order() -> None:
     _, params = TaskFilter(status=["dead"], route="r", key='{"id":1}', since="1h").where()
-    assert params[:2] == [["dead"], "r"] and isinstance(params[4], dt.datetime)
+    assert params[:2] == ["dead", "r"] and isinstance(params[4], dt.datetime)
     assert params[2] == ['[1]', '{"id":1}'] and params[3] == "[1]"  # either form of the key
     assert TaskFilter().where()[1] == []
 
