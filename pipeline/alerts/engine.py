@@ -133,6 +133,8 @@ class AlertEngine:
             obs.append(Observation("backlog_age", "outbox", a >= rules.backlog_age_s,
                                    f"oldest outbox change is {a:.0f}s old "
                                    f"(threshold {rules.backlog_age_s:g}s)", command="dx status"))
+        if rules.slot_retained_bytes is not None or rules.slot_confirm_age_s is not None:
+            obs.extend(self._slot(conn))
         if rules.consumer_lag is not None:
             for r in self._lag(conn):
                 if r.lag is None:
@@ -161,6 +163,44 @@ class AlertEngine:
             log.warning("consumer lag check failed: %s", err)
             return []
         return routes
+
+    def _slot(self, conn: psycopg.Connection[Any]) -> list[Observation]:
+        """Logical capture: the replication slot makes PostgreSQL keep WAL until the relay
+        confirms it, so a stopped or stuck relay fills the disk (or, with
+        ``max_slot_wal_keep_size``, gets the slot invalidated: a re-snapshot). Fires on either
+        threshold, and on a slot that is gone or invalidated."""
+        from pipeline.capture import logical
+
+        try:
+            if logical.installed_mode(conn) != "logical":
+                conn.commit()
+                return []
+            name, info = logical.current_slot(conn), logical.slot_info(conn)
+        except psycopg.Error as err:
+            log.warning("replication slot check failed: %s", err)
+            conn.rollback()
+            return []
+        conn.commit()
+        rules = self.alerts.rules
+        runbook = "see the README runbook 'lost replication slot'"
+        if info is None or info.lost:
+            what = "is missing" if info is None else "was invalidated"
+            return [Observation("replication_slot", name, True,
+                                f"replication slot {name} {what}: the relay stops; {runbook}",
+                                command="dx status")]
+        retained, age = info.retained_bytes or 0, info.confirmed_age_s or 0.0
+        over: list[str] = []
+        if rules.slot_retained_bytes is not None and retained >= rules.slot_retained_bytes:
+            over.append(f"retains {retained} bytes of WAL (threshold "
+                        f"{rules.slot_retained_bytes})")
+        if rules.slot_confirm_age_s is not None and age >= rules.slot_confirm_age_s:
+            over.append(f"not confirmed for {age:.0f}s (threshold {rules.slot_confirm_age_s:g}s)")
+        summary = (f"replication slot {name} " + "; ".join(over) + ": is the relay running? "
+                   "PostgreSQL keeps the WAL until it confirms" if over else
+                   f"replication slot {name} retains {retained} bytes of WAL, confirmed "
+                   f"{age:.0f}s ago")
+        return [Observation("replication_slot", name, bool(over), summary, count=retained,
+                            command="dx status")]
 
     def _backlog_age(self, conn: psycopg.Connection[Any]) -> float | None:
         from pipeline.status import relay_status

@@ -168,9 +168,15 @@ def published(conn: psycopg.Connection[Any], spec: TableSpec) -> bool:
 def ensure_slot(conn: psycopg.Connection[Any]) -> tuple[str, bool]:
     """Create the slot when missing (after the publication exists); (name, created).
 
-    ``conn`` must be in autocommit: a slot cannot be created in a transaction that wrote."""
+    An invalidated slot (``max_slot_wal_keep_size`` reached) can never be read again: it is
+    dropped and created anew, with a new epoch (the runbook 'lost replication slot' goes on
+    with a snapshot). ``conn`` must be in autocommit: a slot cannot be created in a
+    transaction that wrote."""
     name = current_slot(conn)
-    if slot_info(conn) is not None:
+    info = slot_info(conn)
+    if info is not None and info.lost and not info.active:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+    elif info is not None:
         return name, False
     try:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))

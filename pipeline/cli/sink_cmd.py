@@ -31,7 +31,8 @@ sink_app = typer.Typer(help="Outbound routes: deliver changes to third-party sys
                        no_args_is_help=True)
 tasks_app = typer.Typer(help="Tasks: every event a route handled, with its logs.",
                         no_args_is_help=True)
-alerts_app = typer.Typer(help="Alerts: failure rate, dead tasks, backlog age, consumer lag.",
+alerts_app = typer.Typer(help="Alerts: failure rate, dead tasks, backlog age, consumer lag, "
+                         "replication slot.",
                          no_args_is_help=True)
 
 

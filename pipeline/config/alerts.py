@@ -38,7 +38,8 @@ class WebhookConfig(_Base):
     timeout_s: float = Field(10, gt=0)
 
 
-RuleName = Literal["dead_tasks", "failure_rate", "consumer_lag", "backlog_age", "target_down"]
+RuleName = Literal["dead_tasks", "failure_rate", "consumer_lag", "backlog_age", "target_down",
+                   "replication_slot"]
 
 
 class Recipients(_Base):
@@ -66,6 +67,10 @@ class RulesConfig(_Base):
     backlog_age_s: float | None = Field(300, gt=0, description="oldest outbox row, seconds")
     consumer_lag: int | None = Field(None, ge=1, description="messages behind, per route")
     target_down: bool = Field(True, description="a sink route paused by its circuit breaker")
+    slot_retained_bytes: int | None = Field(
+        1 << 30, ge=1, description="WAL the replication slot keeps (logical capture), bytes")
+    slot_confirm_age_s: float | None = Field(
+        600, gt=0, description="since the relay last confirmed the replication slot, seconds")
 
 
 class AlertsConfig(_Base):

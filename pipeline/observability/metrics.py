@@ -120,6 +120,15 @@ class DxMetrics:
             "dx triggers in the relay's database that do not fire for every write (disabled, "
             "or skipped under session_replication_role = replica): writes they miss are lost",
             ["relay"], registry=registry)
+        self.slot_retained = Gauge(
+            "dx_capture_slot_retained_bytes",
+            "WAL bytes PostgreSQL keeps for the relay's replication slot (logical capture): "
+            "grows while no relay reads it, until the disk or max_slot_wal_keep_size is hit",
+            ["relay"], registry=registry)
+        self.slot_confirm_age = Gauge(
+            "dx_capture_slot_confirm_age_seconds",
+            "Seconds since the relay last confirmed its replication slot (logical capture)",
+            ["relay"], registry=registry)
         self.relay_active = Gauge(
             "dx_relay_active",
             "1 while this process holds the relay lease, 0 while it is a hot standby",
@@ -242,6 +251,13 @@ class RelayMetrics(WorkerMetrics):
     def inactive_triggers(self, count: int) -> None:
         """dx triggers that do not fire for every write (0 when capture sees everything)."""
         self.metrics.relay_inactive_triggers.labels(self.route).set(count)
+
+    def slot(self, retained_bytes: int, confirm_age_s: float) -> None:
+        """The replication slot's retained WAL and the age of its last confirm (logical
+        capture). Database facts, so active relay and standbys export the same values: use
+        ``max`` over replicas, not ``sum``."""
+        self.metrics.slot_retained.labels(self.route).set(max(0, retained_bytes))
+        self.metrics.slot_confirm_age.labels(self.route).set(max(0.0, confirm_age_s))
 
     def active(self, is_active: bool) -> None:
         """1 while holding the lease, 0 as a hot standby (alert when the sum is not 1)."""

@@ -16,6 +16,9 @@ What tells the two apart is an identity recorded with the cursor that every such
 * the oid of ``dx.relay_state`` itself (``pg_restore --clean`` into the same database recreates
   the table).
 
+A dump restored into another cluster also brings transaction ids that cluster hands out again:
+:mod:`pipeline.relay.foreign_xids` keeps them apart.
+
 The one event it cannot see is a cold file-level copy put back in place on the same timeline;
 the runbook says to start the relay with ``--reset-state`` after one.
 """
@@ -29,6 +32,7 @@ from typing import Any
 import psycopg
 
 from pipeline.errors import TerminalError
+from pipeline.relay import foreign_xids
 from pipeline.relay.reader import Cursor
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,11 @@ def settle(conn: psycopg.Connection[Any], relay_name: str, kafka_cursor: Cursor 
     beyond what this database recorded as published."""
     here = current(conn)
     db_cursor, token = recorded(conn, relay_name)
+    other_cluster = token is not None and token.split("/", 1)[0] != str(here.system)
+    if other_cluster or foreign_xids.from_elsewhere(conn):
+        foreign_xids.rebase(conn, relay_name)  # before anything is read or deleted
+    else:
+        foreign_xids.check(conn, relay_name)
     if token is not None and token != here.token:
         if kafka_cursor is not None and kafka_cursor > db_cursor:
             raise DatabaseReplaced(

@@ -15,7 +15,11 @@ without observability. :class:`RelayObserver` is the real one ``dx relay`` insta
   ``dx_capture_inactive_triggers`` (dx triggers that miss writes: disabled, or skipped under
   ``session_replication_role = replica``; each one is also a warning line and part of the
   ``/readyz`` reason).
-  A standby exports none of these, so summing over replicas stays right.
+  A standby exports none of these, so summing over replicas stays right;
+* in logical mode, active and standby alike (the same database facts: ``max`` over replicas):
+  ``dx_capture_slot_retained_bytes`` and ``dx_capture_slot_confirm_age_seconds``, so the WAL a
+  slow or stuck relay makes PostgreSQL keep is on the dashboard before the disk fills. Once no
+  relay runs at all, ``dx alerts run``'s ``replication_slot`` rule reads the same figures.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 import psycopg
 
+from pipeline.capture import logical
 from pipeline.capture.install import inactive_triggers
 from pipeline.config import DxConfig
 from pipeline.db import connect
@@ -93,6 +98,7 @@ class RelayObserver(RelayHooks):
             self.server.set_ready(True, self._ready_reason())
         elif state.startswith("standby"):
             self.server.set_standby(state)
+            self._maybe_sample()
         else:
             self.server.set_ready(False, state)
             if state == "stopped":
@@ -100,8 +106,11 @@ class RelayObserver(RelayHooks):
 
     def tick(self) -> None:
         self.server.heartbeat()
+        self._maybe_sample()
+
+    def _maybe_sample(self) -> None:
         now = time.monotonic()
-        if self.active and now >= self._next_sample:
+        if now >= self._next_sample:
             self._next_sample = now + self.sample_every_s
             self.sample()
 
@@ -120,11 +129,18 @@ class RelayObserver(RelayHooks):
         self.metrics.retried()
 
     def sample(self) -> None:
-        """Backlog, oldest pending age and blocking transaction age from the database."""
+        """The replication slot's figures (logical mode); while active also backlog, oldest
+        pending age and blocking transaction age from the database."""
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self.url, autocommit=True, application_name=(
                     f"dx-relay:{self.name}:{socket.gethostname()}:{os.getpid()}:metrics"))
+            slot = (logical.slot_info(self._conn)
+                    if logical.installed_mode(self._conn) == "logical" else None)
+            if slot is not None and slot.retained_bytes is not None:
+                self.metrics.slot(slot.retained_bytes, slot.confirmed_age_s or 0.0)
+            if not self.active:
+                return
             events, oldest = outbox_backlog(self._conn)
             blocking = [t.age_s for t in open_transactions(self._conn, 0)
                         if t.holds_captured_changes]

@@ -24,6 +24,7 @@ from tests.faults.oracle import (
     topic_facts,
     wait_drained,
 )
+from tests.faults.own_postgres import OwnPostgres
 from tests.integration.relay_support import captured_items, dx, execute, relay_thread, write_config
 
 TABLES = "  - name: items\n    columns: [id, v]\n"
@@ -105,3 +106,93 @@ def test_restored_database_is_not_trusted(stack: Any, pg_db: str, topic_prefix: 
     finally:
         _admin(pg_db, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(urlsplit(restored).path.lstrip("/"))))
+
+
+# -- a dump restored into a new cluster -----------------------------------------------------------
+
+def _xid(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _burn_xids(url: str, upto: int) -> None:
+    """Commit empty transactions until the cluster's next transaction id is ``upto``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DO $$ BEGIN WHILE pg_snapshot_xmax(pg_current_snapshot()) "  # type: ignore[arg-type]
+                     f"< '{upto}'::xid8 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; "
+                     f"END $$")
+
+
+def _pending_xids(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [int(r[0]) for r in conn.execute("SELECT xid::text FROM dx.txn ORDER BY seq")]
+
+
+def test_dump_restored_into_a_new_cluster_keeps_transactions_apart(
+        stack: Any, own_postgres: OwnPostgres, topic_prefix: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A plain dump of the shop (with changes not yet published) restored into a fresh cluster:
+    that cluster hands out the restored changes' transaction ids again. Where the relay starts
+    before the application writes, it moves the restored ids out of the way and publishes
+    everything once; where new transactions already reused them, it refuses with one line."""
+    old = own_postgres.database(f"dump_{uuid.uuid4().hex[:8]}")
+    execute(old, "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+    cfg = write_config(tmp_path / "old.yaml", stack, old, topic_prefix, TABLES)
+    assert dx("capture", "install", "-c", str(cfg)).returncode == 0
+    _burn_xids(old, max(_xid(old), 4000))  # above what a fresh cluster uses for the restore
+    published = _write(old, range(1, 4))
+    _publish(cfg, old)  # the relay recorded this cluster's identity with its cursor
+    pending = _write(old, range(4, 9))  # committed, not published: the relay is down
+    restored_xids = _pending_xids(old)
+    dump = subprocess.run(["pg_dump", "--no-owner", old], capture_output=True, text=True,
+                          check=True, timeout=120).stdout
+
+    new = OwnPostgres()
+    try:
+        moved, collided = new.database("moved"), new.database("collided")
+        for db in (moved, collided):
+            subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", db], input=dump,
+                           capture_output=True, text=True, check=True, timeout=120)
+        assert _xid(new.url) < restored_xids[0], "the new cluster is not behind the old one"
+        # the same exchange (topics, relay) follows the restored database
+        cfg_m = write_config(tmp_path / "moved.yaml", stack, moved, topic_prefix, TABLES)
+        cfg_c = write_config(tmp_path / "collided.yaml", stack, collided, topic_prefix, TABLES)
+        # "moved": the relay is started on the restored database before the application
+        # writes; Kafka's cursor is another cluster's: refused until told to reset
+        res = dx("relay", "-c", str(cfg_m), timeout=120)
+        assert res.returncode == 1 and "belongs to database system" in res.stderr, res.stderr
+        with relay_thread(cfg_m, reset_state=True):
+            wait_drained(moved)
+        assert any("came from another cluster" in r.getMessage() for r in caplog.records)
+
+        # the application writes into both, one transaction each, with the ids the restored
+        # changes had in the old cluster
+        _burn_xids(new.url, restored_xids[0])
+        committed = published + pending
+        committed_c = list(pending)
+        for i in range(100, 110):
+            committed += _write(moved, range(i, i + 1))
+            committed_c += _write(collided, range(i, i + 1))
+        assert set(_pending_xids(collided)) & set(restored_xids), "no id was reused"
+
+        with relay_thread(cfg_m):
+            wait_drained(moved)
+        got = topic_facts(stack, f"{topic_prefix}.public.items", len(committed))
+        verdict = compare("dump restored into a new cluster, relay first", committed, got)
+        assert (verdict.lost, verdict.dup) == (0, 0)
+
+        # "collided": new transactions reused restored ids before any relay ran: refused
+        res = dx("relay", "-c", str(cfg_c), "--reset-state", timeout=120)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("dx: error")]
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert len(errors) == 1 and "cannot be told apart" in errors[0], res.stderr
+        assert "runbook 'restored into a new cluster'" in errors[0]
+        with psycopg.connect(collided) as conn:
+            kept = [(r[0]["id"], r[0]["v"]) for r in conn.execute("SELECT after FROM dx.outbox")]
+        verdict = compare("dump restored into a new cluster, ids reused: refused, kept in the "
+                          "outbox", committed_c, kept)
+        assert (verdict.lost, verdict.dup) == (0, 0)
+    finally:
+        new.close()

@@ -1,6 +1,8 @@
 """The full path: a write through the API -> capture (origin = the key's system) -> relay ->
 Kafka (Avro, registry) -> an HTTP sink route; the route whose target is the writing system
-does not get its own change back."""
+does not get its own change back. In both capture modes: the API marks its transactions with
+the writing system, a trigger-captured row carries it, the change stream carries it as a
+transactional message."""
 
 from __future__ import annotations
 
@@ -9,9 +11,7 @@ from typing import Any
 
 import psycopg
 
-from pipeline.capture import install as capture_install
-from pipeline.config.loader import load_config
-from tests.integration.relay_support import TopicReader, relay_thread
+from tests.integration.relay_support import TopicReader, dx, relay_thread
 from tests.integration.test_api_support import API_SECTION, KEYS, SCHEMA, serve, write_config
 from tests.integration.test_sink_support import sink_thread, target, tasks, wait_for
 
@@ -22,12 +22,14 @@ TABLES = """
 
 
 def test_api_write_reaches_kafka_and_an_http_sink_with_its_origin(
-        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path, capture_mode: str) -> None:
     with psycopg.connect(pg_db, autocommit=True) as conn:
         conn.execute(SCHEMA)
     topic = f"{topic_prefix}.public.products"
     with target() as srv:
         extra = f"""
+capture:
+  mode: {capture_mode}
 relay:
   name: {topic_prefix}
   poll_interval_s: 0.02
@@ -44,13 +46,9 @@ sinks:
 """
         path = write_config(tmp_path / "dx.yaml", pg_db, stack, prefix=topic_prefix,
                             tables="\n" + TABLES, api=API_SECTION + extra)
-        cfg = load_config(path)
-        with psycopg.connect(pg_db, autocommit=True) as conn:
-            capture_install.ensure_schema(conn, cfg)
-            capture_install.install_table(conn, cfg, 0)
-            from pipeline.tasks.store import ensure_schema as tasks_schema
-
-            tasks_schema(conn)
+        res = dx("capture", "install", "-c", str(path))
+        assert res.returncode == 0 and f"capture mode: {capture_mode}" in res.stdout, \
+            res.stdout + res.stderr
 
         with serve(path) as api, api.client(KEYS["TEST_API_KEY_PIM"]) as c:
             r = c.post("/products", json={"sku": "PIPE-1", "title": "Piped", "price": 12.5})

@@ -12,6 +12,7 @@ from typing import Any
 import fastavro
 import psycopg
 import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
 from psycopg.types.json import set_json_loads
 
 from pipeline.capture.catalog import read_table
@@ -175,6 +176,43 @@ def test_an_incompatible_column_change_stops_the_relay_with_one_line(
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "not compatible" in lines[0], lines
+
+
+def test_compatible_column_changes_become_schema_versions_while_the_relay_runs(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Relation messages in the stream, with the relay running: a type change the registry
+    accepts (int -> bigint) and a dropped exposed column each become a new schema version
+    (registered like any other, the event after them carries it); adding or dropping a column
+    dx.yaml does not expose changes nothing on the topic."""
+    execute(pg_db, "CREATE TABLE things (id int PRIMARY KEY, v int NOT NULL, n int, note text)")
+    cfg = write_config(tmp_path / "dx.yaml", stack, pg_db, topic_prefix,
+                       "  - name: things\n    columns: [id, v, n]\n", capture_mode="logical")
+    assert dx("capture", "install", "-c", str(cfg)).returncode == 0
+    topic = f"{topic_prefix}.public.things"
+    reader = TopicReader(stack, topic)
+    with relay_thread(cfg) as relay:
+        execute(pg_db, "INSERT INTO things VALUES (1, 1, 1, 'a')")
+        reader.read(until=1)
+        execute(pg_db, "ALTER TABLE things ALTER COLUMN v TYPE bigint",
+                "UPDATE things SET v = 5000000000 WHERE id = 1")
+        reader.read(until=2)
+        execute(pg_db, "ALTER TABLE things DROP COLUMN n", "UPDATE things SET v = 3 WHERE id = 1")
+        reader.read(until=3)
+        execute(pg_db, "ALTER TABLE things DROP COLUMN note",
+                "ALTER TABLE things ADD COLUMN extra text",
+                "UPDATE things SET v = 4, extra = 'x' WHERE id = 1")
+        events = reader.read(until=4, settle_s=1.0)
+        assert relay.stats.state == "active"
+    reader.close()
+    afters = [e.value["after"] for e in events]  # type: ignore[index]
+    assert afters == [{"id": 1, "v": 1, "n": 1}, {"id": 1, "v": 5000000000, "n": 1},
+                      {"id": 1, "v": 3}, {"id": 1, "v": 4}]
+    registry = SchemaRegistryClient({"url": stack.schema_registry_url})
+    assert len(registry.get_versions(f"{topic}-value")) == 3  # int, bigint, without n
+    with psycopg.connect(pg_db) as conn:
+        versions = conn.execute("SELECT count(*) FROM dx.capture_spec "
+                                "WHERE entity = 'public.things'").fetchone()
+    assert versions == (3,)
 
 
 def test_a_truncate_past_the_guard_is_reported(stack: Any, pg_db: str, topic_prefix: str,
