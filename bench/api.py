@@ -2,7 +2,7 @@
 hand-written endpoint doing the same SQL work, both on uvicorn in this process, same database.
 
     python bench/api.py                   # services from DX_* env vars or deploy/local/stack
-    python bench/api.py --quick           # the same, smaller (about half a minute)
+    python bench/api.py --quick           # the same, smaller (about 20 s)
     python bench/api.py --entities file   # entity and key in dx.yaml instead of the database
 
 By default the entity and the API key live in the database, as the console stores them
@@ -277,7 +277,7 @@ def scenarios(c: httpx.Client, generated: bool, args: argparse.Namespace, tag: s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 smaller rounds (about half a minute)")
+    ap.add_argument("--quick", action="store_true", help="2 smaller rounds (about 20 s)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (dx and baseline interleaved)")
     ap.add_argument("--requests", type=int, default=600,
                     help="GET-by-id requests per round and side (the list scenario: half)")
