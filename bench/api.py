@@ -2,9 +2,15 @@
 hand-written endpoint doing the same SQL work, both on uvicorn in this process, same database.
 
     python bench/api.py                   # services from DX_* env vars or deploy/local/stack
-    python bench/api.py --requests 2000 --batch 500
+    python bench/api.py --quick           # the same, smaller (about 20 s)
+    python bench/api.py --entities file   # entity and key in dx.yaml instead of the database
 
-Scenarios (one keep-alive client, sequential requests, after a warm-up):
+By default the entity and the API key live in the database, as the console stores them
+(``dx.api_entity``, ``dx.api_key``), and ``--replicas`` (2) ``dx api serve`` instances run
+with their reload watcher. Before every round the entity is edited the way the console does it and
+the round waits until every replica has reloaded it, so each round measures a freshly reloaded
+state. Scenarios (one keep-alive client, sequential requests, after a warm-up), dx and the baseline
+taking turns in short blocks within each round so both see the same machine load:
 
 * ``GET by id``: one row by primary key.
 * ``filtered list``: ``status=active & price[gte]=10 & price[lt]=500``, sorted by price, 50 rows,
@@ -13,7 +19,9 @@ Scenarios (one keep-alive client, sequential requests, after a warm-up):
 
 The baseline is FastAPI + psycopg with fixed SQL strings and no validation, keys or errors; the
 difference is what the generated layer (auth, rate limit, validation, identifier quoting,
-JSON paths, OpenAPI-shaped responses) costs.
+JSON paths, OpenAPI-shaped responses) costs. ``dx/base`` is dx's requests/s over the baseline's,
+over all rounds (each round's ratio in brackets): ratios from one run hold on a busy machine,
+absolute figures do not.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -42,9 +51,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench_stack import fresh_db, services  # noqa: E402
 
-from pipeline.api.app import create_app  # noqa: E402
+from pipeline.api import managed  # noqa: E402
+from pipeline.api.app import DataExchangeApi, create_app  # noqa: E402
 from pipeline.api.query import render_row  # noqa: E402
 from pipeline.api.store import Pool  # noqa: E402
+from pipeline.config.api import ApiEntity  # noqa: E402
 
 TABLE = """
 CREATE TABLE products (
@@ -59,28 +70,75 @@ FROM generate_series(1, 20000) i;
 """
 COLUMNS = ("id", "sku", "name", "price", "status")
 KEY = "bench-key-0123456789"
+ENTITY: dict[str, Any] = {
+    "alias": "products", "table": "products",
+    "fields": {"id": {"creatable": False, "editable": False},
+               "sku": {"editable": False, "max_length": 40},
+               "name": {"min_length": 1}, "price": {"min_value": 0},
+               "status": {"enum": ["active", "archived"]}}}
+LIST = {"status": "active", "price[gte]": "10", "price[lt]": "500", "sort": "price",
+        "limit": "50"}
+BASE_LIST = {"status": "active", "price_gte": "10", "price_lt": "500"}
 
 
-def config(db: str, env: dict[str, str]) -> str:
-    return f"""
+def config(db: str, env: dict[str, str], entities_in_file: bool) -> str:
+    head = f"""
 database: {{url: "{db}"}}
 kafka: {{bootstrap_servers: "{env.get('DX_KAFKA_BOOTSTRAP', 'localhost:9092')}"}}
 schema_registry: {{url: "{env.get('DX_SCHEMA_REGISTRY_URL', 'http://localhost:8081')}"}}
 api:
   max_batch: 100000
   rate_limit: {{requests: 1000000, per_s: 1}}
-  keys:
+"""
+    if not entities_in_file:
+        return head
+    fields = "\n".join(f"        {name}: {{{', '.join(f'{k}: {v}' for k, v in rule.items())}}}"
+                       .replace("True", "true").replace("False", "false")
+                       .replace("'", "") for name, rule in ENTITY["fields"].items())
+    return head + f"""  keys:
     - {{id: bench, system: bench, secret_env: BENCH_API_KEY, scopes: {{"*": [read, write]}}}}
   entities:
     - alias: products
       table: products
       fields:
-        id: {{creatable: false, editable: false}}
-        sku: {{editable: false, max_length: 40}}
-        name: {{min_length: 1}}
-        price: {{min_value: 0}}
-        status: {{enum: [active, archived]}}
+{fields}
 """
+
+
+def store_in_database(db: str) -> str:
+    """The entity and a key as the console saves them; the key's secret (shown once)."""
+    with psycopg.connect(db) as conn:
+        managed.ensure_schema(conn)
+        managed.save(conn, ApiEntity.model_validate(ENTITY), "bench")
+        secret = managed.add_key(conn, "bench", "bench", {"*": ["read", "write"]}, "bench")
+        conn.commit()
+    return secret
+
+
+def console_edit(db: str, n: int) -> None:
+    """What an admin's save on the console's entity page does (the replicas' watchers see it)."""
+    with psycopg.connect(db) as conn:
+        managed.save(conn, ApiEntity.model_validate({**ENTITY, "max_limit": 500 + n}), "bench")
+        conn.commit()
+
+
+def reset(db: str) -> None:
+    """Back to the 20,000 rows of the start, vacuumed and analyzed: each round reads the same
+    table with the same plans (rows written by the previous round would leave the planner with
+    stale statistics, and each side's prepared statements with plans of their own)."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DELETE FROM products WHERE id > 20000")
+        conn.execute("VACUUM ANALYZE products")
+
+
+def await_reload(replicas: list[DataExchangeApi], n: int, timeout_s: float = 30.0) -> float:
+    """Seconds until every replica serves the edit ``n`` (its watcher polls every 2 s)."""
+    start = time.perf_counter()
+    while any(r.state.entities["products"].max_limit != 500 + n for r in replicas):
+        if time.perf_counter() - start > timeout_s:
+            raise SystemExit(f"a replica did not reload the console's edit within {timeout_s}s")
+        time.sleep(0.05)
+    return time.perf_counter() - start
 
 
 def baseline(db: str) -> FastAPI:
@@ -121,9 +179,10 @@ def baseline(db: str) -> FastAPI:
             with pool.connection() as conn, conn.cursor() as cur:
                 cur.execute("SELECT set_config('dx.origin', 'bench', true)")
                 cur.executemany(
-                    f"INSERT INTO products (sku, name, price) VALUES (%s, %s, %s) "
+                    f"INSERT INTO products (sku, name, price, status) VALUES (%s, %s, %s, %s) "
                     f"RETURNING {cols}",
-                    [(r["sku"], r["name"], r["price"]) for r in body["data"]], returning=True)
+                    [(r["sku"], r["name"], r["price"], r["status"]) for r in body["data"]],
+                    returning=True)
                 out = []
                 while True:
                     out += rows(cur)
@@ -151,79 +210,139 @@ def serve(app: Any) -> tuple[str, uvicorn.Server]:
     return f"http://127.0.0.1:{port}", server
 
 
-def measure(n: int, call: Callable[[int], httpx.Response]) -> tuple[float, float, float]:
-    for i in range(min(50, n)):
-        call(-i - 1)
-    lat = []
-    start = time.perf_counter()
-    for i in range(n):
-        t = time.perf_counter()
-        r = call(i)
-        lat.append(time.perf_counter() - t)
-        if r.status_code >= 300:
-            raise SystemExit(f"{r.request.method} {r.request.url}: {r.status_code} {r.text[:200]}")
-    total = time.perf_counter() - start
-    q = statistics.quantiles(lat, n=100)
-    return n / total, q[49] * 1000, q[98] * 1000
+@dataclass
+class Figures:
+    """One scenario on one side, over every round."""
+
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    per_round: list[float] = field(default_factory=list)  # req/s of each round
+
+    def add(self, lat: list[float], seconds: float) -> None:
+        self.seconds += seconds
+        self.latencies += lat
+        self.per_round.append(len(lat) / seconds)
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def pct(self, p: int) -> float:
+        return statistics.quantiles(self.latencies, n=100)[p - 1] * 1000
 
 
-def reads(url: str, generated: bool, n: int) -> dict[str, tuple[float, float, float]]:
-    headers = {"X-Api-Key": KEY} if generated else {}
-    params = ({"status": "active", "price[gte]": "10", "price[lt]": "500", "sort": "price",
-               "limit": "50"} if generated else
-              {"status": "active", "price_gte": "10", "price_lt": "500"})
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-        return {
-            "GET by id": measure(n, lambda i: c.get(f"/products/{i % 20000 + 1}")),
-            "filtered list (50 rows)": measure(n, lambda i: c.get("/products", params=params)),
-        }
+def measure(n: int, block: int, warm: int, calls: list[tuple[Figures, Callable[[int],
+             httpx.Response]]]) -> None:
+    """``n`` requests per side, in blocks of ``block`` taking turns, so a burst of load from
+    elsewhere on the machine lands on both sides alike."""
+    for _, call in calls:
+        for i in range(warm):
+            call(-i - 1)
+    lat: list[list[float]] = [[] for _ in calls]
+    took = [0.0 for _ in calls]
+    for at in range(0, n, block):
+        for side, (_, call) in enumerate(calls):
+            start = time.perf_counter()
+            for i in range(at, min(n, at + block)):
+                t = time.perf_counter()
+                r = call(i)
+                lat[side].append(time.perf_counter() - t)
+                if r.status_code >= 300:
+                    raise SystemExit(f"{r.request.method} {r.request.url}: {r.status_code} "
+                                     f"{r.text[:200]}")
+            took[side] += time.perf_counter() - start
+    for (figures, _), mine, seconds in zip(calls, lat, took, strict=True):
+        figures.add(mine, seconds)
 
 
-def writes(url: str, generated: bool, batches: int, size: int,
-           tag: str) -> dict[str, tuple[float, float, float]]:
-    headers = {"X-Api-Key": KEY} if generated else {}
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-        def batch(i: int) -> httpx.Response:
-            rows = [{"sku": f"{tag}-{i}-{j}", "name": f"New {j}", "price": j % 100 + 0.5}
-                    for j in range(size)]
-            return c.post("/products", json={"data": rows})
+def scenarios(c: httpx.Client, generated: bool, args: argparse.Namespace, tag: str,
+              ) -> dict[str, tuple[int, int, int, Callable[[int], httpx.Response]]]:
+    """name -> (requests, block, warm-up requests, one request)."""
+    params = LIST if generated else BASE_LIST
 
-        return {f"batch POST ({size} rows)": measure(batches, batch)}
+    def batch(i: int) -> httpx.Response:
+        # archived: outside the list scenario's filter
+        rows = [{"sku": f"{tag}{i}-{j}", "name": f"New {j}", "price": j % 100 + 0.5,
+                 "status": "archived"} for j in range(args.batch)]
+        return c.post("/products", json={"data": rows})
+
+    return {
+        "GET by id": (args.requests, 50, 30,
+                      lambda i: c.get(f"/products/{i * 7919 % 20000 + 1}")),
+        "filtered list (50 rows)": (args.requests // 2, 20, 10,
+                                    lambda i: c.get("/products", params=params)),
+        f"batch POST ({args.batch} rows)": (args.batches, 5, 3, batch),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--requests", type=int, default=1000, help="requests per read scenario")
-    ap.add_argument("--batches", type=int, default=50, help="batch POST requests")
+    ap.add_argument("--quick", action="store_true", help="2 smaller rounds (about 20 s)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (dx and baseline interleaved)")
+    ap.add_argument("--requests", type=int, default=600,
+                    help="GET-by-id requests per round and side (the list scenario: half)")
+    ap.add_argument("--batches", type=int, default=40, help="batch POSTs per round and side")
     ap.add_argument("--batch", type=int, default=200, help="rows per batch POST")
+    ap.add_argument("--entities", choices=("db", "file"), default="db",
+                    help="entity and key in the database as the console stores them (default), "
+                         "or in dx.yaml")
+    ap.add_argument("--replicas", type=int, default=2,
+                    help="dx api instances watching for console edits (requests go to the first)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.requests, args.batches = 2, 300, 20
+    in_file = args.entities == "file"
     env = services()
     db = fresh_db(env["DX_DATABASE_URL"], "bench_api")
-    with psycopg.connect(db) as conn:
+    with psycopg.connect(db, autocommit=True) as conn:
         conn.execute(TABLE)
+    reset(db)
+    key = KEY if in_file else store_in_database(db)
+    ours: dict[str, Figures] = {}
+    base: dict[str, Figures] = {}
+    reloads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dx.yaml"
-        path.write_text(config(db, env))
-        api = create_app(path, env={"BENCH_API_KEY": KEY})
-        url, s1 = serve(api.app)
+        path.write_text(config(db, env, in_file))
+        replicas = [create_app(path, env={"BENCH_API_KEY": KEY})
+                    for _ in range(1 if in_file else args.replicas)]
+        url, s1 = serve(replicas[0].app)
         base_url, s2 = serve(baseline(db))
-        # reads of both before any write, so both read the same table
-        ours, base = reads(url, True, args.requests), reads(base_url, False, args.requests)
-        ours |= writes(url, True, args.batches, args.batch, "G")
-        base |= writes(base_url, False, args.batches, args.batch, "B")
+        with (httpx.Client(base_url=url, headers={"X-Api-Key": key}, timeout=60) as dx_http,
+              httpx.Client(base_url=base_url, timeout=60) as base_http):
+            for rnd in range(args.rounds):
+                if not in_file:
+                    console_edit(db, rnd)
+                    reloads.append(await_reload(replicas, rnd))
+                sides = [(True, dx_http, ours), (False, base_http, base)]
+                if rnd % 2:
+                    sides.reverse()
+                mine = {gen: scenarios(c, gen, args, f"{'G' if gen else 'B'}{rnd}-")
+                        for gen, c, _ in sides}
+                for name, (n, block, warm, _) in mine[True].items():
+                    measure(n, block, warm if rnd == 0 else warm // 3,
+                            [(out.setdefault(name, Figures()), mine[gen][name][3])
+                             for gen, _, out in sides])
+                reset(db)
         s1.should_exit = s2.should_exit = True
-        api.close()
+        for api in replicas:
+            api.close()
     time.sleep(0.5)
     with psycopg.connect(env["DX_DATABASE_URL"], autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{db.rsplit("/", 1)[1]}" WITH (FORCE)')
-    print(f"Data Exchange API vs hand-written SQL endpoint, {os.cpu_count()} CPUs, sequential "
-          "keep-alive client")
-    print(f"  {'scenario':<26}{'dx api req/s':>14}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'baseline req/s':>16}{'p50 ms':>9}{'p99 ms':>9}")
-    for name, (rps, p50, p99) in ours.items():
+    where = ("dx.yaml" if in_file else
+             f"the database (console tables), {len(replicas)} replicas reloaded before each "
+             f"round in {max(reloads):.1f}s at most")
+    print(f"Data Exchange API vs hand-written SQL endpoint: entity and key from {where}; "
+          f"{args.rounds} rounds, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}, sequential keep-alive client")
+    print(f"  {'scenario':<26}{'dx req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'base req/s':>11}"
+          f"{'p50 ms':>8}{'p99 ms':>8}{'dx/base':>9}  per round")
+    for name, o in ours.items():
         b = base[name]
-        print(f"  {name:<26}{rps:>14,.0f}{p50:>9.1f}{p99:>9.1f}{b[0]:>16,.0f}{b[1]:>9.1f}"
-              f"{b[2]:>9.1f}")
+        rounds = " ".join(f"{x / y:.2f}" for x, y in zip(o.per_round, b.per_round, strict=True))
+        print(f"  {name:<26}{o.rps:>9,.0f}{o.pct(50):>8.1f}{o.pct(99):>8.1f}{b.rps:>11,.0f}"
+              f"{b.pct(50):>8.1f}{b.pct(99):>8.1f}{o.rps / b.rps:>9.2f}  [{rounds}]")
 
 
 if __name__ == "__main__":

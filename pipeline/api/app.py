@@ -16,8 +16,7 @@ import json
 import logging
 import os
 import threading
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.api.access_log import AccessLog
 from pipeline.api.body_limit import BodyLimit
 from pipeline.api.catalog import Entity, load_entities
 from pipeline.api.errors import ApiError, Problem, fail, join_path, status_for
@@ -61,7 +61,6 @@ from pipeline.row_errors import log_text
 from pipeline.swagger import mount_swagger
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("pipeline.api.access")
 
 _WRITE_KIND: dict[str, Mode] = {"POST": "create", "PUT": "replace", "PATCH": "update"}
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -202,10 +201,9 @@ class DataExchangeApi:
         state = self.state
         q = parse_list(entity, state.entities, params, state.config.api.default_limit,
                        self._can_read(principal))
-        with self.pool.connection() as conn:
-            rows, total = list_rows(conn, entity, q)
+        with self.pool.connection(autocommit=True) as conn:
+            rows, total = list_rows(conn, entity, state.entities, q)
             attach_children(conn, state.entities, entity, rows, q.include)
-            conn.rollback()
         return {"data": [render_row(r) for r in rows],
                 "meta": {"offset": q.offset, "limit": q.limit, "total": total}}
 
@@ -218,12 +216,11 @@ class DataExchangeApi:
             include_raw = value
         include = parse_include(entity, include_raw, self._can_read(principal))
         key = parse_id(entity, raw_id)
-        with self.pool.connection() as conn:
+        with self.pool.connection(autocommit=True) as conn:
             row = get_row(conn, entity, key)
             if row is None:
                 raise fail("not_found", f"no {entity.alias} with id {raw_id!r}", "id")
             attach_children(conn, self.state.entities, entity, [row], include)
-            conn.rollback()
         return {"data": render_row(row)}
 
     # ---- writes -----------------------------------------------------------------------------
@@ -344,22 +341,7 @@ class DataExchangeApi:
         # Inside the access log (added first), so refused bodies are logged like any request.
         app.add_middleware(BodyLimit, limit_for=lambda path: MAX_BODY
                            if path == "/oauth/token" else api.state.config.api.max_body_bytes)
-
-        @app.middleware("http")
-        async def _access(request: Request,
-                          call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            start = time.perf_counter()
-            request.state.key_id = None
-            request.state.client_id = None
-            response = await call_next(request)
-            client_id = request.state.client_id
-            who = f"client={client_id}" if client_id else f"key={request.state.key_id or '-'}"
-            access_log.info("%s %s %d %s %.1fms", request.method, request.url.path,
-                            response.status_code, who, (time.perf_counter() - start) * 1000,
-                            extra={"method": request.method, "path": request.url.path,
-                                   "status": response.status_code,
-                                   "key_id": request.state.key_id, "client_id": client_id})
-            return response
+        app.add_middleware(AccessLog)
 
         @app.get("/openapi.json", include_in_schema=False)
         async def _openapi() -> JSONResponse:
@@ -435,13 +417,16 @@ class DataExchangeApi:
                                                   mode == "per-entity", principal)
             return JSONResponse(out, status_code=status)
 
-        @app.api_route("/{alias}", methods=_ALL_METHODS, include_in_schema=False)
-        async def _collection(request: Request, alias: str) -> Response:
-            return await handle(request, alias, None)
+        # Starlette routes, not FastAPI's: nothing to inject, so no dependency solving per call.
+        async def _collection(request: Request) -> Response:
+            return await handle(request, request.path_params["alias"], None)
 
-        @app.api_route("/{alias}/{raw_id}", methods=_ALL_METHODS, include_in_schema=False)
-        async def _item(request: Request, alias: str, raw_id: str) -> Response:
-            return await handle(request, alias, raw_id)
+        async def _item(request: Request) -> Response:
+            return await handle(request, request.path_params["alias"],
+                                request.path_params["raw_id"])
+
+        app.add_route("/{alias}", _collection, methods=_ALL_METHODS, include_in_schema=False)
+        app.add_route("/{alias}/{raw_id}", _item, methods=_ALL_METHODS, include_in_schema=False)
 
         return app
 

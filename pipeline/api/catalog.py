@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from pipeline.api.checks import Check, compile_check
+from pipeline.api.statements import Statements
 from pipeline.config.api import ApiEntity, ApiField
 from pipeline.config.model import DxConfig
 from pipeline.errors import ConfigError
@@ -28,6 +31,26 @@ from pipeline.source.validate import Coercer, coercer
 
 _TEXT = {"text", "varchar", "bpchar", "name", "citext"}
 _NUMBER = {"int2", "int4", "int8", "numeric", "float4", "float8", "oid"}
+_INTS = {"int2", "int4", "int8", "oid"}
+_FLOATS = {"numeric", "float4", "float8"}
+_ANY = {"json", "jsonb"}
+
+
+def json_kind(col: Column, *, element: bool = False) -> str:
+    """The JSON type a column's values take: integer, number, boolean, string, array, any."""
+    if col.is_array and not element:
+        return "array"
+    if col.category == "E":
+        return "string"
+    if col.type in _INTS:
+        return "integer"
+    if col.type in _FLOATS:
+        return "number"
+    if col.type == "bool":
+        return "boolean"
+    if col.type in _ANY:
+        return "any"
+    return "string"
 
 
 @dataclass(frozen=True)
@@ -41,10 +64,19 @@ class Field:
     required: bool  # on create
     enum: tuple[Any, ...] | None = None  # coerced enum values
     pattern: re.Pattern[str] | None = None
+    # worked out once here, not for every value of every request
+    kind: str = "string"  # json_kind of the column
+    element_kind: str = "string"  # json_kind of an array column's elements
+    text_limit: int | None = None  # max_length and varchar(n)/char(n), whichever is smaller
 
     @property
     def col(self) -> str:
         return self.column.name
+
+    @cached_property
+    def check(self) -> Check:
+        """A request value -> the column value (raises ``checks.Invalid``)."""
+        return compile_check(self)
 
     @property
     def ident(self) -> sql.Identifier:
@@ -88,6 +120,16 @@ class Entity:
     @property
     def creatable(self) -> bool:
         return any(f.rule.creatable for f in self.fields.values())
+
+    @cached_property
+    def required(self) -> tuple[Field, ...]:
+        """The fields a create must set."""
+        return tuple(f for f in self.fields.values() if f.required)
+
+    @cached_property
+    def statements(self) -> Statements:
+        """Its statements, composed once (per reload: a reload builds new entities)."""
+        return Statements(self)
 
     def select_list(self, alias: str | None = None) -> sql.Composable:
         """Exposed columns, in field order (optionally qualified by a table alias)."""
@@ -202,9 +244,13 @@ def _field(config: DxConfig, i: int, e: ApiEntity, name: str, rule: ApiField,
                             *loc, "enum", j) from None
         enum = tuple(values)
     implied = col.not_null and not col.has_default and rule.creatable
+    limits = [n for n in (rule.max_length, col.precision if col.type in ("varchar", "bpchar")
+                          else None) if n is not None]
     return Field(name=name, column=col, rule=rule, coerce=coerce,
                  required=rule.required or implied, enum=enum,
-                 pattern=re.compile(rule.pattern) if rule.pattern is not None else None)
+                 pattern=re.compile(rule.pattern) if rule.pattern is not None else None,
+                 kind=json_kind(col), element_kind=json_kind(col, element=True),
+                 text_limit=min(limits) if limits else None)
 
 
 def load_entities(conn: psycopg.Connection[Any], config: DxConfig) -> dict[str, Entity]:

@@ -10,7 +10,6 @@ from typing import Any
 
 from pipeline.api.catalog import Entity, Field
 from pipeline.api.query import MAX_OFFSET, OPS, filterable, render
-from pipeline.api.validate import json_kind
 
 TRANSACTION_HEADER = "X-Dx-Transaction"
 
@@ -32,7 +31,7 @@ def _ref(name: str) -> dict[str, str]:
 
 def _scalar(f: Field, *, element: bool = False, rules: bool = True) -> dict[str, Any]:
     col = f.column
-    kind = json_kind(col, element=element)
+    kind = f.element_kind if element else f.kind
     out: dict[str, Any] = {} if kind == "any" else {"type": kind}
     fmt = _FORMATS.get(col.type)
     if fmt and kind != "any":
@@ -42,10 +41,8 @@ def _scalar(f: Field, *, element: bool = False, rules: bool = True) -> dict[str,
     if not rules:
         return out
     r = f.rule
-    limit = [n for n in (r.max_length, col.precision if col.type in ("varchar", "bpchar")
-                         else None) if n is not None]
-    if limit and kind == "string":
-        out["maxLength"] = min(limit)
+    if f.text_limit is not None and kind == "string":
+        out["maxLength"] = f.text_limit
     if r.min_length is not None:
         out["minLength"] = r.min_length
     if r.pattern is not None:

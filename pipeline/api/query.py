@@ -11,7 +11,9 @@ Query parameters of ``GET /{alias}``::
 
 Every name is looked up among the exposed fields (an unexposed column cannot be reached), every
 value is coerced by the field's coercer and sent as a bind parameter, every identifier is quoted
-by ``psycopg.sql.Identifier``. Filters combine with AND.
+by ``psycopg.sql.Identifier``. Filters combine with AND. Parsing yields the query's *shape* (which
+fields, operators and sort) and its values; the statement of a shape is composed once and kept
+(``pipeline.api.statements``).
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 
 Row = dict[str, Any]
+#: One filter's shape: (field or relation, the relation's field or None, operator, [in] count).
+Cond = tuple[str, str | None, str, int]
 
 
 @dataclass
 class ListQuery:
     offset: int = 0
     limit: int = 50
-    where: list[sql.Composable] = field(default_factory=list)
+    where: list[Cond] = field(default_factory=list)
     params: list[Any] = field(default_factory=list)
-    order: list[sql.Composable] = field(default_factory=list)
+    order: list[tuple[str, bool]] = field(default_factory=list)  # (field, descending)
     include: list[Relation] = field(default_factory=list)
 
 
@@ -116,12 +120,11 @@ def parse_list(entity: Entity, entities: Mapping[str, Entity],
             problems.extend(err.problems)
     if problems:
         raise ApiError(problems)
-    q.order += [sql.SQL("{} ASC").format(sql.Identifier("t", f.col)) for f in entity.key_fields]
     return q
 
 
-def _sort(entity: Entity, raw: str) -> list[sql.Composable]:
-    out: list[sql.Composable] = []
+def _sort(entity: Entity, raw: str) -> list[tuple[str, bool]]:
+    out: list[tuple[str, bool]] = []
     for part in raw.split(","):
         part = part.strip()
         desc = part.startswith("-")
@@ -131,8 +134,7 @@ def _sort(entity: Entity, raw: str) -> list[sql.Composable]:
             raise fail("unknown_field", f"{entity.alias} has no field {name!r}", "sort")
         if not f.rule.sort or f.column.type in ("json", "jsonb"):
             raise fail("bad_query", f"{name} cannot be sorted on", "sort")
-        out.append(sql.SQL("{} {}").format(sql.Identifier("t", f.col),
-                                           sql.SQL("DESC" if desc else "ASC")))
+        out.append((name, desc))
     return out
 
 
@@ -143,21 +145,30 @@ def _coerce_query(f: Field, raw: str, path: str) -> Any:
         raise fail("bad_query", f"{f.name}: {err}", path) from None
 
 
-def _condition(f: Field, ref: sql.Composable, op: str, raw: str, path: str,
-               params: list[Any]) -> sql.Composable:
+def _values(f: Field, op: str, raw: str, path: str, params: list[Any]) -> int:
+    """Check and bind the value(s) of one filter; the number of [in] values (else 0)."""
     if op == "null":
-        flag = raw.strip().lower()
-        if flag not in _TRUE | _FALSE:
+        if raw.strip().lower() not in _TRUE | _FALSE:
             raise fail("bad_query", "[null] takes true or false", path)
-        return sql.SQL("{} IS NULL" if flag in _TRUE else "{} IS NOT NULL").format(ref)
+        return 0
     if op == "in":
         values = [_coerce_query(f, v, path) for v in raw.split(",")] if raw else []
         if not values:
             raise fail("bad_query", "[in] needs at least one value", path)
         params.extend(values)
-        return sql.SQL("{} IN ({})").format(ref, sql.SQL(", ").join(
-            sql.Placeholder() for _ in values))
+        return len(values)
     params.append(_coerce_query(f, raw, path))
+    return 0
+
+
+def _condition(ref: sql.Composable, op: str, count: int) -> sql.Composable:
+    if op == "null":  # [null]=true and [null]=false differ in shape: see _filter
+        return sql.SQL("{} IS NULL").format(ref)
+    if op == "notnull":
+        return sql.SQL("{} IS NOT NULL").format(ref)
+    if op == "in":
+        return sql.SQL("{} IN ({})").format(ref, sql.SQL(", ").join(
+            sql.Placeholder() for _ in range(count)))
     return sql.SQL("{} {} %s").format(ref, sql.SQL(_CMP[op]))
 
 
@@ -175,47 +186,71 @@ def _filter(entity: Entity, entities: Mapping[str, Entity], q: ListQuery, name: 
             raise fail("unknown_field", f"{entity.alias} has no field {first!r}", name)
         if not filterable(f):
             raise fail("bad_query", f"{first} cannot be filtered on", name)
-        q.where.append(_condition(f, sql.Identifier("t", f.col), op, raw, name, q.params))
-        return
-    rel = entity.relations.get(first)
-    if rel is None:
-        raise fail("unknown_field", f"{entity.alias} has no relation {first!r}", name)
-    if not can_read(rel.child):
-        raise fail("forbidden", f"this key may not read {rel.child}", name)
-    child = entities[rel.child]
-    cf = child.fields.get(second)
-    if cf is None:
-        raise fail("unknown_field", f"{child.alias} has no field {second!r}", name)
-    if not filterable(cf):
-        raise fail("bad_query", f"{rel.child}.{second} cannot be filtered on", name)
-    join = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("c", child.fields[c].col),
-                                  sql.Identifier("t", entity.fields[p].col))
-        for p, c in zip(rel.parent_fields, rel.child_fields, strict=True))
-    cond = _condition(cf, sql.Identifier("c", cf.col), op, raw, name, q.params)
-    q.where.append(sql.SQL("EXISTS (SELECT 1 FROM {} AS c WHERE {} AND {})").format(
-        child.ident, join, cond))
+    else:
+        rel = entity.relations.get(first)
+        if rel is None:
+            raise fail("unknown_field", f"{entity.alias} has no relation {first!r}", name)
+        if not can_read(rel.child):
+            raise fail("forbidden", f"this key may not read {rel.child}", name)
+        child = entities[rel.child]
+        cf = child.fields.get(second)
+        if cf is None:
+            raise fail("unknown_field", f"{child.alias} has no field {second!r}", name)
+        if not filterable(cf):
+            raise fail("bad_query", f"{rel.child}.{second} cannot be filtered on", name)
+        f = cf
+    count = _values(f, op, raw, name, q.params)
+    if op == "null" and raw.strip().lower() in _FALSE:
+        op = "notnull"
+    q.where.append((first, second, op, count))
 
 
-def _where(q: ListQuery) -> sql.Composable:
-    if not q.where:
+def _where_sql(entity: Entity, entities: Mapping[str, Entity],
+               where: Sequence[Cond]) -> sql.Composable:
+    if not where:
         return sql.SQL("")
-    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(q.where)
+    parts: list[sql.Composable] = []
+    for first, second, op, count in where:
+        if second is None:
+            parts.append(_condition(sql.Identifier("t", entity.fields[first].col), op, count))
+            continue
+        rel = entity.relations[first]
+        child = entities[rel.child]
+        join = sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier("c", child.fields[c].col),
+                                      sql.Identifier("t", entity.fields[p].col))
+            for p, c in zip(rel.parent_fields, rel.child_fields, strict=True))
+        cond = _condition(sql.Identifier("c", child.fields[second].col), op, count)
+        parts.append(sql.SQL("EXISTS (SELECT 1 FROM {} AS c WHERE {} AND {})").format(
+            child.ident, join, cond))
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts)
 
 
 def to_row(entity: Entity, record: Sequence[Any]) -> Row:
     return {name: record[i] for i, name in enumerate(entity.fields)}
 
 
-def list_rows(conn: psycopg.Connection[Any], entity: Entity, q: ListQuery) -> tuple[
-        list[Row], int]:
-    where = _where(q)
-    total_row = conn.execute(sql.SQL("SELECT count(*) FROM {} AS t").format(entity.ident)
-                             + where, q.params).fetchone()
+def list_rows(conn: psycopg.Connection[Any], entity: Entity, entities: Mapping[str, Entity],
+              q: ListQuery) -> tuple[list[Row], int]:
+    where = tuple(q.where)
+    count = entity.statements.shaped(("count", where), lambda: sql.SQL(
+        "SELECT count(*) FROM {} AS t").format(entity.ident)
+        + _where_sql(entity, entities, where))
+    total_row = conn.execute(count, q.params).fetchone()
     total = int(total_row[0]) if total_row else 0
-    stmt = (sql.SQL("SELECT {} FROM {} AS t").format(entity.select_list("t"), entity.ident)
-            + where + sql.SQL(" ORDER BY ") + sql.SQL(", ").join(q.order)
-            + sql.SQL(" LIMIT %s OFFSET %s"))
+    order = tuple(q.order)
+
+    def select() -> sql.Composable:
+        keys = [(f.name, False) for f in entity.key_fields]
+        return (sql.SQL("SELECT {} FROM {} AS t").format(entity.select_list("t"), entity.ident)
+                + _where_sql(entity, entities, where) + sql.SQL(" ORDER BY ")
+                + sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier("t", entity.fields[n].col),
+                                            sql.SQL("DESC" if desc else "ASC"))
+                    for n, desc in [*order, *keys])
+                + sql.SQL(" LIMIT %s OFFSET %s"))
+
+    stmt = entity.statements.shaped(("select", where, order), select)
     rows = [to_row(entity, r) for r in conn.execute(stmt, [*q.params, q.limit, q.offset])]
     return rows, total
 
@@ -235,19 +270,10 @@ def parse_id(entity: Entity, raw: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def key_condition(entity: Entity, alias: str | None = None) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = %s").format(sql.Identifier(alias, f.col) if alias else f.ident)
-        for f in entity.key_fields)
-
-
 def get_row(conn: psycopg.Connection[Any], entity: Entity, key: Sequence[Any], *,
             lock: bool = False) -> Row | None:
-    stmt = sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        entity.select_list(), entity.ident, key_condition(entity))
-    if lock:
-        stmt += sql.SQL(" FOR UPDATE")
-    r = conn.execute(stmt, list(key)).fetchone()
+    stmt = entity.statements.get_locked if lock else entity.statements.get
+    r = conn.execute(stmt, key).fetchone()
     return to_row(entity, r) if r is not None else None
 
 
@@ -260,14 +286,19 @@ def attach_children(conn: psycopg.Connection[Any], entities: Mapping[str, Entity
         keys = {tuple(r[p] for p in rel.parent_fields) for r in rows}
         keys.discard(tuple(None for _ in rel.parent_fields))
         if keys:
-            cols = [sql.Identifier("c", child.fields[c].col) for c in rel.child_fields]
             ordered = sorted(keys, key=repr)
-            tuples = sql.SQL(", ").join(
-                sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() for _ in cols))
-                for _ in ordered)
-            stmt = sql.SQL("SELECT {} FROM {} AS c WHERE ({}) IN ({}) ORDER BY {}").format(
-                child.select_list("c"), child.ident, sql.SQL(", ").join(cols), tuples,
-                sql.SQL(", ").join(sql.Identifier("c", f.col) for f in child.key_fields))
+
+            def children(rel: Relation = rel, child: Entity = child,
+                         n: int = len(ordered)) -> sql.Composable:
+                cols = [sql.Identifier("c", child.fields[c].col) for c in rel.child_fields]
+                tuples = sql.SQL(", ").join(
+                    sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() for _ in cols))
+                    for _ in range(n))
+                return sql.SQL("SELECT {} FROM {} AS c WHERE ({}) IN ({}) ORDER BY {}").format(
+                    child.select_list("c"), child.ident, sql.SQL(", ").join(cols), tuples,
+                    sql.SQL(", ").join(sql.Identifier("c", f.col) for f in child.key_fields))
+
+            stmt = entity.statements.shaped(("children", rel.name, len(ordered)), children)
             flat = [v for k in ordered for v in k]
             for r in conn.execute(stmt, flat):
                 crow = to_row(child, r)

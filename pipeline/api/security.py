@@ -1,8 +1,11 @@
 """API keys, scopes and rate limits.
 
 Keys come from the environment (``secret_env`` names the variable) or as a SHA-256 in dx.yaml
-(``secret_sha256``); either way only the hash is kept in memory and a presented key is hashed and
-compared in constant time (OAuth2 clients and their tokens: ``pipeline.api.oauth``). A key's
+(``secret_sha256``) or the console's ``dx.api_key``; either way only the hash is kept in memory and
+a presented key is hashed and looked up by that digest (one dictionary lookup however many keys
+there are; a caller cannot choose a digest, so the lookup's timing tells nothing about a secret).
+Console keys, revocations included, reach every replica with the watcher's reload (within
+seconds); OAuth2 clients and their tokens: ``pipeline.api.oauth``. A key's
 ``scopes`` grant ``read``/``write``/``delete`` per entity
 alias (``*`` for every entity). The request log carries the key id, never the secret.
 """
@@ -10,7 +13,6 @@ alias (``*`` for every entity). The request log carries the key id, never the se
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import threading
 import time
@@ -112,11 +114,7 @@ class KeyRing:
             raise fail("unauthorized", "an API key is required (X-Api-Key header or "
                                        "Authorization: Bearer)",
                        headers={"WWW-Authenticate": "Bearer"})
-        digest = hash_key(presented)
-        found: Principal | None = None
-        for known, principal in self._by_hash.items():
-            if hmac.compare_digest(known, digest):
-                found = principal
+        found = self._by_hash.get(hash_key(presented))
         if found is None:
             raise fail("unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
         return found

@@ -7,8 +7,12 @@ change's origin and no route delivers it back to the system that made it.
 *Transactional* (default): problems found by validation reject the request before the database
 is touched; otherwise each row runs in a savepoint so that every row PostgreSQL refuses
 (duplicate key, foreign key, check) is reported at its own path, and if any was refused the
-whole transaction is rolled back. A batch of creates first tries one ``executemany`` and only
-falls back to row savepoints when it fails, so the common case costs one round trip per shape.
+whole transaction is rolled back. A batch of creates first tries multi-row ``INSERT ... VALUES
+(...), (...) RETURNING`` statements (one per field set, up to :data:`ROWS_PER_INSERT` rows each)
+and only when PostgreSQL refuses one of them starts over with a savepoint per row, so the common
+case costs one round trip per field set. ``RETURNING`` lists the rows in ``VALUES`` order (what
+Django's ``bulk_create`` relies on too); a statement that returns another number of rows than it
+was given (a trigger skipping one) takes the row-by-row path instead of guessing.
 
 *Per-entity* (``X-Dx-Transaction: per-entity``): the same savepoints, but the transaction
 commits what succeeded; the response lists saved rows and the problems of the others.
@@ -29,17 +33,26 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pipeline.api.catalog import Entity, Field
+from pipeline.api.catalog import Entity, Field, Relation
 from pipeline.api.errors import ApiError, Problem, fail, join_path
-from pipeline.api.query import Row, get_row, key_condition, to_row
+from pipeline.api.query import Row, get_row, to_row
+from pipeline.api.statements import key_condition
 from pipeline.capture.origin import mark_origin
 from pipeline.db import connect
 from pipeline.row_errors import describe, is_row_error, log_text
 
 log = logging.getLogger(__name__)
 
+#: Rows per multi-row INSERT (PostgreSQL takes at most 65,535 bind parameters per statement).
+ROWS_PER_INSERT = 1000
+_MAX_PARAMS = 65_535
+
+
 class Pool:
-    """A small thread-safe pool of connections opened by :func:`pipeline.db.connect`."""
+    """A small thread-safe pool of connections opened by :func:`pipeline.db.connect`.
+
+    ``connection(autocommit=True)`` is for reads: each statement is its own transaction, as it
+    is under READ COMMITTED inside one, without the BEGIN and ROLLBACK round trips around it."""
 
     def __init__(self, url: str, size: int, *, connect_timeout_s: float = 5.0,
                  statement_timeout_ms: int = 0, acquire_timeout_s: float = 10.0) -> None:
@@ -52,7 +65,7 @@ class Pool:
         self._closed = False
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+    def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
         if not self._slots.acquire(timeout=self._acquire_timeout_s):
             raise fail("unavailable", "all database connections are busy; retry shortly",
                        headers={"Retry-After": "1"})
@@ -68,6 +81,8 @@ class Pool:
                 if c.closed or c.broken:
                     continue
                 conn = c
+            if autocommit:
+                conn.autocommit = True
             yield conn
         finally:
             if conn is not None:
@@ -79,6 +94,8 @@ class Pool:
             if not conn.closed and conn.info.transaction_status != \
                     psycopg.pq.TransactionStatus.IDLE:
                 conn.rollback()
+            if not conn.closed and conn.autocommit:
+                conn.autocommit = False
         except psycopg.Error:
             conn.close()
         if conn.closed or conn.broken or self._closed:
@@ -102,6 +119,13 @@ class RowProblem(Exception):
         self.problems = problems
         self.status = status
         super().__init__("; ".join(p.message for p in problems))
+
+
+class _Uneven(RowProblem):
+    """A multi-row INSERT returned another number of rows than it was given."""
+
+    def __init__(self) -> None:
+        super().__init__([])
 
 
 def db_problem(entity: Entity, err: psycopg.Error, path: str) -> Problem:
@@ -142,19 +166,41 @@ class Writer:
     def __init__(self, conn: psycopg.Connection[Any], entity: Entity, system: str) -> None:
         self.conn = conn
         self.entity = entity
+        self.system = system
         self._sp = 0
+        self._fresh = True  # nothing but the origin mark done in this transaction yet
         mark_origin(conn, system)
 
     # ---- single-row statements --------------------------------------------------------------
 
-    def _insert_sql(self, names: tuple[str, ...]) -> sql.Composed:
+    def _insert_sql(self, names: tuple[str, ...]) -> str:
         e = self.entity
-        if not names:
-            return sql.SQL("INSERT INTO {} DEFAULT VALUES RETURNING {}").format(
-                e.ident, e.select_list())
-        return sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING {}").format(
-            e.ident, sql.SQL(", ").join(e.fields[n].ident for n in names),
-            sql.SQL(", ").join(sql.Placeholder() for _ in names), e.select_list())
+
+        def build() -> sql.Composable:
+            if not names:
+                return sql.SQL("INSERT INTO {} DEFAULT VALUES RETURNING {}").format(
+                    e.ident, e.select_list())
+            return sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING {}").format(
+                e.ident, sql.SQL(", ").join(e.fields[n].ident for n in names),
+                sql.SQL(", ").join(sql.Placeholder() for _ in names), e.select_list())
+
+        return e.statements.shaped(("insert", names), build)
+
+    def _insert_rows_sql(self, names: tuple[str, ...], rows: int) -> str:
+        """``INSERT ... VALUES ($1, $2), ($3, $4) ... RETURNING``: PostgreSQL's own placeholders,
+        run by a ``RawCursor``, because psycopg re-parses ``%s`` statements this long (over 50
+        parameters) on every execution."""
+        e = self.entity
+        width = len(names)
+
+        def build() -> sql.Composable:
+            values = ",".join("(" + ",".join(f"${r * width + c + 1}" for c in range(width)) + ")"
+                              for r in range(rows))
+            return sql.SQL("INSERT INTO {} ({}) VALUES {} RETURNING {}").format(
+                e.ident, sql.SQL(", ").join(e.fields[n].ident for n in names), sql.SQL(values),
+                e.select_list())
+
+        return e.statements.shaped(("insert rows", names, rows), build)
 
     def _create(self, op: Op) -> None:
         names = tuple(op.values)
@@ -176,15 +222,19 @@ class Writer:
     def _update(self, op: Op, sets: dict[str, Any | None], defaults: list[str]) -> None:
         e = self.entity
         assert op.key is not None
-        parts = [sql.SQL("{} = %s").format(e.fields[n].ident) for n in sets]
-        parts += [sql.SQL("{} = DEFAULT").format(e.fields[n].ident) for n in defaults]
-        if not parts:
+        if not sets and not defaults:
             stored = get_row(self.conn, e, op.key)
             assert stored is not None
             op.row = stored
             return
-        stmt = sql.SQL("UPDATE {} SET {} WHERE {} RETURNING {}").format(
-            e.ident, sql.SQL(", ").join(parts), key_condition(e), e.select_list())
+
+        def build() -> sql.Composable:
+            parts = [sql.SQL("{} = %s").format(e.fields[n].ident) for n in sets]
+            parts += [sql.SQL("{} = DEFAULT").format(e.fields[n].ident) for n in defaults]
+            return sql.SQL("UPDATE {} SET {} WHERE {} RETURNING {}").format(
+                e.ident, sql.SQL(", ").join(parts), key_condition(e), e.select_list())
+
+        stmt = e.statements.shaped(("update", tuple(sets), tuple(defaults)), build)
         r = self.conn.execute(stmt, [*sets.values(), *op.key]).fetchone()
         assert r is not None
         op.row = to_row(e, r)
@@ -241,21 +291,25 @@ class Writer:
             raise self._not_found(op)
         for rel in e.relations.values():
             child = entities[rel.child]
-            cond = sql.SQL(" AND ").join(
-                sql.SQL("{} = %s").format(child.fields[c].ident) for c in rel.child_fields)
-            hit = self.conn.execute(
-                sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(child.ident, cond),
-                [stored[p] for p in rel.parent_fields]).fetchone()
+
+            def build(rel: Relation = rel, child: Entity = child) -> sql.Composable:
+                cond = sql.SQL(" AND ").join(
+                    sql.SQL("{} = %s").format(child.fields[c].ident) for c in rel.child_fields)
+                return sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(
+                    child.ident, cond)
+
+            hit = self.conn.execute(e.statements.shaped(("has_children", rel.name), build),
+                                    [stored[p] for p in rel.parent_fields]).fetchone()
             if hit and hit[0]:
                 raise RowProblem([Problem("has_children", f"{e.alias} still has {rel.name}; "
                                           f"delete them first", join_path(op.path, rel.name))])
-        self.conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(e.ident, key_condition(e)),
-                          list(op.key))
+        self.conn.execute(e.statements.delete, op.key)
         op.row = stored
 
     # ---- orchestration ----------------------------------------------------------------------
 
     def _savepoint(self, fn: Callable[[], None], op: Op) -> bool:
+        self._fresh = False
         self._sp += 1
         name = sql.Identifier(f"dx_api_sp{self._sp}")
         self.conn.execute(sql.SQL("SAVEPOINT {}").format(name))
@@ -277,30 +331,56 @@ class Writer:
         return True
 
     def _bulk_create(self, ops: Sequence[Op]) -> bool:
-        """All creates with one executemany per field set, in one savepoint; False when
-        PostgreSQL refused any row (nothing of the attempt is kept)."""
+        """All creates in multi-row INSERTs (one or more per field set); False when PostgreSQL
+        refused any row or a statement did not return one row per row given (nothing of the
+        attempt is kept: the transaction, or a savepoint when it had done more, is undone)."""
         shapes: dict[tuple[str, ...], list[Op]] = {}
         for op in ops:
             shapes.setdefault(tuple(op.values), []).append(op)
 
         def run() -> None:
-            with self.conn.cursor() as cur:
-                for names, group in shapes.items():
-                    cur.executemany(self._insert_sql(names),
-                                    [[op.values[n] for n in names] for op in group],
-                                    returning=True)
-                    for op in group:
-                        r = cur.fetchone()
-                        assert r is not None
+            for names, group in shapes.items():
+                step = max(1, min(ROWS_PER_INSERT, _MAX_PARAMS // max(1, len(names))))
+                for at in range(0, len(group), step):
+                    chunk = group[at:at + step]
+                    if not names:  # DEFAULT VALUES takes one row
+                        for op in chunk:
+                            self._create(op)
+                        continue
+                    with psycopg.RawCursor(self.conn) as cur:
+                        rows = cur.execute(self._insert_rows_sql(names, len(chunk)),
+                                           [op.values[n] for op in chunk for n in names],
+                                           ).fetchall()
+                    if len(rows) != len(chunk):
+                        raise _Uneven()
+                    for op, r in zip(chunk, rows, strict=True):
                         op.row, op.created = to_row(self.entity, r), True
-                        cur.nextset()
 
-        probe = Op(path="", kind="create")
-        if self._savepoint(run, probe):
-            return True
-        for op in ops:
-            op.row, op.created = None, False
-        return False
+        if self._fresh:
+            ok = self._undoable(run)
+        else:
+            ok = self._savepoint(run, Op(path="", kind="create"))
+        if not ok:
+            for op in ops:
+                op.row, op.created = None, False
+        return ok
+
+    def _undoable(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` as the transaction's first work (no savepoint round trips); when a row is
+        refused, roll the transaction back and mark the origin again for what follows."""
+        self._fresh = False
+        try:
+            fn()
+        except (RowProblem, psycopg.Error) as err:
+            if isinstance(err, psycopg.Error):
+                if not is_row_error(err):
+                    raise
+                log.info("%s: batch insert refused, retrying row by row (%s)",
+                         self.entity.alias, log_text(err))
+            self.conn.rollback()
+            mark_origin(self.conn, self.system)
+            return False
+        return True
 
     def run(self, ops: Sequence[Op], entities: Mapping[str, Entity]) -> None:
         """Apply ``ops`` (each in its own savepoint); problems are recorded on the ops."""

@@ -220,6 +220,43 @@ def test_batch_of_1000_per_entity_saves_997_and_reports_3(served: Served, db: st
     assert _count(db, tag) == 997
 
 
+def _origins(db: str, ids: list[int]) -> list[str]:
+    with psycopg.connect(db) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT origin FROM dx.outbox WHERE entity = 'public.products' AND "
+            "(key->>'id')::int = ANY(%s) ORDER BY (key->>'id')::int", (ids,))]
+
+
+def test_a_batch_answers_in_request_order_across_statements_and_field_sets(
+        served: Served, db: str) -> None:
+    """2,500 creates in two field sets (with and without status): more than one multi-row
+    INSERT per set, yet every answer row is the row asked for at its index."""
+    tag = uuid.uuid4().hex[:6].upper()
+    rows = [_product(sku=f"O-{tag}-{i}", price=i, **({"status": "archived"} if i % 3 else {}))
+            for i in range(2500)]
+    with served.client(PIM) as c:
+        r = c.post("/products", json={"data": rows})
+    assert r.status_code == 201, r.text[:300]
+    data = r.json()["data"]
+    assert [(d["sku"], d["price"], d["status"]) for d in data] == [
+        (w["sku"], w["price"], w.get("status", "active")) for w in rows]
+    assert len({d["id"] for d in data}) == 2500
+    assert _origins(db, [d["id"] for d in data]) == ["pim"] * 2500
+
+
+def test_a_refused_row_leaves_the_others_their_origin(served: Served, db: str) -> None:
+    """The batch INSERT is refused as a whole, the rows are retried one by one in a new
+    transaction: that one is marked with the key's system again."""
+    tag = uuid.uuid4().hex[:6].upper()
+    rows = [_product(sku=f"R-{tag}-{i}") for i in range(4)]
+    rows[3]["sku"] = rows[1]["sku"]
+    with served.client(PIM, **{"X-Dx-Transaction": "per-entity"}) as c:
+        r = c.post("/products", json={"data": rows})
+    assert r.status_code == 207 and _codes(r) == [("duplicate", "data[3].sku")]
+    saved = [d["id"] for d in r.json()["data"] if d is not None]
+    assert len(saved) == 3 and _origins(db, saved) == ["pim"] * 3
+
+
 def test_database_refusals_are_precise_in_both_modes(served: Served, db: str) -> None:
     tag = uuid.uuid4().hex[:6].upper()
     with served.client(PIM) as c:
