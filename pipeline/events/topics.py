@@ -69,14 +69,16 @@ def topic_spec(kafka: KafkaConfig, name: str, purpose: str, *, partitions: int |
 
 
 def ensure_route_topics(kafka: KafkaConfig, route: SourceRoute,
-                        admin: AdminClient | None = None) -> list[str]:
+                        admin: AdminClient | None = None, *, timeout_s: float = 30.0
+                        ) -> list[str]:
     """Create a source route's inbound and dead-letter topics if missing. Whoever writes the
     inbound topic (webhooks, pulls, file drops, ``dx import``) or reads it (the source worker)
     creates both, so the first dead letter never waits for a topic nobody made."""
     admin = admin or AdminClient(kafka.librdkafka(), logger=KAFKA_LOG)
     return ensure_topics(admin, [
         topic_spec(kafka, route.topic, f"inbound topic of source route {route.name}"),
-        topic_spec(kafka, route.dlq_topic, f"dead-letter topic of source route {route.name}")])
+        topic_spec(kafka, route.dlq_topic, f"dead-letter topic of source route {route.name}")],
+        timeout_s=timeout_s)
 
 
 def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], *,

@@ -155,7 +155,10 @@ class InboundProducer:
             return
         with self._topics_lock:
             if not self._topics_made:
-                ensure_route_topics(self.kafka, self.route)
+                try:
+                    ensure_route_topics(self.kafka, self.route, timeout_s=self.ack_timeout_s)
+                except ServiceUnavailable as err:
+                    raise self._unavailable(f"topics not created: {err.detail}") from None
                 self._topics_made = True
 
     def _count_failure(self, fut: concurrent.futures.Future[int]) -> None:

@@ -45,6 +45,7 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from connectors import registry
 from connectors.base import Connector, key_text
@@ -185,7 +186,10 @@ class SinkWorker:
             "client.id": f"dx-sink-{self.route.name}", "on_commit": self._committed,
         }), logger=KAFKA_LOG)
         try:
-            md = consumer.list_topics(timeout=10)
+            # asked of an admin client, not the consumer: a consumer that listed the topics
+            # before subscribing to one that did not exist yet only noticed it being created
+            # at its next full metadata refresh (topic.metadata.refresh.interval.ms, 5 min)
+            md = AdminClient(kafka.librdkafka(), logger=KAFKA_LOG).list_topics(timeout=10)
         except KafkaException as err:
             consumer.close()
             kerr = err.args[0]
