@@ -452,7 +452,10 @@ def start_exchange(s: Settings, procs: Processes) -> None:
     procs.start("inbound", dx_argv(s, "inbound", "serve", "--port", str(s.inbound_port)),
                 worker_env)
     wait_until("dx inbound serve to answer", lambda: url_up(hooks + "/healthz"), s, procs)
+    # --topic: the PIM publishes its edits where the route reads (it took DX_KAFKA_BOOTSTRAP
+    # from the environment and wrote to an unprefixed pim.products that nobody created)
     procs.start("pim", [sys.executable, str(PIM_SCRIPT), "--port", str(s.pim_port),
+                        "--topic", s.inbound_topic,
                         "--token", PIM_TOKEN, "--webhook-secret", WEBHOOK_SECRET,
                         "--webhook-url", f"{hooks}/inbound/{SOURCE_ROUTE}"])
     wait_until("the PIM to answer", lambda: pim_up(s), s, procs, timeout_s=30)
