@@ -33,7 +33,6 @@ class KeyHold:
         self.route = route
         self.messages: list[Message] = []
         self.waiting_since: float | None = None  # monotonic start of the current outage
-        self.retries = 0
         self._delay = FIRST_DELAY_S
         self._retry_at = 0.0
 
@@ -50,7 +49,6 @@ class KeyHold:
             log.warning("route %s: cannot decode the key of %s (%s); consumption paused, "
                         "retrying until the schema registry answers", self.route, where, err)
         else:
-            self.retries += 1
             self._delay = min(MAX_DELAY_S, self._delay * 2)
             log.debug("route %s: key of %s still undecodable: %s", self.route, where, err)
         self._retry_at = now + self._delay
