@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,7 @@ from bench_stack import fresh_db as new_db  # noqa: E402
 from bench_stack import services  # noqa: E402
 
 from pipeline.config.loader import load_config  # noqa: E402
+from pipeline.events.topics import TopicSpec, ensure_topics  # noqa: E402
 from pipeline.relay.runner import Relay  # noqa: E402
 
 ROWS = 10_000
@@ -189,6 +191,8 @@ def run_relay_until_empty(cfg: Path, db: str, expected: int) -> float:
 
 def bare_producer_rate(env: dict[str, str], n: int) -> float:
     topic = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    ensure_topics(AdminClient({"bootstrap.servers": env["DX_KAFKA_BOOTSTRAP"]}),
+                  [TopicSpec(topic, "bench topic", 1, 1)])  # the stack never auto-creates
     p = Producer({"bootstrap.servers": env["DX_KAFKA_BOOTSTRAP"], "enable.idempotence": True,
                   "linger.ms": 5, "compression.type": "lz4"})
     payload = os.urandom(120)

@@ -46,6 +46,7 @@ class ServiceUnavailable(TransientError):
 
     def __init__(self, service: str, where: str, detail: str) -> None:
         self.service = service
+        self.detail = detail
         super().__init__(f"{service} unreachable at {where}: {detail}")
 
 

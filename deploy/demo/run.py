@@ -422,18 +422,13 @@ def install_capture(s: Settings) -> None:
 
 
 def create_inbound_topic(s: Settings) -> None:
-    """The PIM's topic exists before anyone reads or writes it (no auto-create races)."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+    """The PIM's topic (and its route's dead-letter topic) exist before anyone reads or writes
+    them: the demo's Kafka may run with broker auto-create off, like production."""
+    from pipeline.config.loader import load_config
+    from pipeline.events.topics import ensure_route_topics
 
-    admin = AdminClient({"bootstrap.servers": s.services["DX_KAFKA_BOOTSTRAP"]},
-                        logger=KAFKA_QUIET)
-    for fut in admin.create_topics([NewTopic(s.inbound_topic, 1, 1)]).values():
-        try:
-            fut.result(30)
-        except KafkaException as err:
-            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise DemoError(f"cannot create topic {s.inbound_topic}: {err}") from None
+    cfg = load_config(s.config_path)
+    ensure_route_topics(cfg.kafka, cfg.source(SOURCE_ROUTE)[1])
 
 
 def topic_exists(s: Settings, topic: str) -> bool:
@@ -457,7 +452,10 @@ def start_exchange(s: Settings, procs: Processes) -> None:
     procs.start("inbound", dx_argv(s, "inbound", "serve", "--port", str(s.inbound_port)),
                 worker_env)
     wait_until("dx inbound serve to answer", lambda: url_up(hooks + "/healthz"), s, procs)
+    # --topic: the PIM publishes its edits where the route reads (it took DX_KAFKA_BOOTSTRAP
+    # from the environment and wrote to an unprefixed pim.products that nobody created)
     procs.start("pim", [sys.executable, str(PIM_SCRIPT), "--port", str(s.pim_port),
+                        "--topic", s.inbound_topic,
                         "--token", PIM_TOKEN, "--webhook-secret", WEBHOOK_SECRET,
                         "--webhook-url", f"{hooks}/inbound/{SOURCE_ROUTE}"])
     wait_until("the PIM to answer", lambda: pim_up(s), s, procs, timeout_s=30)

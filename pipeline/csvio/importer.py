@@ -35,11 +35,11 @@ from pipeline.config.model import DxConfig
 from pipeline.config.sources import SourceRoute
 from pipeline.errors import CatalogError, ConfigError, ServiceUnavailable, TerminalError
 from pipeline.events.avro import avro_type, define_once, python_converter
+from pipeline.events.topics import ensure_route_topics
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar, registry_client
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.source.catalog import Column, Target, read_target
 from pipeline.source.validate import FieldError, RowValidator
-from pipeline.source.worker import ensure_route_topics
 
 _NAMESPACE = uuid.UUID("6f1d3c1e-8a57-4d1e-9c1b-5d0a2b7e4c10")
 Progress = Callable[[int, int], None]  # (rows done, rows total)
@@ -186,7 +186,7 @@ def import_csv(config: DxConfig, path: Path, *, entity: str | None = None,
     result = ImportResult(route=route.name, topic=route.topic)
     encoder = None if dry_run else _Encoder(config, route, target, header, validator)
     if not dry_run:
-        ensure_route_topics(config, route)
+        ensure_route_topics(config.kafka, route)
     producer = None if dry_run else Producer(config.kafka.librdkafka({
         "enable.idempotence": True, "linger.ms": 50, "compression.type": "lz4",
         "queue.buffering.max.messages": 200_000}), logger=KAFKA_LOG)

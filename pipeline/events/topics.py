@@ -7,10 +7,16 @@ topics, the relay's state topic, inbound topics ``dx import`` writes) is created
 with the partitions, replication factor and settings the configuration asks for (``kafka.
 new_topics``); existing topics are left exactly as they are.
 
-One entry point, :func:`ensure_topics`; :func:`topic_spec` builds a spec with the configured
-defaults. A refusal the operator must fix (not authorized, a replication factor the cluster
-cannot meet, a policy) is a :class:`TerminalError` naming the topic and what to do; a broker
-that does not answer is :class:`ServiceUnavailable`.
+One entry point, :func:`ensure_topics` (the relay, the sink and source workers, inbound
+producers, ``dx import`` and the demo all call it); :func:`topic_spec` builds a spec with the
+configured defaults; :func:`ensure_route_topics` creates a source route's two topics. A
+refusal the operator must fix (not authorized, a replication factor the cluster cannot meet,
+a policy) is a :class:`TerminalError` naming the topic and what to do; a broker that does not
+answer is :class:`ServiceUnavailable`.
+
+Consumers never create topics either (``allow.auto.create.topics`` stays at the client
+default, false): a sink route subscribed to a topic that does not exist yet (the relay makes
+it with the first event) says so in one warning line at start and waits.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from pipeline.config.model import KafkaConfig
+from pipeline.config.sources import SourceRoute
 from pipeline.errors import ServiceUnavailable, TerminalError
+from pipeline.observability.logging import KAFKA_LOG
 
 #: Broker refusals retrying cannot fix: the operator must create the topic or change settings.
 _REFUSED = {
@@ -58,6 +66,19 @@ def topic_spec(kafka: KafkaConfig, name: str, purpose: str, *, partitions: int |
                      partitions=partitions if partitions is not None else new.partitions,
                      replication_factor=new.replication_factor or -1,
                      config={**{k: str(v) for k, v in new.config.items()}, **(config or {})})
+
+
+def ensure_route_topics(kafka: KafkaConfig, route: SourceRoute,
+                        admin: AdminClient | None = None, *, timeout_s: float = 30.0
+                        ) -> list[str]:
+    """Create a source route's inbound and dead-letter topics if missing. Whoever writes the
+    inbound topic (webhooks, pulls, file drops, ``dx import``) or reads it (the source worker)
+    creates both, so the first dead letter never waits for a topic nobody made."""
+    admin = admin or AdminClient(kafka.librdkafka(), logger=KAFKA_LOG)
+    return ensure_topics(admin, [
+        topic_spec(kafka, route.topic, f"inbound topic of source route {route.name}"),
+        topic_spec(kafka, route.dlq_topic, f"dead-letter topic of source route {route.name}")],
+        timeout_s=timeout_s)
 
 
 def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], *,

@@ -110,16 +110,24 @@ class WireDecoder:
 
 
 #: seconds one registry request may take; without a bound a half-open connection to the
-#: registry hangs the caller (the relay) forever, with no retry and no heartbeat
-REGISTRY_TIMEOUT_S = 10
+#: registry hangs the caller forever, with no retry and no heartbeat. Short enough that one
+#: request (the registry client retries none itself, see :func:`registry_client`) blocks a
+#: worker for well under a liveness probe's heartbeat timeout.
+REGISTRY_TIMEOUT_S = 5
 
 
 def registry_client(registry: SchemaRegistryConfig | str) -> SchemaRegistryClient:
     """The one way dx builds a registry client: from ``schema_registry:`` in dx.yaml (its
-    credentials unwrapped here and nowhere else), or from a bare URL."""
+    credentials unwrapped here and nowhere else), or from a bare URL.
+
+    ``max.retries`` is 0: the client's own retries sleep and retry inside one call (4 x the
+    timeout against a black-holed registry), where no heartbeat is sent. A failed request
+    raises at once and the caller's retry loop (relay batch retries, the sink lanes' and
+    worker's registry waits, the source worker's batch retries) waits with its heartbeat going."""
+    conf: dict[str, Any] = {"timeout": REGISTRY_TIMEOUT_S, "max.retries": 0}
     if isinstance(registry, str):
-        return SchemaRegistryClient({"url": registry, "timeout": REGISTRY_TIMEOUT_S})
-    conf: dict[str, Any] = {"url": registry.url, "timeout": REGISTRY_TIMEOUT_S}
+        return SchemaRegistryClient({"url": registry, **conf})
+    conf["url"] = registry.url
     if registry.basic_auth_user_info is not None:
         conf["basic.auth.user.info"] = registry.basic_auth_user_info.get_secret_value()
     return SchemaRegistryClient(conf)

@@ -27,7 +27,8 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pipeline import db
 from pipeline.config.model import DxConfig
 from pipeline.config.sources import SourceRoute
-from pipeline.errors import ServiceUnavailable
+from pipeline.errors import DxError, ServiceUnavailable
+from pipeline.events.topics import ensure_route_topics
 from pipeline.inbound.entities import canonical, event_id
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
@@ -63,6 +64,7 @@ class InboundProducer:
 
     def __init__(self, config: DxConfig, route: SourceRoute, target: Target, *,
                  ack_timeout_s: float) -> None:
+        self.kafka = config.kafka
         self.route = route
         self.bootstrap = config.kafka.bootstrap_servers
         self.key_fields = [route.field_for(c) for c in target.key]
@@ -75,6 +77,8 @@ class InboundProducer:
             "client.id": f"dx-inbound-{route.name}", "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "compression.type": "lz4",
             "message.timeout.ms": int(ack_timeout_s * 1000)}), logger=KAFKA_LOG)
+        self._topics_made = False
+        self._topics_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"dx-inbound-{route.name}-acks",
                                         daemon=True)
@@ -111,6 +115,11 @@ class InboundProducer:
         lock = threading.Lock()
         self.metrics.received(self.route.topic, len(messages))
         done.add_done_callback(self._count_failure)
+        try:
+            self._ensure_topics()
+        except DxError as err:
+            done.set_exception(err)
+            return done
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             with lock:
@@ -138,6 +147,19 @@ class InboundProducer:
                             done.set_exception(self._unavailable(str(err)))
                     return done
         return done
+
+    def _ensure_topics(self) -> None:
+        """The route's topics exist before the first message goes to them (never left to
+        broker auto-create); tried again on the next batch after a failure."""
+        if self._topics_made:
+            return
+        with self._topics_lock:
+            if not self._topics_made:
+                try:
+                    ensure_route_topics(self.kafka, self.route, timeout_s=self.ack_timeout_s)
+                except ServiceUnavailable as err:
+                    raise self._unavailable(f"topics not created: {err.detail}") from None
+                self._topics_made = True
 
     def _count_failure(self, fut: concurrent.futures.Future[int]) -> None:
         if fut.exception() is not None:

@@ -1,4 +1,5 @@
-"""Kafka plumbing for the relay: producer settings, topic creation, the cursor state topic."""
+"""Kafka plumbing for the relay: producer settings, the cursor state topic (topics are created
+by :func:`pipeline.events.topics.ensure_topics`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from pipeline.config import DxConfig
 from pipeline.errors import ServiceUnavailable
@@ -44,22 +45,6 @@ def check_reachable(config: DxConfig, timeout_s: float = 10.0) -> AdminClient:
                                  f"no broker answered within {timeout_s:.0f}s ({err.args[0]})"
                                  ) from None
     return admin
-
-
-def ensure_topics(admin: AdminClient, topics: dict[str, dict[str, str]],
-                  timeout_s: float = 30.0) -> None:
-    """Create missing topics (1 partition unless the broker says otherwise); keep existing."""
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    new = [NewTopic(t, num_partitions=1, replication_factor=-1, config=cfg)
-           for t, cfg in topics.items() if t not in existing]
-    if not new:
-        return
-    for topic, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
-        try:
-            fut.result()
-        except KafkaException as err:
-            if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise ServiceUnavailable("kafka", topic, str(err.args[0])) from None
 
 
 def make_producer(config: DxConfig) -> Producer:

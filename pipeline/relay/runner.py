@@ -37,6 +37,7 @@ from pipeline.errors import (
     TerminalError,
     TransientError,
 )
+from pipeline.events.topics import ensure_topics, topic_spec
 from pipeline.events.wire import SchemaRegistrar, registry_client
 from pipeline.observability import tracing
 from pipeline.relay import identity, kafka
@@ -135,8 +136,10 @@ class Relay:
             reader = OutboxReader(conn)
             admin = kafka.check_reachable(self.config)
             if self.eos:
-                kafka.ensure_topics(admin, {self.config.state_topic: {
-                    "cleanup.policy": "compact"}})
+                ensure_topics(admin, [topic_spec(
+                    self.config.kafka, self.config.state_topic,
+                    f"state topic of relay {self.config.relay.name}", partitions=1,
+                    config={"cleanup.policy": "compact"})])
             sr = self.config.schema_registry
             registrar = SchemaRegistrar(
                 registry_client(sr), sr.url, auto_register=self.config.relay.auto_register_schemas)
@@ -334,7 +337,9 @@ class Relay:
                 records = [r for row in rows for r in encoder.encode(row)]
                 new_topics = {r.topic for r in records} - known_topics
                 if new_topics:
-                    kafka.ensure_topics(admin, {t: {} for t in new_topics})
+                    ensure_topics(admin, [
+                        topic_spec(self.config.kafka, t, f"topic of relay {self.config.relay.name}")
+                        for t in sorted(new_topics)])
                     known_topics |= new_topics
                 if self.eos:
                     self._produce_transaction(records, new_cursor)

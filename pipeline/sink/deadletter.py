@@ -9,10 +9,12 @@ import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
+from pipeline.config.model import KafkaConfig
 from pipeline.errors import DxError, ServiceUnavailable
 from pipeline.events.deadletter import dead_letter_headers, truncated_headers
+from pipeline.events.topics import ensure_topics, topic_spec
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.sink.work import Work
 
@@ -31,12 +33,14 @@ def dlq_headers(route: str, w: Work, reason: str, err: DxError) -> KafkaHeaders:
 class DeadLetters:
     """Produces dead letters and waits for the broker's acknowledgement. Thread-safe."""
 
-    def __init__(self, conf: dict[str, Any], route: Any, stop: threading.Event) -> None:
-        self.conf = conf
+    def __init__(self, kafka: KafkaConfig, route: Any, stop: threading.Event) -> None:
+        self.kafka = kafka
         self.route = route
         self.stop = stop
+        conf = kafka.librdkafka()
         self.producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5},
                                  logger=KAFKA_LOG)
+        self._admin = AdminClient(conf, logger=KAFKA_LOG)
         self._topics: set[str] = set()
 
     def close(self) -> None:
@@ -49,7 +53,6 @@ class DeadLetters:
         message too large for Kafka is dead-lettered as a truncated copy: the value replaced by
         a short marker (the original stays in the task store)."""
         topic = self.route.dead_letter_topic(w.topic)
-        self._ensure_topic(topic)
         dx_headers = dlq_headers(self.route.name, w, reason, err)
         key, value = w.raw_key, w.raw_value
         headers: KafkaHeaders = [*w.headers, *dx_headers]
@@ -85,6 +88,12 @@ class DeadLetters:
             result.clear()
             done.clear()
             try:
+                self._ensure_topic(topic)
+            except ServiceUnavailable as unavailable:
+                log.warning("%s; retrying", unavailable)
+                self.stop.wait(1)
+                continue
+            try:
                 self.producer.produce(topic, key=key, value=value, headers=headers,
                                       on_delivery=delivered)
             except BufferError:  # the local queue is full: let it drain
@@ -116,15 +125,12 @@ class DeadLetters:
         return None
 
     def _ensure_topic(self, topic: str) -> None:
+        """Create the dead-letter topic before the first dead letter goes to it (never left
+        to broker auto-create). A broker that does not answer is retried by :meth:`send`; a
+        refusal (not authorized, a policy) is a TerminalError that stops the worker."""
         if topic in self._topics:
             return
-        admin = AdminClient(self.conf, logger=KAFKA_LOG)
-        futures = admin.create_topics([NewTopic(topic, num_partitions=1)], operation_timeout=10)
-        for f in futures.values():
-            try:
-                f.result(15)
-            except KafkaException as err:
-                if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise ServiceUnavailable("kafka", str(self.conf.get("bootstrap.servers")),
-                                             f"cannot create {topic}: {err}") from None
+        ensure_topics(self._admin, [topic_spec(
+            self.kafka, topic, f"dead-letter topic of sink route {self.route.name}")],
+            timeout_s=15)
         self._topics.add(topic)

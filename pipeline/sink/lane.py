@@ -514,19 +514,23 @@ class Lane(threading.Thread):
                 self.store.reconnect()
             return
         works = []
-        for r in rows:
-            tp = (r["topic"], r["partition"])
-            generation = self.ownership.admit(tp)
-            if generation is None:  # revoked since the read: its new owner redrives it (and
-                return  # none of the key's later tasks may pass this one)
-            raw_key = bytes(r["raw_key"]) if r["raw_key"] is not None else None
-            works.append(Work(topic=tp[0], partition=tp[1], offset=r["offset"],
-                              raw_key=raw_key, raw_value=bytes(r["raw_value"] or b""),
-                              headers=decode_headers(r["raw_headers"]),
-                              key=self.decode_key(raw_key), key_text=key[1],
-                              generation=generation,
-                              consumed_at=time.monotonic(), attempts=int(r["attempts"]),
-                              redrive=True))
+        try:
+            for r in rows:
+                tp = (r["topic"], r["partition"])
+                generation = self.ownership.admit(tp)
+                if generation is None:  # revoked since the read: its new owner redrives it (and
+                    return  # none of the key's later tasks may pass this one)
+                raw_key = bytes(r["raw_key"]) if r["raw_key"] is not None else None
+                works.append(Work(topic=tp[0], partition=tp[1], offset=r["offset"],
+                                  raw_key=raw_key, raw_value=bytes(r["raw_value"] or b""),
+                                  headers=decode_headers(r["raw_headers"]),
+                                  key=self.decode_key(raw_key), key_text=key[1],
+                                  generation=generation,
+                                  consumed_at=time.monotonic(), attempts=int(r["attempts"]),
+                                  redrive=True))
+        except ServiceUnavailable as err:  # the registry, for the key: the next poll asks again
+            log.warning("route %s: redrive of key %s postponed: %s", self.route.name, key[1], err)
+            return
         for w in reversed(works):
             self._enqueue(w, front=True)
 

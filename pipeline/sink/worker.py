@@ -45,6 +45,7 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from connectors import registry
 from connectors.base import Connector, key_text
@@ -61,6 +62,7 @@ from pipeline.sink.breaker import Breaker
 from pipeline.sink.deadletter import DeadLetters
 from pipeline.sink.decode import Decoder, Undecodable
 from pipeline.sink.housekeeping import Housekeeper
+from pipeline.sink.keyhold import KeyHold
 from pipeline.sink.lane import STOP, Lane
 from pipeline.sink.mapping import RouteLogic
 from pipeline.sink.offsets import OffsetTracker
@@ -125,6 +127,7 @@ class SinkWorker:
         #: at the assignment: their events must not pass a dead task of their key)
         self.parked_unknown: set[tuple[str, int]] = set()
         self._next_parked_try = 0.0
+        self.held = KeyHold(self.route.name)
         self.housekeeper: Housekeeper
 
     @property
@@ -136,6 +139,8 @@ class SinkWorker:
             self.overheads.append(seconds)
 
     def decode_key(self, raw: bytes | None) -> dict[str, Any]:
+        """The key's fields (an undecodable key: its bytes, the value decides whether the
+        event is poison); a registry that cannot be reached raises ServiceUnavailable."""
         try:
             return self.decoder.key(raw)
         except Undecodable:
@@ -173,7 +178,7 @@ class SinkWorker:
             raise cls(f"route {self.route.name} ({file}:{line}): target check failed: "
                       f"{err}") from None
         kafka = self.config.kafka
-        self.dead_letters = DeadLetters(kafka.librdkafka(), self.route, self.stop)
+        self.dead_letters = DeadLetters(kafka, self.route, self.stop)
         consumer = Consumer(kafka.librdkafka({
             "group.id": self.route.consumer_group, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
@@ -181,7 +186,10 @@ class SinkWorker:
             "client.id": f"dx-sink-{self.route.name}", "on_commit": self._committed,
         }), logger=KAFKA_LOG)
         try:
-            md = consumer.list_topics(timeout=10)
+            # asked of an admin client, not the consumer: a consumer that listed the topics
+            # before subscribing to one that did not exist yet only noticed it being created
+            # at its next full metadata refresh (topic.metadata.refresh.interval.ms, 5 min)
+            md = AdminClient(kafka.librdkafka(), logger=KAFKA_LOG).list_topics(timeout=10)
         except KafkaException as err:
             consumer.close()
             kerr = err.args[0]
@@ -315,6 +323,7 @@ class SinkWorker:
             self.metrics.forget_partition(t, p)
         self.paused -= tps
         self.parked_unknown -= tps
+        self.held.drop(tps)
         self._readiness()
 
     def _consume(self, consumer: Consumer) -> list[Message]:
@@ -339,11 +348,16 @@ class SinkWorker:
         while not self.stop.is_set():
             self.server.heartbeat()
             self._operator_pause(consumer)
-            msgs = self._consume(consumer)
-            for msg in msgs:
-                self._dispatch(msg)
+            msgs = self._take(consumer)
+            for i, msg in enumerate(msgs):
+                if not self._dispatch(msg):
+                    self._hold(consumer, msgs[i:])
+                    break
+            else:
+                if msgs and self.held.cleared():
+                    self._resume_after_hold(consumer)
             inflight = self.tracker.outstanding()
-            if msgs or inflight:
+            if msgs or inflight or self.held:
                 last_busy = time.monotonic()
             elif (self.stop_when_idle_s is not None and self.assigned.is_set()
                   and time.monotonic() - last_busy > self.stop_when_idle_s):
@@ -405,15 +419,48 @@ class SinkWorker:
         log.warning("route %s %s by the operator", self.route.name,
                     "paused" if want else "resumed")
 
-    def _dispatch(self, msg: Message) -> None:
+    def _take(self, consumer: Consumer) -> list[Message]:
+        """The next messages: those held for the registry once their retry is due, else what
+        Kafka has. While messages are held the assignment stays paused, and whatever a resumed
+        partition still brings queues behind them, in order."""
+        if self.held and not self.held.messages and self.held.cleared():
+            self._resume_after_hold(consumer)  # a revoke took every held message
+        if not self.held:
+            return self._consume(consumer)
+        self.held.extend(self._consume(consumer))
+        self._pause_all(consumer)
+        return self.held.due()
+
+    def _hold(self, consumer: Consumer, msgs: list[Message]) -> None:
+        """The registry did not answer for the first of ``msgs``' keys: keep them (nothing is
+        tracked, so no offset passes them), pause consumption and try again later; the loop,
+        its heartbeat and the consumer's group membership go on meanwhile."""
+        self.held.hold(msgs)
+        self._pause_all(consumer)
+
+    def _pause_all(self, consumer: Consumer) -> None:
+        with contextlib.suppress(KafkaException):
+            consumer.pause(consumer.assignment())
+
+    def _resume_after_hold(self, consumer: Consumer) -> None:
+        """The held messages went through: resume what nothing else holds paused."""
+        if self._held_by_operator:
+            return
+        with contextlib.suppress(KafkaException):
+            consumer.resume([TopicPartition(t, p) for t, p in self.ownership.owned()
+                             if self._may_flow((t, p))])
+
+    def _dispatch(self, msg: Message) -> bool:
+        """Hand one message to its key's lane; False (nothing taken) when the registry could
+        not be reached to decode its key."""
         err = msg.error()
         if err is not None:
             if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
-                return
+                return True
             if err.fatal():
                 raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers, err.str())
             log.warning("kafka: %s", err.str())
-            return
+            return True
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         assert topic is not None and partition is not None and offset is not None
         generation = self.ownership.admit((topic, partition))
@@ -422,21 +469,28 @@ class SinkWorker:
             # (tracking it would commit an offset of a partition this worker does not own)
             log.debug("route %s: %s[%d]@%d not owned any more; left to its owner",
                       self.route.name, topic, partition, offset)
-            return
+            return True
         value = msg.value()
+        raw_key = msg.key()
+        key: dict[str, Any] = {}
+        if value is not None:
+            try:
+                key = self.decode_key(raw_key)
+            except ServiceUnavailable as unavailable:
+                self.held.failed(unavailable, f"{topic}[{partition}]@{offset}")
+                return False
         self.tracker.add(topic, partition, offset)
         self.metrics.received(topic)
         if value is None:  # a tombstone: compaction's business, not a change to deliver
             self.tracker.done(topic, partition, offset)
-            return
-        raw_key = msg.key()
-        key = self.decode_key(raw_key)
+            return True
         ktext = key_text(key)
         work = Work(topic=topic, partition=partition, offset=offset, raw_key=raw_key,
                     raw_value=value, headers=message_headers(msg), key=key, key_text=ktext,
                     generation=generation,
                     consumed_at=time.monotonic())
         self.lane_for(ktext).inbox.put(work)
+        return True
 
     def _commit(self, consumer: Consumer, *, wait: bool = True) -> None:
         """Commit what is finished; in the loop without waiting for the broker (a failed

@@ -44,10 +44,9 @@ from confluent_kafka.admin import AdminClient
 from pipeline import db
 from pipeline.capture.origin import mark_origin
 from pipeline.config.model import DxConfig
-from pipeline.config.sources import SourceRoute
 from pipeline.errors import ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.deadletter import dead_letter_headers
-from pipeline.events.topics import ensure_topics, topic_id, topic_spec
+from pipeline.events.topics import ensure_route_topics, topic_id
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
 from pipeline.observability.lag import report_lag
@@ -95,17 +94,6 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     """dx's tables for inbound routes (``dx init`` calls this)."""
     offsets.ensure_schema(conn)
     tasks.ensure_schema(conn)
-
-
-def ensure_route_topics(config: DxConfig, route: SourceRoute,
-                        admin: AdminClient | None = None) -> None:
-    """Create the route's inbound and dead-letter topics if missing (never left to broker
-    auto-create: with it off, the first dead letter would stall the route)."""
-    admin = admin or AdminClient(config.kafka.librdkafka(), logger=KAFKA_LOG)
-    ensure_topics(admin, [
-        topic_spec(config.kafka, route.topic, f"inbound topic of source route {route.name}"),
-        topic_spec(config.kafka, route.dlq_topic,
-                   f"dead-letter topic of source route {route.name}")])
 
 
 class SourceWorker:
@@ -179,7 +167,7 @@ class SourceWorker:
         self.held = []
         try:
             admin = AdminClient(self.config.kafka.librdkafka(), logger=KAFKA_LOG)
-            ensure_route_topics(self.config, self.route, admin)
+            ensure_route_topics(self.config.kafka, self.route, admin)
             self.topic_id = topic_id(admin, self.route.topic)
             ensure_schema(conn)
             target = read_target(conn, self.config, self.index)

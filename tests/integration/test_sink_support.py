@@ -17,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.kafka_support import create_topic as create_topic  # re-exported: the tests use it
+
 
 @dataclass
 class Req:
@@ -154,6 +156,7 @@ class EventProducer:
         from pipeline.events.wire import SchemaRegistrar, registry_client
 
         self.topic = topic
+        create_topic(stack, topic)  # unless the test made it (with more partitions) already
         spec = table_spec(topic)
         reg = SchemaRegistrar(registry_client(stack.schema_registry_url), stack.schema_registry_url)
         self.key = reg.get(f"{topic}-key", key_schema(spec, prefix))
@@ -192,17 +195,6 @@ class EventProducer:
 
     def flush(self) -> None:
         assert self.producer.flush(30) == 0
-
-
-def create_topic(stack: Any, topic: str, partitions: int = 1) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
-        fut.result(30)
-    wait_for(lambda: topic in admin.list_topics(topic, timeout=5).topics
-             and len(admin.list_topics(topic, timeout=5).topics[topic].partitions) == partitions,
-             30, what=f"topic {topic}")
 
 
 def read_topic(stack: Any, topic: str, n: int, timeout: float = 30) -> list[Any]:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.config.loader import load_config
 from pipeline.source.worker import SourceWorker, Stats
+from tests.kafka_support import create_topic as create_topic  # re-exported: the tests use it
 
 
 def write_config(path: Path, stack: Any, db_url: str, sources: str, tables: str = "") -> Path:
@@ -34,20 +34,6 @@ sources:
     return path
 
 
-def create_topic(stack: Any, topic: str, partitions: int = 1) -> None:
-    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
-        fut.result(30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # metadata propagates asynchronously
-        md = admin.list_topics(topic, timeout=5)
-        if topic in md.topics and len(md.topics[topic].partitions) == partitions \
-                and md.topics[topic].error is None:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"topic {topic} did not appear")
-
-
 def encode(v: Any) -> bytes | None:
     if v is None or isinstance(v, bytes):
         return v
@@ -56,7 +42,9 @@ def encode(v: Any) -> bytes | None:
 
 def produce(stack: Any, topic: str, messages: list[tuple[Any, Any]],
             partition: int | None = None) -> None:
-    """(key, value) pairs as JSON (bytes as they are, None as null/tombstone), in order."""
+    """(key, value) pairs as JSON (bytes as they are, None as null/tombstone), in order; the
+    topic is created first when missing (the stack has auto-create off)."""
+    create_topic(stack, topic)
     p = Producer({"bootstrap.servers": stack.kafka_bootstrap, "enable.idempotence": True,
                   "linger.ms": 20})
     for key, value in messages:

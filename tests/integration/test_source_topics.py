@@ -12,6 +12,8 @@ from typing import Any
 import psycopg
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from pipeline.config.loader import load_config
+from pipeline.inbound.produce import InboundProducer, read_route_target
 from tests.integration.test_source_support import produce, read_raw, run_worker, write_config
 
 ROUTE = """  - name: stock
@@ -77,3 +79,25 @@ def test_a_topic_the_cluster_refuses_to_create_is_one_line(
     assert lines[0].startswith(f"dx: error: cannot create Kafka topic '{topic}' (inbound topic "
                                "of source route stock): invalid replication factor: "), lines
     assert "create it yourself (partitions 1, replication factor 3)" in lines[0]
+
+
+def test_inbound_producers_create_the_route_topics_before_the_first_message(
+        stack: Any, pg_db: str, topic_prefix: str, tmp_path: Path) -> None:
+    """Webhooks, pulls and file drops write through one InboundProducer: it creates the route's
+    inbound and dead-letter topics (kafka.new_topics) before its first message, instead of a
+    produce that waits for a topic the broker will never auto-create."""
+    with psycopg.connect(pg_db) as conn:
+        conn.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int NOT NULL)")
+    topic = f"{topic_prefix}.stock"
+    cfg = load_config(config(tmp_path, stack, pg_db, topic, "    partitions: 2\n"))
+    _, route, target = read_route_target(cfg, "stock")
+    producer = InboundProducer(cfg, route, target, ack_timeout_s=30)
+    try:
+        message = producer.message({"sku": "a", "qty": 1}, {"kind": "test"})
+        assert producer.send([message]) == 1
+    finally:
+        producer.close()
+    topics = AdminClient({"bootstrap.servers": stack.kafka_bootstrap}).list_topics(
+        timeout=10).topics
+    assert len(topics[topic].partitions) == 2 and f"{topic}.dlq" in topics
+    assert [m.value() for m in read_raw(stack, topic, 1)] == [message.value]

@@ -23,6 +23,7 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from tests.conftest import Stack
+from tests.kafka_support import create_topic
 
 ORDER_SCHEMA = {
     "type": "record",
@@ -63,7 +64,7 @@ def read_all(
                 if err.code() == KafkaError._PARTITION_EOF:
                     return records
                 if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    continue  # auto-creation still propagating
+                    continue  # creation still propagating
                 raise AssertionError(f"consumer error: {err}")
             records.append(msg)
         raise AssertionError(f"no end of {topic} within {timeout}s; read {len(records)} records")
@@ -81,6 +82,7 @@ def produce(bootstrap: str, topic: str, value: bytes, key: bytes | None = None) 
 
 def test_avro_wire_format_through_registry(stack: Stack, topic_prefix: str) -> None:
     topic = f"{topic_prefix}.orders"
+    create_topic(stack, topic)  # the stack never auto-creates topics
     subject = f"{topic}-value"
     registry = SchemaRegistryClient({"url": stack.schema_registry_url})
     serializer = AvroSerializer(registry, json.dumps(ORDER_SCHEMA))  # registers on first use
@@ -131,6 +133,7 @@ def test_kafka_aborted_transactions_are_invisible_to_read_committed(
     stack: Stack, topic_prefix: str
 ) -> None:
     topic = f"{topic_prefix}.tx"
+    create_topic(stack, topic)
     producer = Producer(
         {
             "bootstrap.servers": stack.kafka_bootstrap,
@@ -158,3 +161,15 @@ def test_kafka_aborted_transactions_are_invisible_to_read_committed(
         m.value() for m in read_all(stack.kafka_bootstrap, topic, isolation="read_uncommitted")
     ]
     assert everything == [b"aborted-1", b"aborted-2", b"committed-1", b"committed-2"]
+
+
+def test_kafka_never_auto_creates_a_topic(stack: Stack, topic_prefix: str) -> None:
+    """The stack runs like a production cluster (auto.create.topics.enable=false), so a dx
+    writer that forgot to create its topic fails here too instead of passing by luck."""
+    topic = f"{topic_prefix}.nobody-made-me"
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "message.timeout.ms": 3000})
+    errors: list[Any] = []
+    producer.produce(topic, value=b"x", on_delivery=lambda e, _m: errors.append(e))
+    producer.flush(15)
+    assert errors and errors[0] is not None, "a produce to a missing topic was acknowledged"
+    assert topic not in producer.list_topics(timeout=10).topics

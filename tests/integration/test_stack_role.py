@@ -10,26 +10,21 @@ then says public.TABLE does not exist. The stack's superuser is `shop` now. A cl
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
-import importlib.util
 import os
 import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psycopg
 import pytest
 
 from tests.integration.relay_support import dx, execute, write_config
-
-STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack"
+from tests.stack_script import STACK, load_stack
 
 
 def test_unqualified_table_after_init_lands_in_public(stack: Any, pg_db: str, topic_prefix: str,
@@ -80,25 +75,11 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _load_stack() -> ModuleType:
-    """The stack script as a module (its state directory is read when it is loaded)."""
-    loader = importlib.machinery.SourceFileLoader("dx_local_stack_under_test", str(STACK))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module  # dataclasses look their module up while defined
-    try:
-        loader.exec_module(module)
-    finally:
-        del sys.modules[loader.name]
-    return module
-
-
 def test_cluster_made_with_role_dx_gets_the_new_role(home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DX_STACK_")}
     env.update(DX_STACK_HOME=str(home), DX_STACK_PG_PORT=str(_free_port()))
     with _environ(env):
-        script = _load_stack()
+        script = load_stack()
         pg_bin = script.pg_bindir()
         if pg_bin is None:
             pytest.skip("no PostgreSQL server binaries (deploy/local/stack up installs them)")
