@@ -52,6 +52,7 @@ from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import ConfigError, DxError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.wire import registry_client
+from pipeline.observability.kafka_outage import outage_reporter
 from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS, WorkerMetrics
@@ -179,6 +180,7 @@ class SinkWorker:
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "client.id": f"dx-sink-{self.route.name}", "on_commit": self._committed,
+            "error_cb": outage_reporter(kafka.bootstrap_servers),
         }), logger=KAFKA_LOG)
         try:
             md = consumer.list_topics(timeout=10)
