@@ -434,22 +434,13 @@ class Relay:
             raise TransientError(f"kafka did not acknowledge the batch: {detail}")
 
     def _produce_flush(self, records: list[Record]) -> None:
-        """At-least-once. Records are never timed out (see ``kafka.producer_config``), so a
-        retry after a flush that timed out waits for the same queue instead of queueing a
-        second copy; after a failed record (the producer stopped at the gap) a new producer
-        sends the whole batch again, so nothing newer precedes the records it repeats."""
         producer = self._producer
         assert producer is not None
-        if self._errors:
-            producer.purge()
-            producer = self._new_producer()
-        if len(producer) == 0:
-            self._errors.clear()
-            try:
-                self._produce_all(records)
-            except KafkaException as exc:
-                self._errors.append((None, exc.args[0]))
-                raise TransientError(f"kafka refused a record: {exc.args[0]}") from None
+        self._errors.clear()
+        try:
+            self._produce_all(records)
+        except KafkaException as exc:
+            raise TransientError(f"kafka refused a record: {exc.args[0]}") from None
         self._check_delivered(producer.flush(60))
 
     def _produce_transaction(self, records: list[Record], new_cursor: Cursor) -> None:

@@ -58,11 +58,10 @@ class OwnKafka:
         lines = [ln for ln in config.read_text().splitlines()
                  if not ln.startswith("advertised.listeners=")]
         lines.append(f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.proxy.port}")
-        # A broker writes a new partition's partition.metadata (its topic id) only when it
-        # flushes that log, by default not for a minute or more; killed before that, it takes
-        # the partition for a stray on restart and deletes it with its data (KAFKA-16814). A
-        # real cluster recovers it from a replica; this single node flushes every second so
-        # the drills test dx, not that window.
+        # Killed a second after creating partitions, this single node took them for strays on
+        # restart and deleted them (seen with __consumer_offsets; cf. KAFKA-16814: a partition's
+        # files are flushed lazily). A real cluster recovers them from a replica; this one
+        # flushes every second so the drills test dx, not that window.
         lines += ["log.flush.interval.ms=1000", "log.flush.scheduler.interval.ms=1000"]
         config.write_text("\n".join(lines) + "\n")
         self._argv: list[str] = stack.kafka_java(tools, libs, ["kafka.Kafka", str(config)],
