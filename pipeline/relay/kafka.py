@@ -12,6 +12,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config import DxConfig
 from pipeline.errors import ServiceUnavailable
+from pipeline.observability.kafka_outage import outage_reporter
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.relay.reader import Cursor
 
@@ -27,12 +28,21 @@ def producer_config(config: DxConfig) -> dict[str, Any]:
         "message.timeout.ms": 60_000,
         # the relay learns of failures from the one callback; successes need no Python call
         "delivery.report.only.error": True,
+        "error_cb": outage_reporter(config.kafka.bootstrap_servers),
     })
     if config.relay.mode == "exactly-once":
         conf["transactional.id"] = f"dx-relay-{config.relay.name}"
         # librdkafka requires message.timeout.ms <= transaction.timeout.ms; a dead relay's open
         # transaction is aborted at once anyway when the next one calls init_transactions.
         conf["transaction.timeout.ms"] = 60_000
+    else:
+        # at-least-once keeps per-key order for consumers that de-duplicate by event_id: a
+        # record never times out in the queue (a timed-out record is a gap that newer records
+        # would close behind, and the retried batch would repeat it after them), and an error
+        # that would leave a gap stops the producer at it (fatal); the relay's retry budget
+        # bounds the wait instead, and a new producer sends the whole batch again in order
+        conf["message.timeout.ms"] = 0
+        conf["enable.gapless.guarantee"] = True
     return conf
 
 

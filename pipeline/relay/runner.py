@@ -98,6 +98,7 @@ class Relay:
         self._system_id = 0
         self._producer: Producer | None = None
         self._txn_failed = False
+        self._queued = False  # at-least-once: the batch's records are in the producer's queue
         self._epoch: str | None = None  # the slot's, in logical mode
         self.capture_mode = "unknown"
 
@@ -439,14 +440,27 @@ class Relay:
             raise TransientError(f"kafka did not acknowledge the batch: {detail}")
 
     def _produce_flush(self, records: list[Record]) -> None:
+        """At-least-once. Records are never timed out (see ``kafka.producer_config``), so a
+        retry after a flush that timed out waits for the records still queued instead of
+        queueing a second copy behind them; after a failed record (the producer stopped at the
+        gap) a new producer sends the whole batch again, so nothing newer precedes the records
+        it repeats."""
         producer = self._producer
         assert producer is not None
-        self._errors.clear()
-        try:
-            self._produce_all(records)
-        except KafkaException as exc:
-            raise TransientError(f"kafka refused a record: {exc.args[0]}") from None
+        if self._errors:
+            producer.purge()
+            producer = self._new_producer()
+            self._queued = False
+        if not self._queued:  # (the producer's own length also counts its protocol requests)
+            self._errors.clear()
+            try:
+                self._produce_all(records)
+            except KafkaException as exc:
+                self._errors.append((None, exc.args[0]))
+                raise TransientError(f"kafka refused a record: {exc.args[0]}") from None
+            self._queued = True
         self._check_delivered(producer.flush(60))
+        self._queued = False
 
     def _produce_transaction(self, records: list[Record], new_cursor: Cursor) -> None:
         producer = self._producer

@@ -53,6 +53,7 @@ from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import ConfigError, DxError, ServiceUnavailable, TerminalError, TransientError
 from pipeline.events.wire import registry_client
+from pipeline.observability.kafka_outage import outage_reporter
 from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS, WorkerMetrics
@@ -184,6 +185,7 @@ class SinkWorker:
             "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "client.id": f"dx-sink-{self.route.name}", "on_commit": self._committed,
+            "error_cb": outage_reporter(kafka.bootstrap_servers),
         }), logger=KAFKA_LOG)
         try:
             # asked of an admin client, not the consumer: a consumer that listed the topics

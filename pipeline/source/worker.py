@@ -49,6 +49,7 @@ from pipeline.events.deadletter import dead_letter_headers
 from pipeline.events.topics import ensure_route_topics, topic_id
 from pipeline.events.wire import registry_client
 from pipeline.observability import tracing
+from pipeline.observability.kafka_outage import outage_reporter
 from pipeline.observability.lag import report_lag
 from pipeline.observability.logging import KAFKA_LOG
 from pipeline.observability.metrics import METRICS
@@ -214,6 +215,7 @@ class SourceWorker:
             "auto.offset.reset": route.start,
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "range",
+            "error_cb": outage_reporter(self.config.kafka.bootstrap_servers),
         })
         consumer = Consumer(conf, logger=KAFKA_LOG)
 

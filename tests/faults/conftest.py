@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.own_kafka import OwnKafka
 from tests.faults.own_postgres import OwnPostgres
 
 FAULTS = Path(__file__).resolve().parent
@@ -32,3 +33,14 @@ def own_postgres() -> Iterator[OwnPostgres]:
         yield pg
     finally:
         pg.close()
+
+
+@pytest.fixture(scope="session")
+def own_kafka() -> Iterator[OwnKafka]:
+    """A Kafka broker this tier may kill, restart and partition, behind the tier's proxy (see
+    own_kafka.py)."""
+    kafka = OwnKafka()
+    try:
+        yield kafka
+    finally:
+        kafka.close()

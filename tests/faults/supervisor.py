@@ -7,11 +7,15 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 
 class Supervisor:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, log: Path | None = None) -> None:
+        """``log``: keep every run's stderr in that file (what a worker said while a fault
+        lasted), not only each run's last line."""
         self.argv = [sys.executable, "-m", "pipeline.cli", *args]
+        self.log = log
         self.done = threading.Event()
         self.exits: list[tuple[int, str]] = []
         self.proc: subprocess.Popen[str] | None = None
@@ -20,9 +24,19 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self.done.is_set():
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, text=True)
-            _, err = self.proc.communicate()
+            if self.log is None:
+                self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True)
+                _, err = self.proc.communicate()
+            else:
+                with self.log.open("a") as out:
+                    start = out.tell()
+                    self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                                 stderr=out, text=True)
+                    self.proc.wait()
+                with self.log.open() as run:
+                    run.seek(start)
+                    err = run.read()
             lines = err.strip().splitlines()
             self.exits.append((self.proc.returncode, lines[-1] if lines else ""))
             self.done.wait(0.5)
