@@ -75,6 +75,10 @@ class RelayStats:
     events: int = 0
     records: int = 0
     last_batch_at: float = 0.0
+    #: time.monotonic() when the read that returned the first rows began (start-up ends there)
+    first_read_at: float = 0.0
+    #: time.monotonic() when the last batch was committed
+    last_commit_at: float = 0.0
     state: str = "starting"
     commit_latencies_s: list[float] = field(default_factory=list)
 
@@ -198,8 +202,10 @@ class Relay:
             while not self.stop.is_set():
                 self.hooks.tick()
                 lease.check()
+                read_at = time.monotonic()
                 rows = stream.read(batch_size, linger_s=linger, wait_s=poll)
                 if rows:
+                    self._first_read(read_at)
                     started = time.monotonic()
                     self._deliver(lease, encoder, admin, known_topics, rows, stream.confirm)
                     # while changes keep coming, a batch gathers for as long as the last one
@@ -299,10 +305,12 @@ class Relay:
             if peek != last_peek or frontier < peek:
                 frontier = reader.frontier()
                 last_peek = peek
+            read_at = time.monotonic()
             rows = reader.fetch(cursor, frontier, batch_size) \
                 if more or frontier > cursor.seq else []
             more = len(rows) == batch_size
             if rows:
+                self._first_read(read_at)
                 # exactly-once: the cursor of record is in Kafka, dx.relay_state is for status
                 cursor = self._deliver(lease, encoder, admin, known_topics, rows, functools.partial(
                     reader.delete_upto, relay_name=self.config.relay.name))
@@ -313,6 +321,10 @@ class Relay:
                 last_purge = time.monotonic()
             if not rows:
                 self._wait(listen)
+
+    def _first_read(self, at: float) -> None:
+        if not self.stats.first_read_at:
+            self.stats.first_read_at = at
 
     def _wait(self, listen: psycopg.Connection[Any]) -> None:
         """Sleep until NOTIFY (a hint) or the poll interval (the ground truth)."""
@@ -361,6 +373,7 @@ class Relay:
         self.stats.events += len(rows)
         self.stats.records += len(records)
         self.stats.last_batch_at = now
+        self.stats.last_commit_at = time.monotonic()
         self.hooks.batch(rows, records, time.perf_counter() - started)
         if self.keep_latencies:
             self.stats.commit_latencies_s.extend(

@@ -147,3 +147,36 @@ def test_key_writer_byte_for_byte() -> None:
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), key)
         assert write(key) == buf.getvalue()
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    (ROW, ROW),  # every column reused from after
+    (ROW, {**ROW, "price": Decimal("12.5"), "meta": {"a": Decimal("1.0")}, "ok": True}),
+    (None, ROW), (NULLS, None), (ROW, NULLS),
+])
+def test_parts_written_once_byte_for_byte(before: Any, after: Any) -> None:
+    """The encoder's way: rows written column by column (an update's unchanged columns
+    reused), the source around its per-row sequence, handed to the envelope writer as bytes."""
+    from pipeline.relay.encoder import _columns_writer, _source_writer
+
+    schema = avro.value_schema(SPEC, "shop")
+    write, rows, source = record_writer(schema), _columns_writer(schema, SPEC), \
+        _source_writer(schema)
+    assert write is not None and rows is not None and source is not None
+    value = envelope(before, after)
+    head, seq, tail = source
+    src = value["source"]
+    fast = value | dict(zip(("before", "after"), rows(before, after), strict=True)) | {
+        "source": head(src) + seq(src["sequence"]) + tail(src)}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), value)
+    assert write(fast) == buf.getvalue()
+
+
+def test_parts_name_the_column_that_cannot_be_converted() -> None:
+    from pipeline.relay.encoder import _columns_writer
+
+    rows = _columns_writer(avro.value_schema(SPEC, "shop"), SPEC)
+    assert rows is not None
+    with pytest.raises(ValueError, match="column price"):
+        rows(None, {**ROW, "price": "NaN"})
