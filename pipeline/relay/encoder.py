@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from pipeline.capture.spec import TableSpec, avro_name
+from pipeline.capture.spec import ColumnSpec, TableSpec, avro_name
 from pipeline.errors import OutboxRowError
 from pipeline.events import avro
 from pipeline.events.wire import RegisteredSchema, SchemaRegistrar
-from pipeline.relay.envelope import Writer, field_writers, record_writer
+from pipeline.relay.envelope import Writer, _bytes, field_writers, record_writer
 from pipeline.relay.reader import OutboxRow
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -104,10 +105,45 @@ def _row_writer(columns: list[tuple[str, ColumnWriter]],
     return rows
 
 
-def _column_writer(conv: Callable[[Any], Any] | None, write: Writer) -> ColumnWriter:
+def _column_writer(col: ColumnSpec, field_type: Any, write: Writer) -> ColumnWriter:
+    conv = avro.column_converter(col)
     if conv is None:
         return write
-    return lambda v: write(v if v is None else conv(v))
+
+    def slow(v: Any) -> bytes:
+        return write(v if v is None else conv(v))
+
+    decimal = field_type[1] if isinstance(field_type, list) and len(field_type) == 2 else None
+    if col.type == "numeric" and not col.is_array and isinstance(decimal, dict) and \
+            decimal.get("logicalType") == "decimal" and decimal.get("type") == "bytes" and \
+            decimal.get("scale") == col.scale and isinstance(decimal.get("precision"), int):
+        return _decimal_writer(decimal["precision"], int(col.scale or 0), slow)
+    return slow
+
+
+_NUMERIC_TEXT = re.compile(r"(-?)(\d+)(?:\.(\d+))?")
+
+
+def _decimal_writer(precision: int, scale: int, slow: ColumnWriter) -> ColumnWriter:
+    """numeric(p, s) as PostgreSQL writes it (text, as logical capture reads it) straight to
+    Avro decimal bytes: the unscaled integer from the digits, as fastavro writes the quantized
+    Decimal. Anything else (a Decimal from jsonb, more fraction digits than the scale, NaN,
+    more digits than the precision) takes the converter and fastavro's way, errors included."""
+    fullmatch = _NUMERIC_TEXT.fullmatch
+
+    def write(v: Any) -> bytes:
+        if v.__class__ is str and (m := fullmatch(v)) is not None:
+            sign, whole, frac = m.groups()
+            frac = frac or ""
+            if len(frac) <= scale:
+                unscaled = int(whole + frac + "0" * (scale - len(frac)))
+                if len(str(unscaled)) <= precision:  # the digits Decimal counts
+                    n = (unscaled.bit_length() + 8) // 8
+                    data = (-unscaled if sign else unscaled).to_bytes(n, "big", signed=True)
+                    return b"\x02" + _bytes(data)
+        return slow(v)
+
+    return write
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -127,8 +163,8 @@ def _columns_writer(schema: dict[str, Any], spec: TableSpec) -> RowsWriter | Non
             [f["name"] for f in record["fields"]] != [avro_name(c.name)
                                                       for c in spec.columns]:
         return None
-    columns = [(c.name, _column_writer(avro.column_converter(c), w))
-               for c, w in zip(spec.columns, writers, strict=True)]
+    columns = [(c.name, _column_writer(c, f["type"], w))
+               for c, f, w in zip(spec.columns, record["fields"], writers, strict=True)]
     return _row_writer(columns, avro.row_converter(spec.columns))
 
 

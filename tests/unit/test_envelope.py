@@ -180,3 +180,31 @@ def test_parts_name_the_column_that_cannot_be_converted() -> None:
     assert rows is not None
     with pytest.raises(ValueError, match="column price"):
         rows(None, {**ROW, "price": "NaN"})
+
+
+@pytest.mark.parametrize("text", [
+    "0", "0.00", "-0.00", "12.5", "12.50", "-12.50", "99999999.99", "-99999999.99", "127",
+    "-128", "1.27", "-1.28", "0.01", "-0.01", "00012.3", "1.234", "1.235", "123456789.5",
+    "NaN", "Infinity", "-Infinity", "1e3", " 1.00", "+1.00", "",
+])
+def test_numeric_text_written_as_fastavro_writes_it(text: str) -> None:
+    """numeric(10, 2) from its text form: the direct way and the converter + fastavro way
+    give the same bytes, or both refuse (rounding, NaN, too many digits)."""
+    from pipeline.relay.encoder import _columns_writer
+
+    spec = TableSpec(entity="s.t", schema="s", table="t", topic="x", key=(),
+                     columns=(ColumnSpec("price", "numeric", nullable=True, precision=10,
+                                         scale=2),))
+    schema = avro.value_schema(spec, "shop")
+    rows = _columns_writer(schema, spec)
+    assert rows is not None
+    value = schema["fields"][0]["type"][1]
+    try:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(value),
+                                   avro.row_converter(spec.columns)({"price": text}))
+    except (ValueError, ArithmeticError):
+        with pytest.raises((ValueError, ArithmeticError)):
+            rows(None, {"price": text})
+        return
+    assert rows(None, {"price": text}) == (None, buf.getvalue())
