@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from pipeline.capture.spec import ColumnSpec, TableSpec, avro_name
@@ -125,14 +126,16 @@ _NUMERIC_TEXT = re.compile(r"(-?)(\d+)(?:\.(\d+))?")
 
 
 def _decimal_writer(precision: int, scale: int, slow: ColumnWriter) -> ColumnWriter:
-    """numeric(p, s) as PostgreSQL writes it (text, as logical capture reads it) straight to
-    Avro decimal bytes: the unscaled integer from the digits, as fastavro writes the quantized
-    Decimal. Anything else (a Decimal from jsonb, more fraction digits than the scale, NaN,
-    more digits than the precision) takes the converter and fastavro's way, errors included."""
+    """numeric(p, s) as PostgreSQL writes it (text from logical capture, an exact Decimal from
+    trigger capture's jsonb) straight to Avro decimal bytes: the unscaled integer from the
+    digits, as fastavro writes the quantized Decimal. Anything else (more fraction digits
+    than the scale, NaN, an exponent, more digits than the precision) takes the converter and
+    fastavro's way, errors included."""
     fullmatch = _NUMERIC_TEXT.fullmatch
 
     def write(v: Any) -> bytes:
-        if v.__class__ is str and (m := fullmatch(v)) is not None:
+        text = str(v) if v.__class__ is Decimal else v  # exact (jsonb's numbers, trigger mode)
+        if text.__class__ is str and (m := fullmatch(text)) is not None:
             sign, whole, frac = m.groups()
             frac = frac or ""
             if len(frac) <= scale:

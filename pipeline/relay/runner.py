@@ -55,6 +55,9 @@ MAX_ATTEMPTS = 12
 #: burst shares one Kafka transaction while a lone change still leaves within milliseconds
 LINGER_S = 0.004
 MAX_LINGER_S = 0.1
+#: logical mode, draining a backlog: one Kafka transaction carries up to this many batches
+#: (each commit costs a round of broker writes; the rows are held in memory meanwhile)
+DRAIN_BATCHES = 4
 _RESET_HINT = ("check what reached Kafka, then start once with 'dx relay --reset-state' to "
                "publish every pending change (consumers de-duplicate by event_id)")
 
@@ -194,7 +197,7 @@ class Relay:
                                application_name=app_name + ":stream", skip_upto=cursor)
         try:
             stream.open()
-            batch_size = self.config.relay.batch_size
+            batch_size = limit = self.config.relay.batch_size
             poll = self.config.relay.poll_interval_s
             known_topics: set[str] = set()
             last_mark = 0.0
@@ -203,7 +206,7 @@ class Relay:
                 self.hooks.tick()
                 lease.check()
                 read_at = time.monotonic()
-                rows = stream.read(batch_size, linger_s=linger, wait_s=poll)
+                rows = stream.read(limit, linger_s=linger, wait_s=poll)
                 if rows:
                     self._first_read(read_at)
                     started = time.monotonic()
@@ -212,8 +215,12 @@ class Relay:
                     # took to deliver: batches grow with the load instead of one Kafka
                     # transaction per few rows; caught up, they leave after LINGER_S
                     linger = min(MAX_LINGER_S, max(LINGER_S, time.monotonic() - started))
+                    # a full batch means a backlog: fewer, larger transactions drain it
+                    limit = min(2 * limit, DRAIN_BATCHES * batch_size) \
+                        if len(rows) >= limit else batch_size
                 else:
                     linger = LINGER_S
+                    limit = batch_size
                     stream.idle()
                 if time.monotonic() - last_mark > 5 and stream.confirmed:
                     last_mark = time.monotonic()

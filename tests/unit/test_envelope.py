@@ -185,7 +185,7 @@ def test_parts_name_the_column_that_cannot_be_converted() -> None:
 @pytest.mark.parametrize("text", [
     "0", "0.00", "-0.00", "12.5", "12.50", "-12.50", "99999999.99", "-99999999.99", "127",
     "-128", "1.27", "-1.28", "0.01", "-0.01", "00012.3", "1.234", "1.235", "123456789.5",
-    "NaN", "Infinity", "-Infinity", "1e3", " 1.00", "+1.00", "",
+    "NaN", "Infinity", "-Infinity", "1e3", " 1.00", "+1.00", "", "1.5e-7", "-0.0", "12.500",
 ])
 def test_numeric_text_written_as_fastavro_writes_it(text: str) -> None:
     """numeric(10, 2) from its text form: the direct way and the converter + fastavro way
@@ -208,3 +208,5 @@ def test_numeric_text_written_as_fastavro_writes_it(text: str) -> None:
             rows(None, {"price": text})
         return
     assert rows(None, {"price": text}) == (None, buf.getvalue())
+    # the same value as trigger capture's jsonb hands it on
+    assert rows(None, {"price": Decimal(text)}) == (None, buf.getvalue())
