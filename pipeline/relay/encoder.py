@@ -71,33 +71,29 @@ def _row_writer(columns: list[tuple[str, ColumnWriter]],
     timestamp). Only exact repeats count: same type and equal (jsonb's ``1`` and ``1.0``
     compare equal but are written differently; floats and Decimals are not reused). A value
     that cannot be converted raises what ``convert`` raises (the column named)."""
-    names = [name for name, _ in columns]
-    writers = [w for _, w in columns]
-    last_values: list[Any] = [object()] * len(columns)
-    last_bytes: list[bytes] = [b""] * len(columns)
-    indexes = range(len(columns))
-    same = _SAME_TYPES
-
-    def write(row: Row) -> bytes:
-        parts: list[bytes] = []
-        append = parts.append
-        get = row.get
-        try:
-            for i in indexes:
-                v = get(names[i])
-                lv = last_values[i]
-                if v is lv or (v.__class__ is lv.__class__ and v.__class__ in same
-                               and v == lv):
-                    append(last_bytes[i])
-                else:
-                    b = writers[i](v)
-                    last_values[i] = v
-                    last_bytes[i] = b
-                    append(b)
-        except (ValueError, TypeError, ArithmeticError):
-            convert(row)  # the error naming the column, when conversion is what failed
-            raise
-        return b"".join(parts)
+    env: dict[str, Any] = {"last_values": [object()] * len(columns),
+                           "last_bytes": [b""] * len(columns), "same": _SAME_TYPES,
+                           "convert": convert}
+    # generated like the envelope writer (pipeline.relay.envelope): one inline step per column
+    lines = ["def write(row):", "    get = row.get", "    try:"]
+    for i, (name, w) in enumerate(columns):
+        env[f"w{i}"] = w
+        lines += [f"        v = get({name!r})",
+                  f"        lv = last_values[{i}]",
+                  "        if v is lv or (v.__class__ is lv.__class__ and v.__class__ in same "
+                  "and v == lv):",
+                  f"            b{i} = last_bytes[{i}]",
+                  "        else:",
+                  f"            b{i} = last_bytes[{i}] = w{i}(v)",
+                  f"            last_values[{i}] = v"]
+    lines += ["    except (ValueError, TypeError, ArithmeticError):",
+              "        convert(row)  # the error naming the column, when conversion failed",
+              "        raise",
+              f"    return b''.join(({''.join(f'b{i}, ' for i in range(len(columns)))}))"]
+    if not columns:
+        lines = ["def write(row):", "    return b''"]
+    exec(compile("\n".join(lines), "<dx row writer>", "exec"), env)  # noqa: S102
+    write: Callable[[Row], bytes] = env["write"]
 
     def rows(before: Row | None, after: Row | None) -> tuple[bytes | None, bytes | None]:
         data = None if after is None else write(after)
