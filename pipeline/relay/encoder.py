@@ -254,13 +254,14 @@ class Encoder:
         else:
             before = ent.convert(row.before) if row.before is not None else None
             after = ent.convert(row.after) if row.after is not None else None
+        now = time.time_ns()  # one reading: ts_ms and ts_us agree
         value = {
             "before": before,
             "after": after,
             "source": self._source(ent, row),
             "op": row.op,
-            "ts_ms": int(time.time() * 1000),
-            "ts_us": time.time_ns() // 1000,
+            "ts_ms": now // 1_000_000,
+            "ts_us": now // 1000,
             "event_id": event_id,
             "origin": row.origin,
         }
