@@ -180,8 +180,8 @@ def fill_backlog(db: str, n: int) -> None:
 class Drain:
     """One backlog drain: events/s from the first read to the last commit, the start-up
     before it (lease, producer and transactions init, state topic read, slot start), and the
-    process's CPU time per event (user + sys of every thread: the relay's and librdkafka's;
-    the benchmark's own thread only sleeps meanwhile)."""
+    process's CPU time per event over the drain (user + sys of every thread: the relay's and
+    librdkafka's; the benchmark's own thread only sleeps meanwhile)."""
 
     eps: float
     startup_s: float
@@ -196,14 +196,16 @@ def cpu_s() -> float:
 def run_relay_until_empty(cfg: Path, expected: int) -> Drain:
     relay = Relay(load_config(cfg))
     t = threading.Thread(target=relay.run, daemon=True)
-    cpu0 = cpu_s()
+    cpu0: float | None = None
     start = time.monotonic()
     t.start()
     while relay.stats.events < expected:
         time.sleep(0.002)
+        if cpu0 is None and relay.stats.first_read_at:
+            cpu0 = cpu_s()  # the drain's CPU, start-up excluded (as its time is)
         if not t.is_alive():
             raise RuntimeError("relay stopped")
-    cpu = cpu_s() - cpu0
+    cpu = cpu_s() - (cpu0 or 0.0)
     stats = relay.stats
     relay.stop.set()
     t.join(30)
