@@ -23,8 +23,12 @@ _EXACT = json.JSONDecoder(parse_float=Decimal)
 def json_loads_exact(data: str | bytes) -> Any:
     """JSON with numbers as Decimal, so numeric(p, s) values keep every digit on their way to
     Avro. One decoder for every call (``json.loads(..., parse_float=...)`` builds a new one
-    each time, a few µs per value on the relay's path); PostgreSQL sends UTF-8."""
-    return _EXACT.decode(data if isinstance(data, str) else bytes(data).decode())
+    each time, a few µs per value on the relay's path). Bytes are decoded as ``json.loads``
+    decodes them (UTF-8, a BOM, UTF-16/32)."""
+    if not isinstance(data, str):
+        data = bytes(data)
+        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    return _EXACT.decode(data)
 
 
 def redact(url: str) -> str:
