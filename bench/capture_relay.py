@@ -7,7 +7,9 @@ latency, each beside its baseline measured in the same run.
 Write throughput is measured with pgbench (C client, so the driver does not hide trigger cost):
 no capture (baseline) vs row trigger vs statement trigger vs logical capture vs application
 outbox, for single-row and 500-row UPDATE transactions. Relay figures for logical and trigger
-capture. Relay throughput: draining a backlog, and while writers run;
+capture. Relay throughput: draining a backlog (events/s from the first read to the last commit; the
+start-up before it printed apart), and while writers run, each with the relay's CPU time per
+event;
 baseline is a bare producer sending the same number of pre-encoded records (no database).
 Latency: writers at a fixed rate; a read_committed consumer measures receive time minus the
 commit timestamp carried in ``source.ts_ms``. Then Debezium on Kafka Connect
@@ -20,12 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,19 +178,41 @@ def fill_backlog(db: str, n: int) -> None:
             conn.commit()
 
 
-def run_relay_until_empty(cfg: Path, db: str, expected: int) -> float:
+@dataclass
+class Drain:
+    """One backlog drain: events/s from the first read to the last commit, the start-up
+    before it (lease, producer and transactions init, state topic read, slot start), and the
+    process's CPU time per event over the drain (user + sys of every thread: the relay's and
+    librdkafka's; the benchmark's own thread only sleeps meanwhile)."""
+
+    eps: float
+    startup_s: float
+    cpu_us: float
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_relay_until_empty(cfg: Path, expected: int) -> Drain:
     relay = Relay(load_config(cfg))
     t = threading.Thread(target=relay.run, daemon=True)
-    start = time.perf_counter()
+    cpu0: float | None = None
+    start = time.monotonic()
     t.start()
     while relay.stats.events < expected:
-        time.sleep(0.01)
+        time.sleep(0.002)
+        if cpu0 is None and relay.stats.first_read_at:
+            cpu0 = cpu_s()  # the drain's CPU, start-up excluded (as its time is)
         if not t.is_alive():
             raise RuntimeError("relay stopped")
-    elapsed = time.perf_counter() - start
+    cpu = cpu_s() - (cpu0 or 0.0)
+    stats = relay.stats
     relay.stop.set()
     t.join(30)
-    return expected / elapsed
+    return Drain(expected / (stats.last_commit_at - stats.first_read_at),
+                 stats.first_read_at - start, 1e6 * cpu / expected)
 
 
 def bare_producer_rate(env: dict[str, str], n: int) -> float:
@@ -217,7 +243,7 @@ Figures = dict[str, float]
 def bench_relay(env: dict[str, str], tmp: Path, backlog: int,
                 seconds: int) -> dict[str, Figures]:
     """Per capture (logical, statement): drain and under-writes events/s per delivery mode."""
-    print("\n## Relay throughput (events/s committed to Kafka)")
+    print("\n## Relay throughput (events/s committed to Kafka; relay CPU µs per event)")
     print("| capture | scenario | exactly-once | at-least-once |")
     print("|---|---|---:|---:|")
     out = {capture: _bench_relay(env, tmp, backlog, seconds, capture)
@@ -230,7 +256,7 @@ def bench_relay(env: dict[str, str], tmp: Path, backlog: int,
 
 def _bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int,
                  capture: str) -> Figures:
-    drain: dict[str, float] = {}
+    drain: dict[str, Drain] = {}
     under: dict[str, float] = {}
     for mode in ("exactly-once", "at-least-once"):
         db = fresh_db(env["DX_DATABASE_URL"])
@@ -239,29 +265,40 @@ def _bench_relay(env: dict[str, str], tmp: Path, backlog: int, seconds: int,
         cfg = write_config(tmp, env, db, prefix, mode, capture)
         dx("capture", "install", "-c", str(cfg))
         fill_backlog(db, backlog)
-        drain[mode] = run_relay_until_empty(cfg, db, backlog)
+        drain[mode] = run_relay_until_empty(cfg, backlog)
         # under concurrent writes: pgbench writers and the relay at the same time
         relay = Relay(load_config(cfg))
         t = threading.Thread(target=relay.run, daemon=True)
         t.start()
         time.sleep(1)
         before = relay.stats.events
+        cpu0 = cpu_s()
         start = time.perf_counter()
         tps = pgbench(db, BULK.replace("500", "50").replace("499", "49"), seconds)
         relayed = relay.stats.events - before
         elapsed = time.perf_counter() - start
+        cpu = cpu_s() - cpu0
         relay.stop.set()
         t.join(30)
         under[mode] = relayed / elapsed
         under[mode + " writes"] = tps * 50
+        under[mode + " cpu"] = 1e6 * cpu / max(1, relayed)
     name = "dx logical" if capture == "logical" else f"dx trigger ({capture})"
-    print(f"| {name} | draining a backlog of {backlog:,} | {drain['exactly-once']:,.0f} | "
-          f"{drain['at-least-once']:,.0f} |")
-    print(f"| {name} | under concurrent writes (50-row tx, 2 writers) | "
-          f"{under['exactly-once']:,.0f} (written {under['exactly-once writes']:,.0f}/s) | "
-          f"{under['at-least-once']:,.0f} (written {under['at-least-once writes']:,.0f}/s) |")
-    return {**{f"drain {m}": v for m, v in drain.items()},
-            **{f"under {m}": v for m, v in under.items()}}
+
+    def d(m: str) -> str:
+        x = drain[m]
+        return f"{x.eps:,.0f} (start-up {x.startup_s:.1f} s, {x.cpu_us:.0f} µs)"
+
+    def u(m: str) -> str:
+        return (f"{under[m]:,.0f} (written {under[m + ' writes']:,.0f}/s, "
+                f"{under[m + ' cpu']:.0f} µs)")
+
+    print(f"| {name} | draining a backlog of {backlog:,} | {d('exactly-once')} | "
+          f"{d('at-least-once')} |")
+    print(f"| {name} | under concurrent writes (50-row tx, 2 writers) | {u('exactly-once')} | "
+          f"{u('at-least-once')} |")
+    return {**{f"drain {m}": v.eps for m, v in drain.items()},
+            **{f"under {m}": under[m] for m in drain}}
 
 
 def start_relay(cfg: Path) -> subprocess.Popen[str]:

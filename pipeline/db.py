@@ -7,7 +7,6 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,8 +17,18 @@ from psycopg.types.json import set_json_loads
 from pipeline.errors import ServiceUnavailable
 from pipeline.observability.logging import redact as redact_secrets
 
-#: jsonb numbers become Decimal so numeric(p, s) values keep every digit on their way to Avro.
-json_loads_exact = partial(json.loads, parse_float=Decimal)
+_EXACT = json.JSONDecoder(parse_float=Decimal)
+
+
+def json_loads_exact(data: str | bytes) -> Any:
+    """JSON with numbers as Decimal, so numeric(p, s) values keep every digit on their way to
+    Avro. One decoder for every call (``json.loads(..., parse_float=...)`` builds a new one
+    each time, a few µs per value on the relay's path). Bytes are decoded as ``json.loads``
+    decodes them (UTF-8, a BOM, UTF-16/32)."""
+    if not isinstance(data, str):
+        data = bytes(data)
+        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    return _EXACT.decode(data)
 
 
 def redact(url: str) -> str:

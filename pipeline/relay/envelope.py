@@ -6,8 +6,9 @@ registered schema itself, whatever it holds (records, nested and referenced by n
 with null, arrays, primitives, logical types): a Python function generated per record, one
 inline step per field (Avro's binary encoding; logical types through fastavro's own conversion
 functions, so values convert exactly as fastavro converts them), union branch indexes written
-directly. For a schema with anything else (maps, enums, fixed, other unions) it returns None and
-the encoder uses fastavro. It assumes nothing about the type mapping of
+directly; a record-typed value may also be handed in already encoded (bytes), so parts that
+repeat are written once. For a schema with anything else (maps, enums, fixed, other unions) it
+returns None and the encoder uses fastavro. It assumes nothing about the type mapping of
 :mod:`pipeline.events.avro`; ``tests/unit/test_envelope.py`` checks it byte for byte against
 fastavro.
 """
@@ -123,7 +124,18 @@ class _Builder:
             return _INLINE[str(t["type"])]
         self.count += 1
         env[f"_w{self.count}"] = self.type_writer(t, namespace)
+        if self._is_record(t, namespace):
+            # a record may come pre-encoded (bytes are never a record's value otherwise): the
+            # encoder writes parts that repeat (a transaction's source, an unchanged column)
+            # once and hands their bytes in
+            return f"(x if x.__class__ is bytes else _w{self.count}(x))"
         return f"_w{self.count}(x)"
+
+    def _is_record(self, t: Any, namespace: str | None) -> bool:
+        if isinstance(t, dict):
+            return t.get("type") == "record"
+        return isinstance(t, str) and t not in _PRIMITIVE and any(
+            n in self.named for n in (t if "." in t or not namespace else f"{namespace}.{t}", t))
 
     def record(self, schema: dict[str, Any], namespace: str | None) -> Writer:
         name = str(schema.get("name", ""))
@@ -162,11 +174,27 @@ def record_writer(schema: Any) -> Writer | None:
         return None
 
 
+def field_writers(schema: Any) -> list[Writer] | None:
+    """One writer per field of the record ``schema`` (Avro binary of that field's value, union
+    branch included): a record's bytes are its fields' bytes in order, so a caller may write
+    them one by one and reuse those that repeat. None when a field has a type this module does
+    not generate."""
+    if not isinstance(schema, dict) or schema.get("type") != "record":
+        return None
+    builder = _Builder()
+    ns = schema.get("namespace")
+    try:
+        return [builder.type_writer(f["type"], ns) for f in schema.get("fields", [])]
+    except (_Unsupported, KeyError, TypeError):
+        return None
+
+
 def uuid5_text(namespace: bytes, name: str) -> str:
     """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without building UUID objects (one
     per event on the relay's hot path)."""
-    h = bytearray(hashlib.sha1(namespace + name.encode(), usedforsecurity=False).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50
-    h[8] = (h[8] & 0x3F) | 0x80
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    x = hashlib.sha1(namespace + name.encode(), usedforsecurity=False).hexdigest()
+    # version 5 in the 13th digit, the RFC 4122 variant in the top bits of the 17th
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
+
+
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}

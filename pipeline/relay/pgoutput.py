@@ -89,12 +89,13 @@ def tuple_data(buf: bytes, pos: int) -> tuple[list[Any], int]:
     pos += 2
     out: list[Any] = []
     append = out.append
+    size_at = _I32.unpack_from
     for _ in range(n):
         kind = buf[pos]
         if kind == 0x74:  # 't' text
-            size = _I32.unpack_from(buf, pos + 1)[0]
-            append(buf[pos + 5:pos + 5 + size])
-            pos += 5 + size
+            start = pos + 5
+            pos = start + size_at(buf, pos + 1)[0]
+            append(buf[start:pos])
         elif kind == 0x6E:  # 'n' null
             append(None)
             pos += 1
@@ -152,8 +153,7 @@ def _bool(v: bytes) -> bool:
     return v == b"t"
 
 
-def _text(v: bytes) -> str:
-    return v.decode()
+_text: Parser = bytes.decode  # UTF-8
 
 
 _SCALARS: dict[str, Parser] = {

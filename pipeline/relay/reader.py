@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -27,8 +27,10 @@ class Cursor:
     id: int = 0
 
 
-@dataclass(frozen=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):
+    """One captured change (a tuple: the relay makes one per event, and a frozen dataclass
+    costs several times as much to build)."""
+
     seq: int
     id: int
     xid: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -56,6 +57,9 @@ MAX_ATTEMPTS = 12
 #: burst shares one Kafka transaction while a lone change still leaves within milliseconds
 LINGER_S = 0.004
 MAX_LINGER_S = 0.1
+#: logical mode, draining a backlog: one Kafka transaction carries up to this many batches
+#: (each commit costs a round of broker writes; the rows are held in memory meanwhile)
+DRAIN_BATCHES = 4
 _RESET_HINT = ("check what reached Kafka, then start once with 'dx relay --reset-state' to "
                "publish every pending change (consumers de-duplicate by event_id)")
 
@@ -76,8 +80,21 @@ class RelayStats:
     events: int = 0
     records: int = 0
     last_batch_at: float = 0.0
+    #: time.monotonic() when the read that returned the first rows began (start-up ends there)
+    first_read_at: float = 0.0
+    #: time.monotonic() when the last batch was committed
+    last_commit_at: float = 0.0
     state: str = "starting"
     commit_latencies_s: list[float] = field(default_factory=list)
+
+
+def _freeze_startup() -> None:
+    """What start-up built (modules, schemas, generated writers) lives as long as the relay:
+    kept out of the collector's full passes, which otherwise scan it all again every few
+    thousand events (pauses of tens to hundreds of ms in the commit-to-Kafka latency). Garbage
+    is collected first, so none is kept for good."""
+    gc.collect()
+    gc.freeze()
 
 
 class Relay:
@@ -163,6 +180,7 @@ class Relay:
             listen = connect(url, autocommit=True, application_name=app_name + ":listen")
             try:
                 listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                _freeze_startup()
                 self._loop(lease, reader, encoder, admin, listen, cursor)
             finally:
                 listen.close()
@@ -194,7 +212,8 @@ class Relay:
                                application_name=app_name + ":stream", skip_upto=cursor)
         try:
             stream.open()
-            batch_size = self.config.relay.batch_size
+            _freeze_startup()
+            batch_size = limit = self.config.relay.batch_size
             poll = self.config.relay.poll_interval_s
             known_topics: set[str] = set()
             last_mark = 0.0
@@ -202,16 +221,22 @@ class Relay:
             while not self.stop.is_set():
                 self.hooks.tick()
                 lease.check()
-                rows = stream.read(batch_size, linger_s=linger, wait_s=poll)
+                read_at = time.monotonic()
+                rows = stream.read(limit, linger_s=linger, wait_s=poll)
                 if rows:
+                    self._first_read(read_at)
                     started = time.monotonic()
                     self._deliver(lease, encoder, admin, known_topics, rows, stream.confirm)
                     # while changes keep coming, a batch gathers for as long as the last one
                     # took to deliver: batches grow with the load instead of one Kafka
                     # transaction per few rows; caught up, they leave after LINGER_S
                     linger = min(MAX_LINGER_S, max(LINGER_S, time.monotonic() - started))
+                    # a full batch means a backlog: fewer, larger transactions drain it
+                    limit = min(2 * limit, DRAIN_BATCHES * batch_size) \
+                        if len(rows) >= limit else batch_size
                 else:
                     linger = LINGER_S
+                    limit = batch_size
                     stream.idle()
                 if time.monotonic() - last_mark > 5 and stream.confirmed:
                     last_mark = time.monotonic()
@@ -303,10 +328,12 @@ class Relay:
             if peek != last_peek or frontier < peek:
                 frontier = reader.frontier()
                 last_peek = peek
+            read_at = time.monotonic()
             rows = reader.fetch(cursor, frontier, batch_size) \
                 if more or frontier > cursor.seq else []
             more = len(rows) == batch_size
             if rows:
+                self._first_read(read_at)
                 # exactly-once: the cursor of record is in Kafka, dx.relay_state is for status
                 cursor = self._deliver(lease, encoder, admin, known_topics, rows, functools.partial(
                     reader.delete_upto, relay_name=self.config.relay.name))
@@ -317,6 +344,10 @@ class Relay:
                 last_purge = time.monotonic()
             if not rows:
                 self._wait(listen)
+
+    def _first_read(self, at: float) -> None:
+        if not self.stats.first_read_at:
+            self.stats.first_read_at = at
 
     def _wait(self, listen: psycopg.Connection[Any]) -> None:
         """Sleep until NOTIFY (a hint) or the poll interval (the ground truth)."""
@@ -367,6 +398,7 @@ class Relay:
         self.stats.events += len(rows)
         self.stats.records += len(records)
         self.stats.last_batch_at = now
+        self.stats.last_commit_at = time.monotonic()
         self.hooks.batch(rows, records, time.perf_counter() - started)
         if self.keep_latencies:
             self.stats.commit_latencies_s.extend(

@@ -20,6 +20,7 @@ emits nothing; a key change is a delete and a create, as in trigger capture.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select
 import time
@@ -88,17 +89,43 @@ class Table:
         out: dict[str, Any] = {}
         for i, name, parse in self.exposed:
             v = values[i]
+            if v is None:
+                out[name] = None
+                continue
             if v is pgoutput.UNCHANGED:
                 v = old[i] if old is not None else pgoutput.UNCHANGED
                 if v is pgoutput.UNCHANGED:
                     raise TerminalError(
                         f"{self.entity}: column {name} is an unchanged large value the update "
                         "did not carry (REPLICA IDENTITY is not FULL); run 'dx capture install'")
-            out[name] = None if v is None else parse(v)
+                if v is None:
+                    out[name] = None
+                    continue
+            out[name] = parse(v)
         return out
 
     def key_of(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {k: row[k] for k in self.key}
+        key = self.key
+        if len(key) == 1:
+            return {key[0]: row[key[0]]}
+        return {k: row[k] for k in key}
+
+    def unchanged(self, old: list[Any], new: list[Any], *, key_only: bool = False) -> bool:
+        """Whether an update's exposed (or key) columns carry the same text before and after:
+        the same text is the same value, so neither needs parsing to tell."""
+        for i in self.key_indexes if key_only else self.indexes:
+            v = new[i]
+            if v is not pgoutput.UNCHANGED and v != old[i]:
+                return False
+        return True
+
+    @functools.cached_property
+    def indexes(self) -> tuple[int, ...]:
+        return tuple(i for i, _, _ in self.exposed)
+
+    @functools.cached_property
+    def key_indexes(self) -> tuple[int, ...]:
+        return tuple(i for i, name, _ in self.exposed if name in self.key)
 
 
 class Resolver:
@@ -182,7 +209,8 @@ class LogicalStream:
         self._ord = 0
         self._origin: str | None = None
         self._done: deque[tuple[int, int]] = deque()  # (final LSN, last ordinal) read whole
-        self._emitted = Cursor()
+        self._emitted = (0, 0)  # (final LSN, ordinal) of the last row emitted
+        self._skip = (skip_upto.seq, skip_upto.id)
         self._delivered = Cursor()
         self._confirmed = 0
         self._ids = self._event_ids()
@@ -298,13 +326,13 @@ class LogicalStream:
               before: Any, after: Any, origin: str | None, *,
               event_id: uuid.UUID | str | None = None, event_type: str | None = None) -> None:
         self._ord += 1
-        cursor = Cursor(self._lsn, self._ord)
-        if cursor <= self.skip_upto:
+        lsn, n = self._lsn, self._ord
+        if lsn < self._skip[0] or (lsn == self._skip[0] and n <= self._skip[1]):
             return
         rows.append(OutboxRow(
-            self._lsn, self._ord, self._xid, entity, version, op, key, before, after,
-            origin, event_id or self._ids(self._lsn, self._ord), event_type, self._ts))
-        self._emitted = cursor
+            lsn, n, self._xid, entity, version, op, key, before, after,
+            origin, event_id or self._ids(lsn, n), event_type, self._ts))
+        self._emitted = (lsn, n)
 
     def _change(self, buf: bytes, rows: list[OutboxRow]) -> None:
         relid, old_values, new_values = pgoutput.change(buf)
@@ -317,16 +345,21 @@ class LogicalStream:
             self._emit(rows, t.entity, t.version, "d", t.key_of(before), before, None,
                        self._origin)
             return
-        after = t.row(new_values, old_values)
         if old_values is None:
+            after = t.row(new_values)
             op = "c" if buf[0] == 0x49 else "u"
             self._emit(rows, t.entity, t.version, op, t.key_of(after), None, after,
                        self._origin)
             return
+        if t.unchanged(old_values, new_values):
+            return  # no exposed column changed (told from the text, nothing parsed)
+        after = t.row(new_values, old_values)
         before = t.row(old_values)
         if before == after:
             return  # no exposed column changed
-        key_old, key_new = t.key_of(before), t.key_of(after)
+        key_new = t.key_of(after)
+        key_old = key_new if t.unchanged(old_values, new_values, key_only=True) \
+            else t.key_of(before)
         if key_old != key_new:
             self._emit(rows, t.entity, t.version, "d", key_old, before, None, self._origin)
             self._emit(rows, t.entity, t.version, "c", key_new, None, after, self._origin)
@@ -370,7 +403,7 @@ class LogicalStream:
         """Nothing waiting: when everything read is delivered and no transaction is half
         read, confirm up to where the server says it is (keepalives), so a quiet slot does not
         hold WAL that other databases write."""
-        if self._in_txn or self._emitted > self._delivered:
+        if self._in_txn or self._emitted > (self._delivered.seq, self._delivered.id):
             return
         upto = self._done[-1][0] + 1 if self._done else 0
         self._done.clear()

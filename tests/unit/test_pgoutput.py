@@ -50,3 +50,17 @@ def test_text_values_take_the_form_jsonb_gives_them() -> None:
     assert p("int4", True)(b"[0:1]={1,2}") == [1, 2]
     assert p("int4", True)(b"{{1,2},{3,NULL}}") == [[1, 2], [3, None]]
     assert p("text", True)(b"{}") == []
+
+
+def test_an_update_is_told_unchanged_from_the_text_of_exposed_columns_only() -> None:
+    from pipeline.relay.stream import Table
+
+    t = Table("public.t", 1, ((0, "id", int), (2, "name", bytes.decode)), ("id",))
+    old = [b"1", b"hidden", b"a"]
+    assert t.unchanged(old, [b"1", b"other hidden", b"a"])
+    assert t.unchanged(old, [b"1", b"hidden", pgoutput.UNCHANGED])  # TOASTed, not sent
+    assert not t.unchanged(old, [b"1", b"hidden", b"b"])
+    assert not t.unchanged(old, [b"1", b"hidden", None])
+    assert t.unchanged(old, [b"1", b"hidden", b"b"], key_only=True)
+    assert not t.unchanged(old, [b"2", b"hidden", b"a"], key_only=True)
+    assert t.key_of(t.row([b"2", b"x", b"b"], old)) == {"id": 2}
