@@ -45,6 +45,7 @@ from pipeline.relay import identity, kafka
 from pipeline.relay.encoder import Encoder, Record
 from pipeline.relay.lease import Lease
 from pipeline.relay.observe import RelayHooks, pause
+from pipeline.relay.pump import StreamPump
 from pipeline.relay.reader import Cursor, OutboxReader, OutboxRow
 from pipeline.relay.stream import LogicalStream, Resolver, SlotLost
 
@@ -56,7 +57,6 @@ MAX_ATTEMPTS = 12
 #: logical mode, caught up: how long a batch waits for more rows after its first one, so a
 #: burst shares one Kafka transaction while a lone change still leaves within milliseconds
 LINGER_S = 0.004
-MAX_LINGER_S = 0.1
 #: logical mode, draining a backlog: one Kafka transaction carries up to this many batches
 #: (each commit costs a round of broker writes; the rows are held in memory meanwhile)
 DRAIN_BATCHES = 4
@@ -194,9 +194,9 @@ class Relay:
 
     def _run_logical(self, lease: Lease, url: str, app_name: str,
                      spec_conn: psycopg.Connection[Any], encoder: Encoder, admin: Any) -> None:
-        """Read the slot (see :mod:`pipeline.relay.stream`) and deliver in batches: large
-        ones while a backlog drains or writes keep coming, one every ``LINGER_S`` when caught
-        up."""
+        """Read the slot (see :mod:`pipeline.relay.stream`) on the pump's thread
+        (:mod:`pipeline.relay.pump`) and deliver in batches on this one: large ones while a
+        backlog drains or writes keep coming, one every ``LINGER_S`` when caught up."""
         info = logical.slot_info(spec_conn)
         slot = logical.current_slot(spec_conn)
         if info is None:
@@ -210,38 +210,32 @@ class Relay:
         catalog = connect(url, autocommit=True, application_name=app_name + ":catalog")
         stream = LogicalStream(url, slot, epoch, Resolver(catalog, self.config),
                                application_name=app_name + ":stream", skip_upto=cursor)
+        batch_size = limit = self.config.relay.batch_size
+        poll = self.config.relay.poll_interval_s
+        pump = StreamPump(stream, max_rows=DRAIN_BATCHES * batch_size, wait_s=poll,
+                          mark_confirmed=functools.partial(logical.mark_confirmed, catalog, slot))
         try:
             stream.open()
             _freeze_startup()
-            batch_size = limit = self.config.relay.batch_size
-            poll = self.config.relay.poll_interval_s
+            pump.start()
             known_topics: set[str] = set()
-            last_mark = 0.0
-            linger = LINGER_S
             while not self.stop.is_set():
                 self.hooks.tick()
                 lease.check()
                 read_at = time.monotonic()
-                rows = stream.read(limit, linger_s=linger, wait_s=poll)
+                # rows the pump read while the last batch was delivered leave at once: batches
+                # grow with the load; caught up, a batch leaves LINGER_S after its first row
+                rows = pump.take(limit, linger_s=LINGER_S, wait_s=poll)
                 if rows:
                     self._first_read(read_at)
-                    started = time.monotonic()
-                    self._deliver(lease, encoder, admin, known_topics, rows, stream.confirm)
-                    # while changes keep coming, a batch gathers for as long as the last one
-                    # took to deliver: batches grow with the load instead of one Kafka
-                    # transaction per few rows; caught up, they leave after LINGER_S
-                    linger = min(MAX_LINGER_S, max(LINGER_S, time.monotonic() - started))
+                    self._deliver(lease, encoder, admin, known_topics, rows, pump.confirm)
                     # a full batch means a backlog: fewer, larger transactions drain it
                     limit = min(2 * limit, DRAIN_BATCHES * batch_size) \
                         if len(rows) >= limit else batch_size
                 else:
-                    linger = LINGER_S
                     limit = batch_size
-                    stream.idle()
-                if time.monotonic() - last_mark > 5 and stream.confirmed:
-                    last_mark = time.monotonic()
-                    logical.mark_confirmed(catalog, slot, stream.confirmed)
         finally:
+            pump.close()
             stream.close()
             catalog.close()
 

@@ -410,6 +410,15 @@ class LogicalStream:
         wal_end = int(getattr(self._cur, "wal_end", 0) or 0)
         self._send(max(upto, wal_end))
 
+    def keepalive(self) -> None:
+        """A status update now (positions unchanged), for when nothing is read for a while:
+        psycopg2 sends them only from ``read_message``, and a walsender that hears nothing
+        for ``wal_sender_timeout`` ends the connection."""
+        try:
+            self._cur.send_feedback(force=True)
+        except psycopg2.Error as err:
+            raise self._error(err) from None
+
     def _send(self, lsn: int) -> None:
         if lsn <= self._confirmed:
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from psycopg.types.json import set_json_loads
 from pipeline.capture.catalog import read_table
 from pipeline.config.loader import load_config
 from pipeline.db import json_loads_exact
-from pipeline.errors import SchemaError
+from pipeline.errors import SchemaError, ServiceUnavailable
 from pipeline.events import avro
 from tests.integration.relay_support import TopicReader, dx, execute, relay_thread, write_config
 
@@ -262,3 +263,25 @@ def test_partitioned_table_under_its_own_name(stack: Any, pg_db: str, topic_pref
             "WHERE t.tgname = 'dx_refuse_truncate'")}
     assert idents == {"orders_eu": "f", "orders_us": "f"}
     assert guarded == {"orders", "orders_eu", "orders_us"}
+
+
+def test_a_replication_connection_lost_while_running_stops_the_relay(
+        stack: Any, pg_db: str, topic_prefix: str, logical_items: Path) -> None:
+    """The slot is read on a thread of its own (pipeline/relay/pump.py): an error there ends
+    the relay with that error, as one on the relay's own thread would, never a silent stall;
+    a restart delivers what came after, once."""
+    reader = TopicReader(stack, f"{topic_prefix}.public.items")
+    execute(pg_db, "INSERT INTO items VALUES (1, 1)")
+    with pytest.raises(ServiceUnavailable, match="replication"), \
+            relay_thread(logical_items) as relay:
+        assert len(reader.read(until=1)) == 1
+        execute(pg_db, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                       "WHERE database = current_database()")
+        deadline = time.monotonic() + 60
+        while relay.stats.state != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    execute(pg_db, "INSERT INTO items VALUES (2, 2)")
+    with relay_thread(logical_items):
+        events = reader.read(until=2, settle_s=1.0)
+    reader.close()
+    assert [e.key["id"] for e in events] == [1, 2]  # type: ignore[index]
