@@ -91,6 +91,9 @@ def source_config(db_url: str, registry_url: str, topic_prefix: str, slot: str,
         "publication.autocreate.mode": "disabled",
         "snapshot.mode": "no_data",
         "poll.interval.ms": str(POLL_INTERVAL_MS),
+        # Connect creates the change topic itself (KIP-158): brokers here never auto-create
+        "topic.creation.default.replication.factor": "-1",
+        "topic.creation.default.partitions": "1",
         **connect_worker.avro_converter(registry_url, "key.converter"),
         **connect_worker.avro_converter(registry_url, "value.converter"),
     }

@@ -29,16 +29,11 @@ class AccessLog:
         state = scope.setdefault("state", {})
         state["key_id"] = state["client_id"] = None
         status = 500  # unless a response starts
+        logged = False
 
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
+        def log() -> None:
+            nonlocal logged
+            logged = True
             if access_log.isEnabledFor(logging.INFO):
                 method, path = scope["method"], scope["path"]
                 key_id, client_id = state.get("key_id"), state.get("client_id")
@@ -47,3 +42,17 @@ class AccessLog:
                                 (time.perf_counter() - start) * 1000,
                                 extra={"method": method, "path": path, "status": status,
                                        "key_id": key_id, "client_id": client_id})
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                log()  # before the last byte leaves: a caller that got its answer finds the line
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if not logged:  # no complete response (the app raised): still one line, status 500
+                log()

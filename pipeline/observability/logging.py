@@ -168,6 +168,15 @@ def resolve_format(fmt: LogFormat, stream: TextIO) -> Literal["json", "text"]:
     return fmt
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes: a CLI runner or a test that
+    swapped stderr and closed its stand-in would otherwise leave every later line failing."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(level: int | str = "INFO", fmt: LogFormat = "auto", *,
                   stream: TextIO | None = None,
                   static_fields: dict[str, Any] | None = None) -> logging.Handler:
@@ -178,11 +187,11 @@ def setup_logging(level: int | str = "INFO", fmt: LogFormat = "auto", *,
     passes ``{"role": "sink", "route": "pim"}`` so logs can be filtered like metrics. Logs go to
     stderr by default, keeping stdout free for command output (``dx status --json``).
     """
-    stream = stream if stream is not None else sys.stderr
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
+    stream = handler.stream
     setattr(handler, _MARK, True)
     if resolve_format(fmt, stream) == "json":
         handler.setFormatter(_RedactingJson(
