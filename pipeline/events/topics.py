@@ -91,7 +91,7 @@ def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], *,
     wanted = {s.name: s for s in specs}
     if not wanted:
         return []
-    missing = [s for name, s in wanted.items() if name not in _existing(admin, timeout_s)]
+    missing = [s for name, s in wanted.items() if name not in existing_topics(admin, timeout_s)]
     if not missing:
         return []
     futures = admin.create_topics(
@@ -125,11 +125,15 @@ def _shape(s: TopicSpec) -> str:
     return f"partitions {parts}, replication factor {repl}"
 
 
-def _existing(admin: AdminClient, timeout_s: float) -> set[str]:
+def existing_topics(admin: AdminClient, timeout_s: float, *, where: str = "list topics"
+                    ) -> set[str]:
+    """The cluster's topic names, asked of an admin client (a consumer that listed topics
+    before subscribing noticed a topic created later only at its next full metadata refresh,
+    5 minutes by default); no broker answering is :class:`ServiceUnavailable` at ``where``."""
     try:
         return set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as err:
-        raise ServiceUnavailable("kafka", "list topics",
+        raise ServiceUnavailable("kafka", where,
                                  f"no broker answered within {timeout_s:.0f}s ({err.args[0]})"
                                  ) from None
 

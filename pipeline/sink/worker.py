@@ -52,6 +52,7 @@ from connectors.base import Connector, key_text
 from pipeline.config.model import DxConfig
 from pipeline.db import connect
 from pipeline.errors import ConfigError, DxError, ServiceUnavailable, TerminalError, TransientError
+from pipeline.events.topics import existing_topics
 from pipeline.events.wire import registry_client
 from pipeline.observability.kafka_outage import outage_reporter
 from pipeline.observability.lag import report_lag
@@ -188,17 +189,12 @@ class SinkWorker:
             "error_cb": outage_reporter(kafka.bootstrap_servers),
         }), logger=KAFKA_LOG)
         try:
-            # asked of an admin client, not the consumer: a consumer that listed the topics
-            # before subscribing to one that did not exist yet only noticed it being created
-            # at its next full metadata refresh (topic.metadata.refresh.interval.ms, 5 min)
-            md = AdminClient(kafka.librdkafka(), logger=KAFKA_LOG).list_topics(timeout=10)
-        except KafkaException as err:
+            present = existing_topics(AdminClient(kafka.librdkafka(), logger=KAFKA_LOG), 10.0,
+                                      where=kafka.bootstrap_servers)
+        except ServiceUnavailable:
             consumer.close()
-            kerr = err.args[0]
-            detail = kerr.str() if isinstance(kerr, KafkaError) else str(kerr)
-            raise ServiceUnavailable("kafka", self.config.kafka.bootstrap_servers,
-                                     detail) from None
-        missing = [t for t in self.route.topics if t not in md.topics]
+            raise
+        missing = [t for t in self.route.topics if t not in present]
         if missing:
             log.warning("route %s: topics not there yet (waiting for them): %s",
                         self.route.name, ", ".join(missing))
